@@ -1,0 +1,95 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Common types, constants and small helpers shared by every cellgate program.
+ *
+ * Verdict codes live here because both the metrics map (indexed by code) and the
+ * event stream (reason byte) use them; datapath/reasons.py mirrors this table and a
+ * unit test keeps the two in step.
+ */
+#pragma once
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <linux/stddef.h>
+
+/* <linux/if_arp.h> and <linux/in.h> pull in half the kernel and cost BCC over a
+ * second per compile; these few constants are all we need from them. */
+#define ARPHRD_ETHER    1
+#define ARPOP_REQUEST   1
+#define ARPOP_REPLY     2
+#define IPPROTO_HOPOPTS 0
+#define IPPROTO_ICMP    1
+#define IPPROTO_TCP     6
+#define IPPROTO_UDP     17
+#define IPPROTO_ICMPV6  58
+
+#ifndef CG_PIN_DIR
+#error "CG_PIN_DIR must be set with -DCG_PIN_DIR=\"/sys/fs/bpf/<name>\""
+#endif
+#ifndef CG_MAX_ENDPOINTS
+#define CG_MAX_ENDPOINTS 65536
+#endif
+#ifndef CG_EVENT_PAGES
+#define CG_EVENT_PAGES 64
+#endif
+
+/* Verdicts below 128 are "the packet went somewhere"; 128 and up are drops.
+ * Handlers return a tc action, or -DROP_* so that the program drops once, with an
+ * event, in a single place. */
+#define CG_OK_LOCAL        1   /* redirected straight into a local endpoint */
+#define CG_OK_STACK        2   /* handed to the host stack (host-bound or routed out) */
+#define CG_OK_TO_EP        3   /* host stack delivered it into the endpoint */
+#define CG_OK_ARP          4   /* ARP request answered by the datapath */
+#define CG_OK_ND           5   /* neighbour solicitation answered by the datapath */
+#define CG_OK_QUIET        6   /* link housekeeping consumed without a reply (GARP, DAD, MLD, RS) */
+
+#define DROP_INVALID_SMAC  130 /* source MAC is not the endpoint's */
+#define DROP_INVALID_DMAC  131 /* destination MAC is not the gateway's */
+#define DROP_INVALID_SIP   132 /* source IP is not the endpoint's */
+#define DROP_INVALID       134 /* truncated or malformed header */
+#define DROP_UNKNOWN_L3    139 /* neither IPv4, IPv6 nor ARP */
+#define DROP_NO_ENDPOINT   150 /* program runs on an interface with no endpoint entry */
+#define DROP_INVALID_ARP   151 /* ARP with a sender that is not the endpoint */
+#define DROP_ROUTER_ADV    152 /* IPv6 router advertisement or redirect from an endpoint */
+#define DROP_NO_IPV6       153 /* IPv6 packet from an endpoint without an IPv6 address */
+#define DROP_NO_IPV4       154 /* IPv4/ARP packet from an endpoint without an IPv4 address */
+
+#define CG_METRICS_SIZE    256
+
+/* Endpoint flags (struct cg_endpoint.flags). */
+#define CG_EP_F_IPV4       0x1
+#define CG_EP_F_IPV6       0x2
+
+/* Event direction. */
+#define CG_DIR_FROM_EP     0
+#define CG_DIR_TO_EP       1
+
+#define CG_EVENT_DROP      1
+
+static __always_inline int cg_mac_eq(const __u8 *a, const __u8 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] &&
+	       a[3] == b[3] && a[4] == b[4] && a[5] == b[5];
+}
+
+static __always_inline void cg_mac_copy(__u8 *dst, const __u8 *src)
+{
+	dst[0] = src[0]; dst[1] = src[1]; dst[2] = src[2];
+	dst[3] = src[3]; dst[4] = src[4]; dst[5] = src[5];
+}
+
+static __always_inline int cg_ip6_eq(const __u8 *a, const __u8 *b)
+{
+	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
+}
+
+static __always_inline __u16 cg_csum_fold(__s64 sum)
+{
+	__u32 s = (__u32)sum;
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)~s;
+}

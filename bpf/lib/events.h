@@ -1,0 +1,115 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Verdict accounting: per-CPU counters for every verdict, ring-buffer events for drops. */
+#pragma once
+
+#include "lib/common.h"
+#include "lib/maps.h"
+
+static __always_inline void cg_count(struct __sk_buff *skb, __u32 code)
+{
+	struct cg_metric *m = cg_metrics.lookup(&code);
+
+	if (m) {
+		m->packets += 1;
+		m->bytes += skb->len;
+	}
+}
+
+/* Describe the packet without trusting it: every read is bounds-checked by
+ * bpf_skb_load_bytes, so a truncated frame yields a partial event, never a fault. */
+static __always_inline void cg_event_describe(struct __sk_buff *skb, struct cg_event *ev)
+{
+	struct ethhdr eth;
+	__u32 l4off = 0;
+
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) < 0)
+		return;
+	cg_mac_copy(ev->smac, eth.h_source);
+	cg_mac_copy(ev->dmac, eth.h_dest);
+	ev->ethertype = bpf_ntohs(eth.h_proto);
+
+	if (eth.h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
+			return;
+		__builtin_memcpy(ev->saddr, &ip.saddr, 4);
+		__builtin_memcpy(ev->daddr, &ip.daddr, 4);
+		ev->l4proto = ip.protocol;
+		if (ip.frag_off & bpf_htons(0x1fff))
+			return; /* not the first fragment: no L4 header here */
+		l4off = ETH_HLEN + ip.ihl * 4;
+	} else if (eth.h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) < 0)
+			return;
+		__builtin_memcpy(ev->saddr, &ip6.saddr, 16);
+		__builtin_memcpy(ev->daddr, &ip6.daddr, 16);
+		ev->l4proto = ip6.nexthdr;
+		l4off = ETH_HLEN + sizeof(ip6);
+	} else if (eth.h_proto == bpf_htons(ETH_P_ARP)) {
+		struct {
+			__be16 op;
+			__u8 sha[6];
+			__be32 sip;
+			__u8 tha[6];
+			__be32 tip;
+		} __attribute__((packed)) arp;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + 6, &arp, sizeof(arp)) < 0)
+			return;
+		ev->arp_op = bpf_ntohs(arp.op);
+		__builtin_memcpy(ev->saddr, &arp.sip, 4);
+		__builtin_memcpy(ev->daddr, &arp.tip, 4);
+		return;
+	} else {
+		return;
+	}
+
+	if (ev->l4proto == IPPROTO_TCP || ev->l4proto == IPPROTO_UDP) {
+		__be16 ports[2];
+
+		if (bpf_skb_load_bytes(skb, l4off, ports, sizeof(ports)) == 0) {
+			ev->sport = bpf_ntohs(ports[0]);
+			ev->dport = bpf_ntohs(ports[1]);
+		}
+	} else if (ev->l4proto == IPPROTO_ICMP || ev->l4proto == IPPROTO_ICMPV6) {
+		__u8 tc[2];
+
+		if (bpf_skb_load_bytes(skb, l4off, tc, sizeof(tc)) == 0) {
+			ev->sport = tc[0];
+			ev->dport = tc[1];
+		}
+	}
+}
+
+static __always_inline int cg_drop(struct __sk_buff *skb, const struct cg_endpoint *ep,
+				   __u8 reason, __u8 dir)
+{
+	struct cg_event ev = {};
+
+	cg_count(skb, reason);
+	ev.ts_ns = bpf_ktime_get_ns();
+	ev.type = CG_EVENT_DROP;
+	ev.reason = reason;
+	ev.dir = dir;
+	ev.ifindex = skb->ifindex;
+	ev.len = skb->len;
+	if (ep) {
+		if (dir == CG_DIR_FROM_EP)
+			ev.src_identity = ep->identity;
+		else
+			ev.dst_identity = ep->identity;
+	}
+	cg_event_describe(skb, &ev);
+	cg_events.ringbuf_output(&ev, sizeof(ev), 0);
+	return TC_ACT_SHOT;
+}
+
+/* Consumed on purpose (housekeeping frames): counted, no event. */
+static __always_inline int cg_quiet(struct __sk_buff *skb)
+{
+	cg_count(skb, CG_OK_QUIET);
+	return TC_ACT_SHOT;
+}

@@ -1,0 +1,40 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* IPv4 from an endpoint: anti-spoofing, then local delivery or the host stack. */
+#pragma once
+
+#include "lib/common.h"
+#include "lib/events.h"
+#include "lib/route.h"
+
+#define CG_IP4_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
+#define CG_IP4_TTL_OFF  (ETH_HLEN + offsetof(struct iphdr, ttl))
+
+static __always_inline int cg_ipv4_from_ep(struct __sk_buff *skb, const struct cg_endpoint *ep,
+					   const struct ethhdr *eth)
+{
+	struct cg_endpoint *dst;
+	struct iphdr ip;
+	__u8 ttl;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
+		return -DROP_INVALID;
+	if (ip.version != 4 || ip.ihl < 5)
+		return -DROP_INVALID;
+	if (!(ep->flags & CG_EP_F_IPV4))
+		return -DROP_NO_IPV4;
+	if (ip.saddr != ep->ipv4 && !cg_sandbox_owns(ep, 4, &ip.saddr))
+		return -DROP_INVALID_SIP;
+	if (!cg_mac_eq(eth->h_dest, ep->host_mac))
+		return -DROP_INVALID_DMAC;
+
+	dst = cg_lookup_ip(4, &ip.daddr);
+	if (!dst || ip.ttl <= 1) {
+		/* Host-bound, routed out, or expiring: the stack knows what to do. */
+		cg_count(skb, CG_OK_STACK);
+		return TC_ACT_OK;
+	}
+	ttl = ip.ttl - 1;
+	bpf_l3_csum_replace(skb, CG_IP4_CSUM_OFF, bpf_htons(ip.ttl << 8), bpf_htons(ttl << 8), 2);
+	bpf_skb_store_bytes(skb, CG_IP4_TTL_OFF, &ttl, 1, 0);
+	return cg_deliver_local(skb, dst);
+}

@@ -1,0 +1,92 @@
+"""Decode datapath event records (struct cg_event) and render them for people and machines.
+
+Pure: bytes in, dicts and strings out. The kernel adapter reads the ring buffer and the
+agent adds the endpoint ID for the interface before anything is shown.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+import time
+from typing import Any
+
+from datapath import reasons
+
+# struct cg_event, see bpf/lib/maps.h
+EVENT = struct.Struct("<QBBBBIIIHHHHI6s6s16s16s")
+EVENT_SIZE = EVENT.size  # 80
+
+TYPE_NAMES = {1: "drop"}
+DIRECTIONS = {0: "from-endpoint", 1: "to-endpoint"}
+PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 0: "hopopts"}
+ETHERTYPES = {0x0800: "ipv4", 0x86DD: "ipv6", 0x0806: "arp"}
+
+
+def _mac(raw: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+def decode(raw: bytes, boot_offset: float = 0.0) -> dict[str, Any]:
+    """Turn one ring-buffer record into a plain dict (`boot_offset` maps ktime to wall time)."""
+    if len(raw) < EVENT_SIZE:
+        raise ValueError(f"event record is {len(raw)} bytes, expected {EVENT_SIZE}")
+    (ts, etype, reason, direction, l4, ifindex, src_id, dst_id, ethertype, sport, dport, arp_op,
+     length, smac, dmac, saddr, daddr) = EVENT.unpack_from(raw)
+    ev: dict[str, Any] = {
+        "time": ts / 1e9 + boot_offset,
+        "type": TYPE_NAMES.get(etype, f"type-{etype}"),
+        "reason": reasons.name(reason),
+        "code": reason,
+        "direction": DIRECTIONS.get(direction, str(direction)),
+        "ifindex": ifindex,
+        "src_identity": src_id,
+        "dst_identity": dst_id,
+        "ethertype": ETHERTYPES.get(ethertype, f"0x{ethertype:04x}"),
+        "length": length,
+        "src_mac": _mac(smac),
+        "dst_mac": _mac(dmac),
+    }
+    if ethertype in (0x0800, 0x0806):
+        ev["src"] = str(ipaddress.IPv4Address(saddr[:4]))
+        ev["dst"] = str(ipaddress.IPv4Address(daddr[:4]))
+    elif ethertype == 0x86DD:
+        ev["src"] = str(ipaddress.IPv6Address(saddr))
+        ev["dst"] = str(ipaddress.IPv6Address(daddr))
+    if ethertype == 0x0806:
+        ev["arp_op"] = {1: "request", 2: "reply"}.get(arp_op, str(arp_op))
+    elif ethertype in (0x0800, 0x86DD):
+        ev["protocol"] = PROTOCOLS.get(l4, str(l4))
+        if l4 in (6, 17):
+            ev["sport"], ev["dport"] = sport, dport
+        elif l4 in (1, 58):
+            ev["icmp_type"], ev["icmp_code"] = sport, dport
+    return ev
+
+
+def boot_offset() -> float:
+    """Seconds to add to CLOCK_MONOTONIC readings (bpf_ktime_get_ns) to get wall time."""
+    return time.time() - time.monotonic()
+
+
+def summary(ev: dict[str, Any]) -> str:
+    """`src -> dst proto` part of a monitor line."""
+    src, dst = ev.get("src", ev.get("src_mac", "?")), ev.get("dst", ev.get("dst_mac", "?"))
+    if "sport" in ev:
+        src, dst = _hostport(src, ev["sport"]), _hostport(dst, ev["dport"])
+    proto = ev.get("protocol") or ev.get("ethertype", "")
+    if "icmp_type" in ev:
+        proto += f" type {ev['icmp_type']} code {ev['icmp_code']}"
+    if "arp_op" in ev:
+        proto = f"arp {ev['arp_op']}"
+    return f"{src} -> {dst} {proto}".rstrip()
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def format_line(ev: dict[str, Any]) -> str:
+    stamp = time.strftime("%H:%M:%S", time.localtime(ev["time"])) + f".{int(ev['time'] % 1 * 1000):03d}"
+    endpoint = (ev.get("endpoint") or f"if{ev['ifindex']}")[:12]
+    return f"{stamp} {ev['type']:<5} {endpoint:<12} {ev['direction']:<13} {ev['reason']:<32} {summary(ev)}"

@@ -1,0 +1,65 @@
+"""An in-memory Kernel that behaves like datapath.kernel for the objects it is given.
+
+Used by unit tests of the agent and the plan. The contract tests in tests/ run the same
+checks against this fake and against the real kernel adapter, which keeps it honest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from datapath.errors import KernelError
+from datapath.plan import HostDevice, IPNetwork, KernelObject, Key, Plan, Veth
+
+
+class FakeKernel:
+    def __init__(self) -> None:
+        self.objects: dict[Key, KernelObject] = {}
+        self.routes: list[IPNetwork] = []
+        self.applied: list[Plan] = []
+        self.fail: Callable[[KernelObject], bool] | None = None  # make matching adds fail
+
+    def observe(self, keys: Iterable[Key] | None = None) -> set[KernelObject]:
+        if keys is None:
+            return set(self.objects.values())
+        return {self.objects[k] for k in keys if k in self.objects}
+
+    def apply(self, plan: Plan) -> None:
+        self.applied.append(plan)
+        for obj in plan.remove:
+            self.objects.pop(obj.key, None)
+            if isinstance(obj, (Veth, HostDevice)):
+                self._drop_dependents(obj.name)
+        for _, new in plan.change:
+            self._add(new)
+        for obj in plan.add:
+            if obj.key in self.objects:
+                raise KernelError(f"{obj.key} exists")
+            self._add(obj)
+
+    def _add(self, obj: KernelObject) -> None:
+        if self.fail is not None and self.fail(obj):
+            raise KernelError(f"injected failure adding {obj.key}")
+        self.objects[obj.key] = obj
+
+    def _drop_dependents(self, dev: str) -> None:
+        """Deleting a link takes its addresses, routes, neighbours and filters with it."""
+        for key, obj in list(self.objects.items()):
+            if getattr(obj, "dev", None) == dev and key[0] in ("address", "route", "neighbour", "programs"):
+                del self.objects[key]
+
+    def vanish(self, dev: str) -> None:
+        """Simulate a link disappearing behind our back (container netns destroyed)."""
+        for key, obj in list(self.objects.items()):
+            owned_by_dev = getattr(obj, "name", None) == dev or getattr(obj, "dev", None) == dev
+            if owned_by_dev and key[0] not in ("endpoint-entry", "address-entry"):
+                del self.objects[key]
+
+    def host_routes(self) -> list[IPNetwork]:
+        return list(self.routes)
+
+    def counters(self) -> dict[int, tuple[int, int]]:
+        return {}
+
+    def ifname(self, ifindex: int) -> str | None:
+        return None

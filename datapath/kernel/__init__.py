@@ -1,0 +1,1 @@
+"""The only code that touches the kernel: BCC compile and maps, netlink via pyroute2, iptables."""

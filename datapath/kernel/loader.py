@@ -1,0 +1,149 @@
+"""Compile bpf/ once with BCC, open the pinned maps, and hand out program file descriptors.
+
+BCC only rewrites map calls (`map.lookup()`) in the file it is given, so the loader
+inlines our own `#include "lib/..."` headers into one translation unit first, keeping
+`#line` markers so compiler errors still point at the real file and line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datapath.errors import KernelError
+
+log = logging.getLogger(__name__)
+
+BPF_SRC = Path(__file__).resolve().parents[2] / "bpf"
+MAIN = "cg_lxc.c"
+PROGRAMS = ("cg_from_container", "cg_to_container")
+PINNED_MAPS = ("cg_endpoints", "cg_ips", "cg_metrics", "cg_events")
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+
+
+def expand_source(path: Path, root: Path = BPF_SRC, seen: set[Path] | None = None) -> str:
+    """One translation unit from `path` with our quoted includes inlined once each."""
+    seen = set() if seen is None else seen
+    out = [f'#line 1 "{path}"']
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        match = _INCLUDE.match(line)
+        if match:
+            header = (root / match.group(1)).resolve()
+            if header not in seen:
+                seen.add(header)
+                out.append(expand_source(header, root, seen))
+                out.append(f'#line {number + 1} "{path}"')
+            else:
+                out.append("")
+        elif line.strip() == "#pragma once":
+            out.append("")
+        else:
+            out.append(line)
+    return "\n".join(out)
+
+
+def ensure_bpffs(directory: Path) -> None:
+    """Mount bpffs on /sys/fs/bpf unless it is there already (a second mount would hide pins)."""
+    mounts = Path("/proc/mounts").read_text().split("\n")
+    if not any(len(f := m.split()) > 2 and f[1] == "/sys/fs/bpf" and f[2] == "bpf" for m in mounts):
+        Path("/sys/fs/bpf").mkdir(parents=True, exist_ok=True)
+        try:
+            subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise KernelError(f"cannot mount bpffs on /sys/fs/bpf: {exc}") from exc
+        log.info("mounted bpffs on /sys/fs/bpf")
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str
+    fd: int
+
+
+class Datapath:
+    """The compiled programs and the maps they share, for the lifetime of the agent."""
+
+    def __init__(self, pin_dir: Path, max_endpoints: int = 65536) -> None:
+        try:
+            from bcc import BPF
+        except ImportError as exc:
+            raise KernelError(
+                "the BCC Python binding is missing: install python3-bpfcc and use a venv made "
+                "with --system-site-packages"
+            ) from exc
+        self.pin_dir = pin_dir
+        ensure_bpffs(pin_dir)
+        source = expand_source(BPF_SRC / MAIN)
+        cflags = [f'-DCG_PIN_DIR="{pin_dir}"', f"-DCG_MAX_ENDPOINTS={max_endpoints}"]
+        self.revision = hashlib.sha256((source + "\0" + " ".join(cflags)).encode()).hexdigest()[:16]
+        started = time.monotonic()
+        try:
+            self.bpf = BPF(text=source.encode(), cflags=cflags)
+            self.programs = {
+                name: Program(name, self.bpf.load_func(name.encode(), BPF.SCHED_CLS).fd) for name in PROGRAMS
+            }
+        except Exception as exc:  # BCC raises bare Exception for compile and verifier errors
+            raise KernelError(f"cannot build the datapath: {exc}") from exc
+        self.compile_seconds = time.monotonic() - started
+        self.endpoints = self.bpf["cg_endpoints"]
+        self.ips = self.bpf["cg_ips"]
+        self.metrics = self.bpf["cg_metrics"]
+        self._ring: Any = None
+        log.info("datapath %s built in %.0f ms", self.revision[:12], self.compile_seconds * 1000)
+
+    def filter_name(self, program: str) -> str:
+        """Name of the tc filter running `program` at this revision."""
+        return f"{program}/{self.revision}"
+
+    # -- maps -------------------------------------------------------------------------------
+
+    def counters(self) -> dict[int, tuple[int, int]]:
+        out: dict[int, tuple[int, int]] = {}
+        for key, per_cpu in self.metrics.items():
+            packets = sum(m.packets for m in per_cpu)
+            size = sum(m.bytes for m in per_cpu)
+            if packets:
+                out[key.value] = (packets, size)
+        return out
+
+    # -- events -----------------------------------------------------------------------------
+
+    def poll_events(self, sink: Callable[[bytes], None], timeout_ms: int) -> None:
+        """Call `sink` with each raw event record; returns after at most `timeout_ms`."""
+        if self._ring is None:
+
+            def callback(_ctx: Any, data: Any, size: int) -> int:
+                sink(ctypes.string_at(data, size))
+                return 0
+
+            self.bpf["cg_events"].open_ring_buffer(callback)
+            self._ring = callback  # keep the ctypes callback alive
+        self.bpf.ring_buffer_poll(timeout_ms)
+
+    def close(self) -> None:
+        """Release our handles; pinned maps and attached programs stay in the kernel."""
+        self.bpf.cleanup()
+
+
+def remove_pins(pin_dir: Path) -> list[str]:
+    removed = []
+    if not pin_dir.is_dir():
+        return removed
+    for entry in pin_dir.iterdir():
+        if entry.name in PINNED_MAPS:
+            entry.unlink()
+            removed.append(entry.name)
+    with contextlib.suppress(OSError):
+        pin_dir.rmdir()
+    return removed
+

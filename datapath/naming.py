@@ -1,0 +1,70 @@
+"""Names cellgate gives to kernel objects, all derived from IDs and the instance name.
+
+Deriving instead of remembering is what makes create idempotent and cleanup exact:
+the same endpoint always means the same veth, MAC and map keys, and everything we
+create carries our prefix plus an alias tag naming the instance that owns it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+IFNAMSIZ = 15
+ENDPOINT_ID = re.compile(r"^[0-9a-f]{16,64}$")
+INSTANCE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,11}$")
+
+HOST_PREFIX = "cg"  # + 13 hex characters of the endpoint ID
+PEER_PREFIX = "cgp"  # + 12 hex characters; 'p' is not hex, so it never clashes with a host name
+RTPROT_CELLGATE = 203  # routes we install carry this protocol number
+
+
+def check_instance(name: str) -> str:
+    if not INSTANCE_NAME.match(name):
+        raise ValueError(f"instance name {name!r} must match {INSTANCE_NAME.pattern}")
+    return name
+
+
+def host_ifname(endpoint_id: str) -> str:
+    return HOST_PREFIX + endpoint_id[:13]
+
+
+def peer_ifname(endpoint_id: str) -> str:
+    return PEER_PREFIX + endpoint_id[:12]
+
+
+def host_device(instance: str) -> str:
+    """Dummy device that holds gateway addresses and network routes."""
+    return "cg_" + instance
+
+
+def link_tag(instance: str) -> str:
+    """Alias (IFLA_IFALIAS) prefix of every link an instance owns."""
+    return f"cellgate:{instance}:"
+
+
+def nat_chain(instance: str) -> str:
+    return f"CG-{instance}-NAT"
+
+
+def forward_chain(instance: str) -> str:
+    return f"CG-{instance}-FWD"
+
+
+def _mac(seed: str) -> str:
+    digest = bytearray(hashlib.sha256(seed.encode()).digest()[:6])
+    digest[0] = (digest[0] & 0xFC) | 0x02  # unicast, locally administered
+    return ":".join(f"{b:02x}" for b in digest)
+
+
+def host_mac(endpoint_id: str) -> str:
+    return _mac("host:" + endpoint_id)
+
+
+def container_mac(endpoint_id: str) -> str:
+    return _mac("container:" + endpoint_id)
+
+
+def endpoint_id_for(*parts: str) -> str:
+    """Endpoint ID for runtimes that do not give one (CNI: container ID + interface)."""
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()

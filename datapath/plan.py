@@ -1,0 +1,253 @@
+"""What the kernel should hold, computed from networks and endpoints, and the diff to get there.
+
+Pure: the objects below are plain values. datapath.kernel observes which of them exist
+and applies a Plan; datapath.fake does the same in memory for tests. Applying the diff
+of a desired state and then diffing again must give an empty plan.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from datapath import naming
+from datapath.model import Endpoint, IPAddress, Network
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+FLAG_IPV4 = 0x1
+FLAG_IPV6 = 0x2
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Agent-wide facts the plan depends on."""
+
+    instance: str = "cellgate"
+    masquerade: bool = True
+    program_revision: str = ""  # identity of the compiled programs every endpoint must run
+
+
+@dataclass(frozen=True)
+class EndpointValue:
+    """Mirror of struct cg_endpoint minus the ifindex, which only the kernel knows."""
+
+    ipv4: ipaddress.IPv4Address | None
+    ipv6: ipaddress.IPv6Address | None
+    mac: str
+    host_mac: str
+    sandbox: int = 0
+    identity: int = 0
+
+    @property
+    def flags(self) -> int:
+        return (FLAG_IPV4 if self.ipv4 else 0) | (FLAG_IPV6 if self.ipv6 else 0)
+
+
+# -- kernel objects ------------------------------------------------------------------------
+# Each has a `key` (what it is) and compares by value (how it should be). Applying adds
+# in ORDER and removes in reverse, so dependencies come first.
+
+
+@dataclass(frozen=True)
+class HostDevice:
+    name: str
+    tag: str
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return ("device", self.name)
+
+
+@dataclass(frozen=True)
+class HostAddress:
+    dev: str
+    address: IPAddress
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return ("address", self.dev, str(self.address))
+
+
+@dataclass(frozen=True)
+class Veth:
+    name: str
+    mac: str
+    tag: str
+    peer: str = field(compare=False, default="")  # set at creation, not observable after Join
+    peer_mac: str = field(compare=False, default="")
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return ("veth", self.name)
+
+
+@dataclass(frozen=True)
+class EndpointEntry:
+    dev: str
+    value: EndpointValue
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return ("endpoint-entry", self.dev)
+
+
+@dataclass(frozen=True)
+class AddressEntry:
+    address: IPAddress
+    dev: str
+    value: EndpointValue
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return ("address-entry", str(self.address))
+
+
+@dataclass(frozen=True)
+class Programs:
+    dev: str
+    revision: str
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return ("programs", self.dev)
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    dev: str
+    address: IPAddress
+    mac: str
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return ("neighbour", self.dev, str(self.address))
+
+
+@dataclass(frozen=True)
+class Route:
+    dst: IPNetwork
+    dev: str
+    src: IPAddress | None = None
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return ("route", str(self.dst))
+
+
+@dataclass(frozen=True)
+class Masquerade:
+    subnet: ipaddress.IPv4Network
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return ("masquerade", str(self.subnet))
+
+
+KernelObject = (
+    HostDevice | HostAddress | Veth | EndpointEntry | AddressEntry | Programs | Neighbour | Route | Masquerade
+)
+Key = tuple[str, ...]
+
+ORDER = (HostDevice, HostAddress, Veth, EndpointEntry, AddressEntry, Programs, Neighbour, Route, Masquerade)
+
+
+def _rank(obj: KernelObject) -> int:
+    return ORDER.index(type(obj))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Removals run first (dependents before what they depend on), then changes, then adds.
+
+    A change keeps the key and swaps the value; the executor does it in one step where
+    the kernel allows (map update, tc filter replace, route/neighbour replace), so a
+    program or a map entry is never absent in between.
+    """
+
+    remove: tuple[KernelObject, ...] = ()
+    change: tuple[tuple[KernelObject, KernelObject], ...] = ()
+    add: tuple[KernelObject, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.remove or self.change or self.add)
+
+    def describe(self) -> list[str]:
+        return (
+            [f"- {o}" for o in self.remove]
+            + [f"~ {new}" for _, new in self.change]
+            + [f"+ {o}" for o in self.add]
+        )
+
+
+def diff(
+    desired: Iterable[KernelObject], actual: Iterable[KernelObject], scope: Iterable[Key] | None = None
+) -> Plan:
+    """Changes that turn `actual` into `desired`, limited to `scope` keys when given."""
+    want: Mapping[Key, KernelObject] = {o.key: o for o in desired}
+    have: Mapping[Key, KernelObject] = {o.key: o for o in actual}
+    keys = set(scope) if scope is not None else set(want) | set(have)
+    remove = [have[k] for k in keys if k in have and k not in want]
+    add = [want[k] for k in keys if k in want and k not in have]
+    change = [(have[k], want[k]) for k in keys if k in have and k in want and have[k] != want[k]]
+    remove.sort(key=_rank, reverse=True)
+    add.sort(key=_rank)
+    change.sort(key=lambda pair: _rank(pair[1]))
+    return Plan(tuple(remove), tuple(change), tuple(add))
+
+
+# -- desired state -------------------------------------------------------------------------
+
+
+def network_objects(net: Network, settings: Settings) -> set[KernelObject]:
+    dev = naming.host_device(settings.instance)
+    objs: set[KernelObject] = {HostDevice(dev, naming.link_tag(settings.instance) + "host")}
+    for gw in net.gateways:
+        objs.add(HostAddress(dev, gw.ip))
+        objs.add(Route(gw.network, dev))  # unknown addresses of the subnet end here
+        if settings.masquerade and isinstance(gw.network, ipaddress.IPv4Network):
+            objs.add(Masquerade(gw.network))
+    return objs
+
+
+def endpoint_value(ep: Endpoint) -> EndpointValue:
+    return EndpointValue(
+        ipv4=ep.ipv4.ip if ep.ipv4 else None,
+        ipv6=ep.ipv6.ip if ep.ipv6 else None,
+        mac=ep.mac,
+        host_mac=ep.host_mac,
+        sandbox=ep.sandbox_hash,
+    )
+
+
+def endpoint_objects(ep: Endpoint, settings: Settings) -> set[KernelObject]:
+    dev = ep.host_ifname
+    value = endpoint_value(ep)
+    objs: set[KernelObject] = {
+        Veth(dev, ep.host_mac, naming.link_tag(settings.instance) + ep.id, ep.peer_ifname, ep.mac),
+        EndpointEntry(dev, value),
+        Programs(dev, settings.program_revision),
+    }
+    for addr, gw in ((ep.ipv4, ep.gateway4), (ep.ipv6, ep.gateway6)):
+        if addr is None:
+            continue
+        objs.add(AddressEntry(addr.ip, dev, value))
+        objs.add(Neighbour(dev, addr.ip, ep.mac))
+        objs.add(Route(ipaddress.ip_network(addr.ip), dev, gw))
+    return objs
+
+
+def desired_state(
+    networks: Iterable[Network], endpoints: Iterable[Endpoint], settings: Settings
+) -> set[KernelObject]:
+    objs: set[KernelObject] = set()
+    for net in networks:
+        objs |= network_objects(net, settings)
+    for ep in endpoints:
+        objs |= endpoint_objects(ep, settings)
+    return objs
+
+
+def keys(objs: Iterable[KernelObject]) -> set[Key]:
+    return {o.key for o in objs}

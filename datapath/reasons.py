@@ -1,0 +1,42 @@
+"""Verdict codes of the datapath and their names; mirrors bpf/lib/common.h (a test checks).
+
+Codes below 128 say where a packet went; 128 and above are drop reasons.
+"""
+
+from __future__ import annotations
+
+VERDICTS: dict[int, tuple[str, str]] = {
+    1: ("CG_OK_LOCAL", "delivered to a local endpoint"),
+    2: ("CG_OK_STACK", "passed to the host stack"),
+    3: ("CG_OK_TO_EP", "delivered from the host stack"),
+    4: ("CG_OK_ARP", "ARP answered"),
+    5: ("CG_OK_ND", "neighbour solicitation answered"),
+    6: ("CG_OK_QUIET", "link housekeeping consumed"),
+    130: ("DROP_INVALID_SMAC", "invalid source MAC"),
+    131: ("DROP_INVALID_DMAC", "invalid destination MAC"),
+    132: ("DROP_INVALID_SIP", "invalid source IP"),
+    134: ("DROP_INVALID", "invalid packet"),
+    139: ("DROP_UNKNOWN_L3", "unsupported L3 protocol"),
+    150: ("DROP_NO_ENDPOINT", "no endpoint for interface"),
+    151: ("DROP_INVALID_ARP", "invalid ARP"),
+    152: ("DROP_ROUTER_ADV", "router advertisement from endpoint"),
+    153: ("DROP_NO_IPV6", "IPv6 not enabled on endpoint"),
+    154: ("DROP_NO_IPV4", "IPv4 not enabled on endpoint"),
+}
+
+FIRST_DROP = 128
+
+
+def name(code: int) -> str:
+    """Human text for a verdict code; unknown codes still print something useful."""
+    entry = VERDICTS.get(code)
+    return entry[1] if entry else f"unknown verdict {code}"
+
+
+def constant(code: int) -> str:
+    entry = VERDICTS.get(code)
+    return entry[0] if entry else f"CODE_{code}"
+
+
+def is_drop(code: int) -> bool:
+    return code >= FIRST_DROP

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The cellgate demo: a real dockerd, a cellgate network, two containers talking through
+# our eBPF programs, then everything it made is removed again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CG=.venv/bin/cellgate
+RUN=/run/cellgate-demo
+IMAGE=cellgate-demo/busybox:latest
+NET=cgdemo
+mkdir -p "$RUN"
+
+say()  { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+show() { printf '$ %s\n' "$*"; "$@"; }
+
+started_dockerd="" started_agent=""
+cleanup() {
+  set +e
+  say "Cleaning up"
+  docker rm -f cgdemo-a cgdemo-b >/dev/null 2>&1
+  docker network rm "$NET" >/dev/null 2>&1
+  docker rmi "$IMAGE" >/dev/null 2>&1
+  if [ -n "$started_agent" ]; then
+    kill "$started_agent" 2>/dev/null; wait "$started_agent" 2>/dev/null
+    $CG cleanup >/dev/null   # the agent was ours: remove its pins, state and iptables chains too
+  fi
+  if [ -n "$started_dockerd" ]; then
+    kill "$started_dockerd" 2>/dev/null
+    for _ in $(seq 100); do kill -0 "$started_dockerd" 2>/dev/null || break; sleep 0.1; done
+  fi
+  rm -rf "$RUN"
+  echo "done."
+}
+trap cleanup EXIT
+
+wait_for() {  # wait_for SECONDS CMD...: poll until CMD succeeds
+  local deadline=$((SECONDS + $1)); shift
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || { echo "timed out waiting for: $*" >&2; return 1; }
+    sleep 0.2
+  done
+}
+
+say "Docker"
+if docker info >/dev/null 2>&1; then
+  echo "using the running dockerd"
+else
+  echo "no dockerd running: starting one (it will be stopped at the end)"
+  dockerd >"$RUN/dockerd.log" 2>&1 &
+  started_dockerd=$!
+  wait_for 60 docker info
+fi
+
+say "cellgate agent"
+if $CG status >/dev/null 2>&1; then
+  echo "using the running agent"
+else
+  $CG agent >"$RUN/agent.log" 2>&1 &
+  started_agent=$!
+  wait_for 30 $CG status || { cat "$RUN/agent.log"; exit 1; }
+  grep -E "built|ready" "$RUN/agent.log" | sed 's/^/  /'
+fi
+
+say "Test image (no registry here: imported from Debian's busybox-static)"
+root="$RUN/rootfs"; mkdir -p "$root/bin" "$root/tmp" "$root/etc"
+cp /bin/busybox "$root/bin/"
+for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -sf busybox "$root/bin/$a"; done
+tar -C "$root" -c . | docker import -c 'CMD ["/bin/sh"]' - "$IMAGE" >/dev/null
+echo "imported $IMAGE"
+
+say "A cellgate network"
+show docker network create -d cellgate --ipam-driver cellgate "$NET"
+show docker network inspect -f '{{range .IPAM.Config}}subnet {{.Subnet}} gateway {{.Gateway}}{{end}}' "$NET"
+
+say "Two containers"
+show docker run -d --name cgdemo-a --network "$NET" "$IMAGE" sleep 3600
+show docker run -d --name cgdemo-b --network "$NET" "$IMAGE" \
+  sh -c 'while true; do echo "hello from $(hostname) over TCP" | nc -l -p 8080; done'
+A=$(docker inspect -f "{{(index .NetworkSettings.Networks \"$NET\").IPAddress}}" cgdemo-a)
+B=$(docker inspect -f "{{(index .NetworkSettings.Networks \"$NET\").IPAddress}}" cgdemo-b)
+echo "cgdemo-a is $A, cgdemo-b is $B"
+show docker exec cgdemo-a ip route
+
+say "Container to container (redirected by eBPF straight into the peer's namespace)"
+show docker exec cgdemo-a ping -c 3 -W 1 "$B"
+wait_for 10 sh -c "docker exec cgdemo-a nc -w 1 $B 8080 | grep -q hello"
+show docker exec cgdemo-a nc -w 2 "$B" 8080
+
+say "Host to container"
+show ping -c 2 -W 1 "$B"
+show nc -w 2 "$B" 8080 </dev/null
+
+say "What cellgate knows"
+show $CG endpoint list
+show $CG status

@@ -1,0 +1,1 @@
+"""The cellgate agent: runtime edges (Docker, REST, CLI), use cases and the composition root."""

@@ -1,0 +1,235 @@
+"""Composition root: build the real adapters, wire them into the Agent, run until signalled.
+
+This is the only place that configures logging, compiles the datapath, opens sockets
+and starts threads; importing any other module does none of that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+from datapath import events, plan
+from datapath.errors import CellgateError, StateError
+from ipam.allocator import HostRanges, Ipam
+from ipam.store import JsonDir
+from plugin.api.app import create_app as create_api
+from plugin.config import Config
+from plugin.docker.app import create_app as create_docker
+from plugin.monitor import EventHub
+from plugin.server import UnixServer
+from plugin.service import Agent
+
+log = logging.getLogger("cellgate")
+
+
+def configure_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    noisy = ("werkzeug", "pyroute2", "asyncio", "urllib3", "docker")
+
+    def quiet_libraries(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.name.startswith(noisy)
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(quiet_libraries)
+
+
+def lock_state(state_dir: Path) -> IO[str]:
+    """Hold an exclusive lock on the state directory for the agent's lifetime."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    handle = open(state_dir / "agent.lock", "a+")  # noqa: SIM115 (held until exit)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        pid = handle.read().strip() or "?"
+        handle.close()
+        raise StateError(f"another agent (pid {pid}) holds {state_dir}") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+class Runtime:
+    """The running agent: its threads, servers and shutdown."""
+
+    def __init__(self, cfg: Config) -> None:
+        from datapath.kernel.executor import KernelExecutor
+        from datapath.kernel.loader import Datapath
+
+        self.cfg = cfg
+        self.stop = threading.Event()
+        self.started = time.monotonic()
+        self._lock_handle = lock_state(cfg.state_dir)
+        self.datapath = Datapath(cfg.bpf_dir)
+        self.kernel = KernelExecutor(cfg.name, self.datapath)
+        ranges = HostRanges(cfg.ipv4_range, cfg.ipv6_range, cfg.ipv4_prefix, cfg.ipv6_prefix)
+        self.ipam = Ipam(JsonDir(cfg.state_dir / "ipam"), ranges)
+        settings = plan.Settings(cfg.name, cfg.masquerade, self.datapath.revision)
+        self.agent = Agent(
+            JsonDir(cfg.state_dir / "networks"), JsonDir(cfg.state_dir / "endpoints"),
+            self.ipam, self.kernel, settings,
+        )
+        self.restore = self.agent.restore()
+        self.hub = EventHub()
+        self._ifnames: dict[int, str] = {}
+        self.servers: list[UnixServer] = []
+        try:
+            self.servers.append(UnixServer(cfg.plugin_socket, create_docker(self.agent), "docker plugin"))
+            self.servers.append(UnixServer(cfg.api_socket, create_api(self.agent, self.hub, self.info), "API"))
+        except CellgateError:
+            for server in self.servers:
+                server.stop()
+            raise
+        self.ready_seconds = time.monotonic() - self.started
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "plugin_socket": str(self.cfg.plugin_socket),
+            "api_socket": str(self.cfg.api_socket),
+            "state_dir": str(self.cfg.state_dir),
+            "bpf_dir": str(self.cfg.bpf_dir),
+            "compile_ms": round(self.datapath.compile_seconds * 1000, 1),
+            "start_ms": round(self.ready_seconds * 1000, 1),
+            "restore": {
+                "endpoints": self.restore.endpoints,
+                "removed_endpoints": self.restore.removed_endpoints,
+                "released": self.restore.released,
+                "changes": self.restore.changes,
+            },
+        }
+
+    # -- threads ----------------------------------------------------------------------------
+
+    def _endpoint_for(self, ifindex: int) -> str:
+        name = self._ifnames.get(ifindex)
+        if name is None:
+            try:
+                name = socket.if_indextoname(ifindex)
+            except OSError:
+                name = ""
+            if len(self._ifnames) > 65536:
+                self._ifnames.clear()
+            self._ifnames[ifindex] = name
+        for ep in list(self.agent.endpoints.values()):
+            if ep.host_ifname == name:
+                return ep.id
+        return ""
+
+    def _read_events(self) -> None:
+        offset = events.boot_offset()
+
+        def sink(raw: bytes) -> None:
+            try:
+                ev = events.decode(raw, offset)
+            except ValueError as exc:
+                log.warning("bad event record: %s", exc)
+                return
+            ev["endpoint"] = self._endpoint_for(ev["ifindex"])
+            self.hub.publish(ev)
+
+        while not self.stop.is_set():
+            try:
+                self.datapath.poll_events(sink, 200)
+            except Exception:  # keep reading; one bad callback must not end the monitor
+                log.exception("event reader")
+                self.stop.wait(1.0)
+
+    def _sweep(self) -> None:
+        while not self.stop.wait(self.cfg.sweep_interval):
+            try:
+                self.agent.sweep()
+            except CellgateError as exc:
+                log.warning("sweep failed: %s", exc)
+
+    def serve(self) -> int:
+        threads = [
+            threading.Thread(target=self._read_events, name="events", daemon=True),
+            threading.Thread(target=self._sweep, name="sweep", daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        for server in self.servers:
+            server.start()
+        log.info("agent %s ready in %.0f ms (datapath %s, %d endpoints)", self.cfg.name,
+                 self.ready_seconds * 1000, self.datapath.revision, len(self.agent.endpoints))
+        self.stop.wait()
+        log.info("agent %s stopping", self.cfg.name)
+        for server in self.servers:
+            server.stop()
+        for t in threads:
+            t.join(timeout=2.0)
+        self.kernel.close()
+        self.datapath.close()
+        return 0
+
+
+def run_agent(cfg: Config) -> int:
+    configure_logging(cfg.debug)
+    try:
+        runtime = Runtime(cfg)
+    except CellgateError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        runtime.stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return runtime.serve()
+
+
+def cleanup(cfg: Config) -> dict[str, Any]:
+    """Remove everything this instance created on the host, and nothing else.
+
+    Refuses while an agent holds the state directory. Containers still attached lose
+    their network: their veths are deleted.
+    """
+    from datapath.kernel.executor import KernelExecutor
+    from datapath.kernel.loader import remove_pins
+
+    report: dict[str, Any] = {"links": [], "routes": [], "iptables": False, "pins": [], "sockets": [], "state": ""}
+    if cfg.state_dir.is_dir():
+        handle = lock_state(cfg.state_dir)  # raises StateError while an agent runs
+        handle.close()
+    kernel = KernelExecutor(cfg.name, None)
+    try:
+        owned = kernel.observe()
+        links = [o for o in owned if isinstance(o, (plan.Veth, plan.HostDevice))]
+        routes = [o for o in owned if isinstance(o, plan.Route)]
+        kernel.apply(plan.Plan(remove=tuple(routes) + tuple(links)))
+        report["links"] = sorted(o.name for o in links)
+        report["routes"] = sorted(str(o.dst) for o in routes)
+        report["iptables"] = kernel.iptables.teardown()
+    finally:
+        kernel.close()
+    report["pins"] = remove_pins(cfg.bpf_dir)
+    for path in (cfg.plugin_socket, cfg.api_socket):
+        if path.is_socket():
+            path.unlink()
+            report["sockets"].append(str(path))
+    if cfg.api_socket.parent.name == cfg.name:
+        with contextlib.suppress(OSError):
+            cfg.api_socket.parent.rmdir()
+    if cfg.state_dir.is_dir():
+        shutil.rmtree(cfg.state_dir)
+        report["state"] = str(cfg.state_dir)
+    return report

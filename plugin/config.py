@@ -1,0 +1,127 @@
+"""Agent configuration: every path and range is a flag with an environment variable behind it.
+
+Defaults derive from the instance name, so `--name cgt1` gives a fully separate agent
+(its own sockets, state, pins, links and iptables chains) for tests or side-by-side runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from datapath import naming
+
+CLUSTER_V4 = ipaddress.IPv4Network("10.192.0.0/10")
+CLUSTER_V6 = ipaddress.IPv6Network("fd63:6767::/48")
+NODE_V4_PREFIX = 20  # 4094 addresses per host, 1024 hosts in the cluster range
+NODE_V6_PREFIX = 64
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _flag(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
+
+
+def machine_index() -> int:
+    """A stable number for this host, from /etc/machine-id (or the hostname)."""
+    try:
+        seed = Path("/etc/machine-id").read_text().strip()
+    except OSError:
+        seed = ""
+    seed = seed or os.uname().nodename
+    return int.from_bytes(hashlib.sha256(seed.encode()).digest()[:4], "big")
+
+
+def default_ranges(node_index: int) -> tuple[ipaddress.IPv4Network, ipaddress.IPv6Network]:
+    v4 = list(CLUSTER_V4.subnets(new_prefix=NODE_V4_PREFIX))
+    v6_base = int(CLUSTER_V6.network_address) + ((node_index % (1 << 16)) << 64)
+    return v4[node_index % len(v4)], ipaddress.IPv6Network((v6_base, NODE_V6_PREFIX))
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    plugin_socket: Path
+    api_socket: Path
+    state_dir: Path
+    bpf_dir: Path
+    ipv4_range: ipaddress.IPv4Network
+    ipv6_range: ipaddress.IPv6Network
+    ipv4_prefix: int
+    ipv6_prefix: int
+    masquerade: bool
+    debug: bool
+    sweep_interval: float
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--name", default=_env("CELLGATE_NAME", "cellgate"),
+                            help="instance and Docker driver name [CELLGATE_NAME, default cellgate]")
+        parser.add_argument("--plugin-socket", default=_env("CELLGATE_PLUGIN_SOCKET", ""),
+                            help="Docker plugin socket [CELLGATE_PLUGIN_SOCKET, "
+                                 "default /run/docker/plugins/NAME.sock]")
+        parser.add_argument("--state-dir", default=_env("CELLGATE_STATE_DIR", ""),
+                            help="persistent state [CELLGATE_STATE_DIR, default /var/lib/NAME]")
+        parser.add_argument("--bpf-dir", default=_env("CELLGATE_BPF_DIR", ""),
+                            help="pinned BPF maps [CELLGATE_BPF_DIR, default /sys/fs/bpf/NAME]")
+        parser.add_argument("--node-index", type=int, default=int(_env("CELLGATE_NODE_INDEX", "-1")),
+                            help="this host's slot in the cluster ranges [CELLGATE_NODE_INDEX, "
+                                 "default from /etc/machine-id]")
+        parser.add_argument("--ipv4-range", default=_env("CELLGATE_IPV4_RANGE", ""),
+                            help="IPv4 range this host allocates from [CELLGATE_IPV4_RANGE, "
+                                 "default a /20 of 10.192.0.0/10]")
+        parser.add_argument("--ipv6-range", default=_env("CELLGATE_IPV6_RANGE", ""),
+                            help="IPv6 range this host allocates from [CELLGATE_IPV6_RANGE, "
+                                 "default a /64 of fd63:6767::/48]")
+        parser.add_argument("--ipv4-network-size", type=int, default=int(_env("CELLGATE_IPV4_NETWORK_SIZE", "24")),
+                            help="prefix length of a network drawn from the range [default 24]")
+        parser.add_argument("--ipv6-network-size", type=int, default=int(_env("CELLGATE_IPV6_NETWORK_SIZE", "80")),
+                            help="prefix length of an IPv6 network drawn from the range [default 80]")
+        parser.add_argument("--masquerade", type=_flag, default=_flag(_env("CELLGATE_MASQUERADE", "true")),
+                            help="masquerade IPv4 traffic leaving the host [CELLGATE_MASQUERADE, default true]")
+        parser.add_argument("--sweep-interval", type=float, default=float(_env("CELLGATE_SWEEP_INTERVAL", "30")),
+                            help="seconds between checks for endpoints whose container vanished [default 30]")
+        parser.add_argument("--debug", action="store_true", default=_flag(_env("CELLGATE_DEBUG", "false")),
+                            help="log wire bodies and kernel changes [CELLGATE_DEBUG]")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, api_socket: str = "") -> Config:
+        name = naming.check_instance(args.name)
+        index = args.node_index if args.node_index >= 0 else machine_index()
+        v4_default, v6_default = default_ranges(index)
+        try:
+            v4 = ipaddress.IPv4Network(args.ipv4_range) if args.ipv4_range else v4_default
+            v6 = ipaddress.IPv6Network(args.ipv6_range) if args.ipv6_range else v6_default
+        except ValueError as exc:
+            raise ValueError(f"bad address range: {exc}") from None
+        return cls(
+            name=name,
+            plugin_socket=Path(args.plugin_socket or f"/run/docker/plugins/{name}.sock"),
+            api_socket=Path(api_socket or default_api_socket(name)),
+            state_dir=Path(args.state_dir or f"/var/lib/{name}"),
+            bpf_dir=Path(args.bpf_dir or f"/sys/fs/bpf/{name}"),
+            ipv4_range=v4,
+            ipv6_range=v6,
+            ipv4_prefix=args.ipv4_network_size,
+            ipv6_prefix=args.ipv6_network_size,
+            masquerade=args.masquerade,
+            debug=args.debug,
+            sweep_interval=args.sweep_interval,
+        )
+
+
+def default_api_socket(name: str = "") -> str:
+    name = name or os.environ.get("CELLGATE_NAME", "cellgate")
+    return os.environ.get("CELLGATE_SOCK") or f"/var/run/{name}/{name}.sock"

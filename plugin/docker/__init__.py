@@ -1,0 +1,1 @@
+"""The Docker libnetwork remote driver and IPAM driver (wire protocol and routes)."""

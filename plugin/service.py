@@ -1,0 +1,385 @@
+"""Use cases of the agent: networks, endpoints, restore and reconciliation.
+
+Edges (Docker, REST, CLI) call these with parsed values; this module decides what the
+kernel should hold (datapath.plan), persists first, then applies through the Kernel
+port. It never calls Docker or any other runtime.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from datapath import naming, plan
+from datapath.errors import CellgateError, Conflict, InvalidRequest, KernelError, NotFound
+from datapath.model import Endpoint, IPInterface, Network
+from datapath.plan import KernelObject, Settings
+from datapath.ports import Kernel
+from ipam.allocator import CheckReport, Ipam, PoolRequest
+from ipam.pool import Address, Allocation, Pool
+from ipam.store import DocumentStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JoinInfo:
+    interface: str  # name of the container-side veth in the host namespace
+    gateway4: ipaddress.IPv4Address | None
+    gateway6: ipaddress.IPv6Address | None
+
+
+@dataclass
+class RestoreReport:
+    endpoints: int = 0
+    networks: int = 0
+    removed_endpoints: list[str] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
+    changes: int = 0
+    seconds: float = 0.0
+
+
+class Agent:
+    """Everything the agent does, behind one lock."""
+
+    def __init__(
+        self,
+        networks: DocumentStore,
+        endpoints: DocumentStore,
+        ipam: Ipam,
+        kernel: Kernel,
+        settings: Settings,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._net_store = networks
+        self._ep_store = endpoints
+        self.ipam = ipam
+        self.kernel = kernel
+        self.settings = settings
+        self._clock = clock
+        self._lock = threading.RLock()
+        self.networks: dict[str, Network] = {}
+        self.endpoints: dict[str, Endpoint] = {}
+        self.started = clock()
+        for _, doc in networks.load():
+            try:
+                net = Network.from_doc(doc)
+                self.networks[net.id] = net
+            except (KeyError, ValueError, TypeError) as exc:
+                log.warning("skipping unreadable network document: %s", exc)
+        for _, doc in endpoints.load():
+            try:
+                ep = Endpoint.from_doc(doc)
+                self.endpoints[ep.id] = ep
+            except (KeyError, ValueError, TypeError) as exc:
+                log.warning("skipping unreadable endpoint document: %s", exc)
+
+    # -- kernel helpers ---------------------------------------------------------------------
+
+    def _desired(self) -> set[KernelObject]:
+        return plan.desired_state(self.networks.values(), self.endpoints.values(), self.settings)
+
+    def _converge(self, scope: Iterable[plan.Key]) -> None:
+        """Make the kernel match the desired state for the keys in `scope`."""
+        scope = set(scope)
+        desired = {o for o in self._desired() if o.key in scope}
+        actual = self.kernel.observe(scope)
+        change = plan.diff(desired, actual, scope)
+        if change:
+            self.kernel.apply(change)
+
+    # -- networks ---------------------------------------------------------------------------
+
+    def create_network(self, network_id: str, gateways: Sequence[IPInterface], name: str = "") -> Network:
+        if not gateways:
+            raise InvalidRequest("a network needs at least one subnet with a gateway")
+        with self._lock:
+            net = Network(network_id, tuple(gateways), self._clock(), name)
+            existing = self.networks.get(network_id)
+            if existing is not None:
+                if existing.gateways != net.gateways:
+                    raise Conflict(f"network {network_id[:12]} exists with other subnets")
+                return existing
+            for other in self.networks.values():
+                for gw in gateways:
+                    for ogw in other.gateways:
+                        if gw.version == ogw.version and gw.network.overlaps(ogw.network):  # type: ignore[arg-type]
+                            raise Conflict(f"subnet {gw.network} overlaps network {other.id[:12]} ({ogw.network})")
+            self.ipam.bind_network(network_id, [g.network for g in gateways])
+            self._net_store.put(net.id, net.to_doc())
+            self.networks[net.id] = net
+            try:
+                self._converge(plan.keys(plan.network_objects(net, self.settings)))
+            except CellgateError:
+                del self.networks[net.id]
+                self._net_store.delete(net.id)
+                self.ipam.unbind_network(net.id)
+                self._converge(plan.keys(plan.network_objects(net, self.settings)))
+                raise
+            log.info("network %s created (%s)", network_id[:12], ", ".join(str(g.network) for g in gateways))
+            return net
+
+    def delete_network(self, network_id: str) -> None:
+        with self._lock:
+            net = self.networks.get(network_id)
+            if net is None:
+                return
+            for ep in [e for e in self.endpoints.values() if e.network_id == network_id]:
+                log.warning("network %s deleted with endpoint %s still present; removing it",
+                            network_id[:12], ep.id[:12])
+                self._remove_endpoint(ep)
+            del self.networks[network_id]
+            self._converge(plan.keys(plan.network_objects(net, self.settings)))
+            self._net_store.delete(network_id)
+            self.ipam.unbind_network(network_id)
+            log.info("network %s deleted", network_id[:12])
+
+    def network(self, network_id: str) -> Network:
+        net = self.networks.get(network_id)
+        if net is None:
+            raise NotFound(f"unknown network {network_id[:12]}")
+        return net
+
+    # -- endpoints --------------------------------------------------------------------------
+
+    def create_endpoint(
+        self,
+        network_id: str,
+        endpoint_id: str,
+        ipv4: ipaddress.IPv4Interface | None,
+        ipv6: ipaddress.IPv6Interface | None,
+        mac: str = "",
+        origin: str = "docker",
+        labels: dict[str, str] | None = None,
+    ) -> Endpoint:
+        """Create (or return the identical existing) endpoint with its veth and datapath state."""
+        if ipv4 is None and ipv6 is None:
+            raise InvalidRequest("an endpoint needs an IPv4 or IPv6 address")
+        with self._lock:
+            net = self.network(network_id)
+            gw4 = gw6 = None
+            for addr in (ipv4, ipv6):
+                if addr is None:
+                    continue
+                gw = net.gateway_for(addr)
+                if gw is None:
+                    raise InvalidRequest(f"address {addr} is not in a subnet of network {network_id[:12]}")
+                if gw.ip == addr.ip:
+                    raise Conflict(f"address {addr.ip} is the gateway of network {network_id[:12]}")
+                if addr.version == 4:
+                    gw4 = gw.ip
+                else:
+                    gw6 = gw.ip
+            ep = Endpoint(
+                id=endpoint_id,
+                network_id=network_id,
+                host_ifname=naming.host_ifname(endpoint_id),
+                peer_ifname=naming.peer_ifname(endpoint_id),
+                mac=(mac or naming.container_mac(endpoint_id)).lower(),
+                host_mac=naming.host_mac(endpoint_id),
+                ipv4=ipv4,
+                ipv6=ipv6,
+                gateway4=gw4,  # type: ignore[arg-type]
+                gateway6=gw6,  # type: ignore[arg-type]
+                created=self._clock(),
+                origin=origin,
+                labels=labels or {},
+            )
+            existing = self.endpoints.get(endpoint_id)
+            if existing is not None:
+                if replace(existing, created=ep.created, sandbox="") != replace(ep, sandbox=""):
+                    raise Conflict(f"endpoint {endpoint_id[:12]} exists with other settings")
+                self._converge(plan.keys(plan.endpoint_objects(existing, self.settings)))
+                return existing
+            for other in self.endpoints.values():
+                if other.host_ifname == ep.host_ifname:
+                    raise Conflict(f"endpoint {endpoint_id[:12]} clashes with {other.id[:12]} on {ep.host_ifname}")
+                clash = {a.ip for a in other.addresses} & {a.ip for a in ep.addresses}
+                if clash:
+                    raise Conflict(f"address {clash.pop()} is in use by endpoint {other.id[:12]}")
+            for addr in ep.addresses:
+                self.ipam.bind_endpoint(addr.ip, endpoint_id)
+            self._ep_store.put(ep.id, ep.to_doc())
+            self.endpoints[ep.id] = ep
+            try:
+                self._converge(plan.keys(plan.endpoint_objects(ep, self.settings)))
+            except CellgateError:
+                self._remove_endpoint(ep)
+                raise
+            log.info("endpoint %s created on %s (%s)", endpoint_id[:12], ep.host_ifname,
+                     ", ".join(str(a) for a in ep.addresses))
+            return ep
+
+    def join(self, network_id: str, endpoint_id: str, sandbox: str) -> JoinInfo:
+        with self._lock:
+            ep = self.endpoint(endpoint_id)
+            if ep.network_id != network_id:
+                raise InvalidRequest(f"endpoint {endpoint_id[:12]} is not on network {network_id[:12]}")
+            if ep.sandbox != sandbox:
+                ep = self._update(replace(ep, sandbox=sandbox))
+                log.info("endpoint %s joined %s", endpoint_id[:12], sandbox)
+            return JoinInfo(ep.peer_ifname, ep.gateway4, ep.gateway6)
+
+    def leave(self, network_id: str, endpoint_id: str) -> None:
+        with self._lock:
+            ep = self.endpoints.get(endpoint_id)
+            if ep is None or not ep.sandbox:
+                return
+            self._update(replace(ep, sandbox=""))
+            log.info("endpoint %s left its sandbox", endpoint_id[:12])
+
+    def delete_endpoint(self, network_id: str, endpoint_id: str) -> None:
+        with self._lock:
+            ep = self.endpoints.get(endpoint_id)
+            if ep is None:
+                return
+            self._remove_endpoint(ep)
+            log.info("endpoint %s deleted", endpoint_id[:12])
+
+    def set_labels(self, endpoint_id: str, labels: dict[str, str]) -> Endpoint:
+        with self._lock:
+            return self._update(replace(self.endpoint(endpoint_id), labels=dict(labels)))
+
+    def endpoint(self, endpoint_id: str) -> Endpoint:
+        ep = self.endpoints.get(endpoint_id)
+        if ep is None:
+            raise NotFound(f"unknown endpoint {endpoint_id[:12]}")
+        return ep
+
+    def find_endpoint(self, prefix: str) -> Endpoint:
+        """An endpoint by ID, ID prefix, host interface name or address."""
+        with self._lock:
+            if prefix in self.endpoints:
+                return self.endpoints[prefix]
+            matches = [
+                e for e in self.endpoints.values()
+                if e.id.startswith(prefix) or e.host_ifname == prefix or prefix in {str(a.ip) for a in e.addresses}
+            ]
+        if not matches:
+            raise NotFound(f"no endpoint matches {prefix!r}")
+        if len(matches) > 1:
+            raise InvalidRequest(f"{prefix!r} matches {len(matches)} endpoints; give more of the ID")
+        return matches[0]
+
+    def _update(self, ep: Endpoint) -> Endpoint:
+        """Persist a changed endpoint and apply only the kernel objects that differ."""
+        old = self.endpoints[ep.id]
+        before = plan.endpoint_objects(old, self.settings)
+        after = plan.endpoint_objects(ep, self.settings)
+        self._ep_store.put(ep.id, ep.to_doc())
+        self.endpoints[ep.id] = ep
+        try:
+            self._converge(plan.keys(before ^ after))
+        except CellgateError:
+            self._ep_store.put(old.id, old.to_doc())
+            self.endpoints[old.id] = old
+            raise
+        return ep
+
+    def _remove_endpoint(self, ep: Endpoint) -> None:
+        """Tear down the kernel side first, then forget the endpoint."""
+        scope = plan.keys(plan.endpoint_objects(ep, self.settings))
+        self.endpoints.pop(ep.id, None)
+        try:
+            self._converge(scope)
+        except KernelError:
+            self.endpoints[ep.id] = ep
+            raise
+        self._ep_store.delete(ep.id)
+
+    # -- IPAM -------------------------------------------------------------------------------
+
+    def request_pool(self, req: PoolRequest) -> Pool:
+        avoid = [] if req.pool is not None else self._foreign_routes()
+        return self.ipam.request_pool(req, avoid)
+
+    def _foreign_routes(self) -> list[Any]:
+        mine = {g.network for n in self.networks.values() for g in n.gateways}
+        return [r for r in self.kernel.host_routes() if r not in mine]
+
+    def request_address(
+        self, pool_id: str, address: Address | None, options: dict[str, str]
+    ) -> tuple[Pool, Allocation]:
+        return self.ipam.request_address(pool_id, address, options)
+
+    def ipam_check(self, release: bool = False, grace: float = 60.0) -> CheckReport:
+        with self._lock:
+            live = {e.id: [a.ip for a in e.addresses] for e in self.endpoints.values()}
+            return self.ipam.check(live, grace=grace, release=release)
+
+    # -- restore and reconciliation ---------------------------------------------------------
+
+    def restore(self) -> RestoreReport:
+        """Bring the kernel in line with persisted state after a start or a crash.
+
+        Endpoints whose veth vanished while we were away (the container's namespace was
+        destroyed) are dropped and their addresses released; everything else is repaired
+        in place. Programs are replaced atomically, never detached, so traffic and
+        enforcement continue throughout.
+        """
+        started = time.monotonic()
+        report = RestoreReport()
+        with self._lock:
+            actual = self.kernel.observe()
+            present = {o.key for o in actual}
+            for ep in list(self.endpoints.values()):
+                if ("veth", ep.host_ifname) not in present:
+                    self._forget_dead(ep, report)
+            for ep in self.endpoints.values():
+                for addr in ep.addresses:
+                    try:
+                        self.ipam.ensure_allocated(addr.ip, ep.id)
+                    except CellgateError as exc:
+                        log.error("cannot reserve %s for endpoint %s: %s", addr.ip, ep.id[:12], exc)
+            change = plan.diff(self._desired(), actual)
+            if change:
+                log.info("restore: %d removals, %d changes, %d additions",
+                         len(change.remove), len(change.change), len(change.add))
+                self.kernel.apply(change)
+            report.changes = len(change.remove) + len(change.change) + len(change.add)
+            report.endpoints = len(self.endpoints)
+            report.networks = len(self.networks)
+        report.seconds = time.monotonic() - started
+        log.info("restored %d networks and %d endpoints in %.0f ms", report.networks, report.endpoints,
+                 report.seconds * 1000)
+        return report
+
+    def _forget_dead(self, ep: Endpoint, report: RestoreReport) -> None:
+        del self.endpoints[ep.id]
+        self._ep_store.delete(ep.id)
+        freed = self.ipam.release_owner(ep.id)
+        report.removed_endpoints.append(ep.id)
+        report.released.extend(str(a) for a in freed)
+        log.warning("endpoint %s is gone (its interface %s disappeared); released %s", ep.id[:12],
+                    ep.host_ifname, ", ".join(str(a) for a in freed) or "nothing")
+
+    def sweep(self) -> RestoreReport:
+        """Periodic check: endpoints whose container vanished without telling us."""
+        report = RestoreReport()
+        with self._lock:
+            keys = {("veth", e.host_ifname) for e in self.endpoints.values()}
+            present = {o.key for o in self.kernel.observe(keys)}
+            for ep in list(self.endpoints.values()):
+                if ("veth", ep.host_ifname) not in present:
+                    self._forget_dead(ep, report)
+                    self._converge(plan.keys(plan.endpoint_objects(ep, self.settings)))
+        return report
+
+    # -- views ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "instance": self.settings.instance,
+                "uptime": round(self._clock() - self.started, 3),
+                "networks": len(self.networks),
+                "endpoints": len(self.endpoints),
+                "datapath": self.settings.program_revision,
+                "ranges": {"ipv4": str(self.ipam.ranges.ipv4), "ipv6": str(self.ipam.ranges.ipv6)},
+                "masquerade": self.settings.masquerade,
+            }
