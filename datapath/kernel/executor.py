@@ -503,7 +503,11 @@ def _sysctl(path: str, value: str) -> None:
 
 
 class Iptables:
-    """Masquerade for traffic that leaves the host, in chains named after the instance."""
+    """Masquerade and forwarding for traffic that leaves the host, per network subnet.
+
+    Rules live in chains named after the instance, reached by one commented jump each
+    from POSTROUTING and FORWARD, so teardown finds exactly ours.
+    """
 
     def __init__(self, instance: str) -> None:
         self.nat = naming.nat_chain(instance)
@@ -512,6 +516,15 @@ class Iptables:
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["iptables", "-w", *args], check=check, capture_output=True, text=True)
+
+    @staticmethod
+    def _rules(subnet: ipaddress.IPv4Network) -> list[tuple[str, list[str]]]:
+        s = str(subnet)
+        return [
+            ("nat", ["-s", s, "!", "-d", s, "-j", "MASQUERADE"]),
+            ("filter", ["-i", "cg+", "-s", s, "-j", "ACCEPT"]),
+            ("filter", ["-o", "cg+", "-d", s, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"]),
+        ]
 
     def subnets(self) -> list[ipaddress.IPv4Network]:
         try:
@@ -526,17 +539,9 @@ class Iptables:
         return found
 
     def _ensure_chains(self) -> None:
-        for table, chain, hook, rules in (
-            ("nat", self.nat, "POSTROUTING", []),
-            ("filter", self.fwd, "FORWARD", [
-                ["-i", "cg+", "-j", "ACCEPT"],
-                ["-o", "cg+", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"],
-            ]),
-        ):
+        for table, chain, hook in (("nat", self.nat, "POSTROUTING"), ("filter", self.fwd, "FORWARD")):
             if self._run("-t", table, "-S", chain, check=False).returncode != 0:
                 self._run("-t", table, "-N", chain)
-                for rule in rules:
-                    self._run("-t", table, "-A", chain, *rule)
             jump = ["-m", "comment", "--comment", self.comment, "-j", chain]
             if self._run("-t", table, "-C", hook, *jump, check=False).returncode != 0:
                 self._run("-t", table, "-I", hook, "1", *jump)
@@ -544,12 +549,15 @@ class Iptables:
 
     def add(self, subnet: ipaddress.IPv4Network) -> None:
         self._ensure_chains()
-        rule = ["-s", str(subnet), "!", "-o", "cg+", "-j", "MASQUERADE"]
-        if self._run("-t", "nat", "-C", self.nat, *rule, check=False).returncode != 0:
-            self._run("-t", "nat", "-A", self.nat, *rule)
+        for table, rule in self._rules(subnet):
+            chain = self.nat if table == "nat" else self.fwd
+            if self._run("-t", table, "-C", chain, *rule, check=False).returncode != 0:
+                self._run("-t", table, "-A", chain, *rule)
 
     def remove(self, subnet: ipaddress.IPv4Network) -> None:
-        self._run("-t", "nat", "-D", self.nat, "-s", str(subnet), "!", "-o", "cg+", "-j", "MASQUERADE", check=False)
+        for table, rule in self._rules(subnet):
+            chain = self.nat if table == "nat" else self.fwd
+            self._run("-t", table, "-D", chain, *rule, check=False)
 
     def teardown(self) -> bool:
         """Remove our chains and the jumps to them; True if anything was there."""
@@ -562,4 +570,3 @@ class Iptables:
                 self._run("-t", table, "-X", chain, check=False)
                 found = True
         return found
-

@@ -1,0 +1,99 @@
+"""Fixtures of the e2e tier: one private dockerd per session, one agent per module."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import Agent, Dockerd, Scene, run, unique_ranges
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    reason = None
+    if os.geteuid() != 0:
+        reason = "e2e tests need root"
+    elif shutil.which("dockerd") is None:
+        reason = "dockerd is not installed (apt-get install docker.io)"
+    for item in items:
+        if "/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=reason))
+    if reason:
+        print(f"\nSKIPPING e2e tier: {reason}", file=sys.stderr)
+
+
+@pytest.fixture(scope="session")
+def dockerd() -> Iterator[Dockerd]:
+    root = Path(tempfile.mkdtemp(prefix="cgd", dir="/tmp"))
+    d = Dockerd(root)
+    d.start()
+    try:
+        yield d
+    finally:
+        with contextlib.suppress(Exception):
+            ids = d("ps", "-aq", "--filter", "name=cg").split()
+            if ids:
+                d("rm", "-f", *ids)
+        d.stop()
+        subprocess.run(["umount", "-R", str(root / "data")], capture_output=True, check=False)
+        subprocess.run(["umount", "-R", str(root / "exec")], capture_output=True, check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def image(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> str:
+    name = "cgtest/busybox:1"
+    if dockerd.attempt("image", "inspect", name).returncode == 0:
+        return name
+    root = tmp_path_factory.mktemp("rootfs")
+    (root / "bin").mkdir()
+    (root / "tmp").mkdir()
+    (root / "etc").mkdir()
+    shutil.copy("/bin/busybox", root / "bin" / "busybox")
+    for applet in run("/bin/busybox", "--list").stdout.split():
+        if applet != "busybox":
+            (root / "bin" / applet).symlink_to("busybox")
+    tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
+    subprocess.run(["docker", "import", "-c", 'CMD ["/bin/sh"]', "-", name], stdin=tar.stdout,
+                   env=dockerd.env, check=True, capture_output=True)
+    tar.wait()
+    return name
+
+
+@pytest.fixture(scope="module")
+def agent(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+    name = "cgt" + secrets.token_hex(3)
+    v4, v6, _ = unique_ranges()
+    a = Agent(tmp_path_factory.mktemp(name), name, v4, v6)
+    a.start()
+    try:
+        yield a
+    finally:
+        with contextlib.suppress(Exception):
+            ids = dockerd("ps", "-aq", "--filter", f"label=cgtest={name}").split()
+            if ids:
+                dockerd("rm", "-f", *ids)
+        with contextlib.suppress(Exception):
+            for net in dockerd("network", "ls", "-q", "--filter", f"driver={name}").split():
+                dockerd("network", "rm", net)
+        a.stop()
+        a.cleanup()
+
+
+@pytest.fixture
+def scene(dockerd: Dockerd, agent: Agent, image: str) -> Iterator[Scene]:
+    s = Scene(dockerd, agent, image)
+    try:
+        yield s
+    finally:
+        s.close()
