@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
+import json
 import os
+import socket
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
@@ -220,3 +223,48 @@ def test_sockets_are_root_only(agent: Agent) -> None:
         probe = run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "python3", "-c",
                     f"import socket; s=socket.socket(socket.AF_UNIX); s.connect({str(path)!r})", check=False)
         assert probe.returncode != 0 and "Permission denied" in probe.stderr
+
+
+def test_static_ipv6_is_honoured(scene: Scene, agent: Agent) -> None:
+    v6 = list(ipaddress.ip_network(agent.v6).subnets(new_prefix=80))[5]
+    net = scene.network("--ipv6", "--subnet", str(v6))
+    wanted = str(v6.network_address + 0x42)
+    c = scene.run(net, "--ip6", wanted)
+    assert scene.ip(c, net, v6=True) == wanted
+    assert wanted + "/80" in scene.exec(c, "ip", "-6", "addr", "show", "dev", "eth0").stdout
+
+
+def test_pool_exhaustion_is_a_clear_error_and_leaves_nothing(scene: Scene, agent: Agent) -> None:
+    subnet = list(ipaddress.ip_network(agent.v4).subnets(new_prefix=28))[200]  # 14 hosts, 1 gateway
+    net = scene.network("--subnet", str(subnet))
+    for _ in range(13):
+        scene.run(net)
+    links, before = agent.links(), agent.allocations()
+    proc = scene.d.attempt("run", "-d", "--name", f"cgx{scene.tag}", "--network", net, scene.image, "true")
+    scene.containers.append(f"cgx{scene.tag}")
+    assert proc.returncode != 0
+    assert "no free address" in proc.stderr
+    assert agent.links() == links and agent.allocations() == before
+    scene.d("rm", "-f", scene.containers[0])
+    assert scene.ip(scene.run(net), net)  # room again after a removal
+
+
+def test_ipam_check_finds_and_releases_a_leak(scene: Scene, agent: Agent) -> None:
+    """An address handed out whose reply Docker never saw (lost reply) is a leak until released."""
+    net = scene.network()
+    scene.run(net)
+    pool = next(p for p in agent.json("ipam", "list")["pools"] if p["network_id"] == scene.d.inspect(net)["Id"])
+    conn = http.client.HTTPConnection("plugin")
+    conn.sock = socket.socket(socket.AF_UNIX)
+    conn.sock.connect(str(agent.plugin))
+    body = {"PoolID": pool["id"], "Address": "",
+            "Options": {"com.docker.network.endpoint.macaddress": "02:42:de:ad:be:ef"}}
+    conn.request("POST", "/IpamDriver.RequestAddress", body=json.dumps(body).encode())
+    leaked = json.loads(conn.getresponse().read())["Address"].split("/")[0]
+    assert agent.json("ipam", "check")["ok"]  # younger than the grace period: not judged yet
+    report = agent.cli("ipam", "check", "--grace", "0", check=False)
+    assert report.returncode == 1 and leaked in report.stdout
+    released = agent.json("ipam", "check", "--grace", "0", "--release")
+    assert [x["address"] for x in released["released"]] == [leaked]
+    assert all(a != leaked for a, _, _ in agent.allocations())
+    assert agent.json("ipam", "check", "--grace", "0")["ok"]
