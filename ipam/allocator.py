@@ -287,10 +287,11 @@ class Ipam:
             pool = self._pools.get(pid)
             if pool is None or address not in pool.allocations:
                 return
-            if address == pool.gateway and pool.refs > 1:
-                # Every holder of a shared pool uses its gateway. Docker releases the gateway
-                # when it rolls back a racing CreateNetwork; the network that won keeps it.
-                log.info("gateway %s of %s kept: %d holders remain", address, pid, pool.refs - 1)
+            kind = pool.allocations[address].kind
+            if kind in (KIND_GATEWAY, KIND_AUX) and pool.refs > 1:
+                # Network-level reservations of a shared pool belong to every holder. Docker
+                # releases them when it rolls back a racing CreateNetwork; the winner keeps them.
+                log.info("%s %s of %s kept: %d holders remain", kind, address, pid, pool.refs - 1)
                 return
             self._save(pool.release(address))
             log.info("address %s released from %s", address, pid)

@@ -111,7 +111,11 @@ class Agent:
                         if gw.version == ogw.version and gw.network.overlaps(ogw.network):  # type: ignore[arg-type]
                             raise Conflict(f"subnet {gw.network} overlaps network {other.id[:12]} ({ogw.network})")
             self.ipam.bind_network(network_id, [g.network for g in gateways])
-            self._net_store.put(net.id, net.to_doc())
+            try:
+                self._net_store.put(net.id, net.to_doc())
+            except CellgateError:
+                self.ipam.unbind_network(network_id)
+                raise
             self.networks[net.id] = net
             try:
                 self._converge(plan.keys(plan.network_objects(net, self.settings)))

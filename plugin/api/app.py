@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -29,13 +30,17 @@ def _json(payload: Any, status: int = 200) -> Response:
     return Response(json.dumps(payload, indent=None), status=status, mimetype="application/json")
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def _body() -> dict[str, Any]:
     raw = request.get_data(cache=False)
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
-    except ValueError as exc:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
         raise InvalidRequest(f"malformed JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
@@ -106,7 +111,7 @@ def create_app(agent: Agent, hub: EventHub, info: Callable[[], dict[str, Any]]) 
         grace = body.get("grace", 60.0)
         if not isinstance(release, bool):
             raise InvalidRequest("release must be true or false")
-        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:
+        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not math.isfinite(grace) or grace < 0:
             raise InvalidRequest("grace must be a number of seconds >= 0")
         return _json(views.check_report(agent.ipam_check(release=release, grace=float(grace))))
 

@@ -287,11 +287,6 @@ def test_network_store_failure_changes_nothing(agent: Agent, kernel: FakeKernel,
     assert agent.networks == {} and objects(kernel) == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: plugin/service.py create_network binds the IPAM pool before the "
-    "network record is written and does not unbind when that write fails",
-)
 def test_network_store_failure_leaves_the_pool_unbound(agent: Agent, stores: Any) -> None:
     pool = agent.request_pool(PoolRequest(LOCAL_SPACE, ipaddress.ip_network("10.1.0.0/24"), None, False))
     agent.request_pool(PoolRequest(LOCAL_SPACE, ipaddress.ip_network("10.1.0.0/24"), None, False))  # a retry: refs 2
