@@ -416,18 +416,30 @@ class KernelExecutor:
                 if index is not None:
                     dp.endpoints.pop(ctypes.c_uint32(index), None)
             elif isinstance(obj, AddressEntry):
-                self._need_dp().ips.pop(layout.ip_key(obj.address), None)
+                dp = self._need_dp()
+                key = layout.ip_key(obj.address)
+                try:
+                    index = layout.CgEndpoint.from_buffer_copy(bytes(dp.ips[key])).ifindex
+                except KeyError:
+                    return
+                dp.ips.pop(key, None)
+                if self.ifname(index) is None:
+                    # The link vanished behind our back (its netns was destroyed), so the endpoint
+                    # entry can no longer be found by name; it is keyed by the dead ifindex.
+                    dp.endpoints.pop(ctypes.c_uint32(index), None)
             elif isinstance(obj, Programs):
                 link = self._link(obj.dev)
                 if link is not None and self._owned(link):
                     self.ipr.tc("del", "clsact", link["index"])
             elif isinstance(obj, Neighbour):
                 link = self._link(obj.dev)
-                if link is not None:
+                if link is not None and self._owned(link):
                     self.ipr.neigh("del", dst=str(obj.address), ifindex=link["index"],
                                    family=layout.AF[obj.address.version])
             elif isinstance(obj, Route):
-                self._route("del", obj)
+                link = self._link(obj.dev)
+                if link is not None and self._owned(link):  # a route to a vanished link went with it
+                    self._route("del", obj, int(link["index"]))
             elif isinstance(obj, Masquerade):
                 self.iptables.remove(obj.subnet)
         except NetlinkError as exc:
@@ -478,7 +490,7 @@ class KernelExecutor:
                 name=dp.filter_name(program), parent=parent, classid=1, direct_action=True, prio=1,
             )
 
-    def _route(self, command: str, obj: Route) -> None:
+    def _route(self, command: str, obj: Route, oif: int | None = None) -> None:
         args: dict[str, Any] = {
             "dst": str(obj.dst),
             "proto": naming.RTPROT_CELLGATE,
@@ -487,6 +499,8 @@ class KernelExecutor:
             "family": layout.AF[obj.dst.version],
         }
         if command == "del":
+            if oif is not None:
+                args["oif"] = oif  # only the route through our link, never another instance's
             self.ipr.route("del", **args)
             return
         args["oif"] = self._index(obj.dev)

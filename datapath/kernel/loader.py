@@ -99,6 +99,7 @@ class Datapath:
         self.ips = self.bpf["cg_ips"]
         self.metrics = self.bpf["cg_metrics"]
         self._ring: Any = None
+        self._sink: Callable[[bytes], None] = lambda _raw: None
         log.info("datapath %s built in %.0f ms", self.revision[:12], self.compile_seconds * 1000)
 
     def filter_name(self, program: str) -> str:
@@ -120,10 +121,11 @@ class Datapath:
 
     def poll_events(self, sink: Callable[[bytes], None], timeout_ms: int) -> None:
         """Call `sink` with each raw event record; returns after at most `timeout_ms`."""
+        self._sink = sink  # the ring buffer callback is registered once; it calls the latest sink
         if self._ring is None:
 
             def callback(_ctx: Any, data: Any, size: int) -> int:
-                sink(ctypes.string_at(data, size))
+                self._sink(ctypes.string_at(data, size))
                 return 0
 
             self.bpf["cg_events"].open_ring_buffer(callback)

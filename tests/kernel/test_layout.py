@@ -1,0 +1,114 @@
+"""The ctypes mirrors in datapath/kernel/layout.py against the layouts the C compiler gives.
+
+Two independent checks: the Key/Leaf types BCC derives from the compiled datapath, and
+`_Static_assert`s on sizeof/offsetof compiled by BCC's clang from bpf/lib/maps.h itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import secrets
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from datapath import events
+from datapath.kernel import layout
+from datapath.kernel.loader import BPF_SRC, expand_source, remove_pins
+
+from .conftest import BPF_ROOT, Instance
+
+pytestmark = pytest.mark.kernel
+
+C_NAMES = {
+    layout.CgEndpoint: "cg_endpoint",
+    layout.CgIpKey: "cg_ip_key",
+    layout.CgMetric: "cg_metric",
+    layout.CgEvent: "cg_event",
+}
+
+
+def shape(ctype: Any) -> list[tuple[str, int, int]] | int:
+    """(name, offset, size) of every field of a struct, or the size of a scalar."""
+    if not hasattr(ctype, "_fields_"):
+        return ctypes.sizeof(ctype)
+    return [(name, getattr(ctype, name).offset, getattr(ctype, name).size) for name, *_ in ctype._fields_]
+
+
+@pytest.mark.parametrize("map_name", sorted(layout.MIRRORS))
+def test_mirror_matches_the_types_bcc_derives(dpi: Instance, map_name: str) -> None:
+    key_mirror, leaf_mirror = layout.MIRRORS[map_name]
+    table = dpi.dp.bpf[map_name.encode()]
+    leaf = getattr(table, "sLeaf", table.Leaf)  # per-CPU tables: Leaf is an array of sLeaf
+
+    assert ctypes.sizeof(table.Key) == ctypes.sizeof(key_mirror)
+    assert shape(table.Key) == shape(key_mirror)
+    assert ctypes.sizeof(leaf) == ctypes.sizeof(leaf_mirror)
+    assert shape(leaf) == shape(leaf_mirror)
+
+
+def test_event_record_format_matches_the_ctypes_mirror() -> None:
+    fields = layout.CgEvent._fields_
+    codes = struct.Struct(events.EVENT.format).format.lstrip("<")
+    items = []  # one struct code per field: "Q", "B", ..., "6s"
+    i = 0
+    while i < len(codes):
+        j = i
+        while codes[j].isdigit():
+            j += 1
+        items.append(codes[i : j + 1])
+        i = j + 1
+
+    assert events.EVENT.size == events.EVENT_SIZE == ctypes.sizeof(layout.CgEvent)
+    assert len(items) == len(fields)
+    offset = 0
+    for code, (name, _ctype) in zip(items, fields, strict=True):
+        size = struct.calcsize("<" + code)
+        assert (name, offset, size) == (name, getattr(layout.CgEvent, name).offset, getattr(layout.CgEvent, name).size)
+        offset += size
+
+
+def _static_asserts(mirror: Any, wrong: str | None = None) -> list[str]:
+    cname = C_NAMES[mirror]
+    lines = [f'_Static_assert(sizeof(struct {cname}) == {ctypes.sizeof(mirror)}, "sizeof {cname}");']
+    for name, *_ in mirror._fields_:
+        off = getattr(mirror, name).offset + (1 if name == wrong else 0)
+        size = getattr(mirror, name).size
+        lines.append(f'_Static_assert(offsetof(struct {cname}, {name}) == {off}, "offsetof {cname}.{name}");')
+        lines.append(f'_Static_assert(sizeof(((struct {cname} *)0)->{name}) == {size}, "sizeof {cname}.{name}");')
+    return lines
+
+
+@pytest.fixture
+def check_pin_dir() -> Iterator[Path]:
+    """maps.h declares pinned maps; a compile of it pins them here, removed afterwards."""
+    pin_dir = BPF_ROOT / f"cgkl{secrets.token_hex(3)}"
+    try:
+        yield pin_dir
+    finally:
+        remove_pins(pin_dir)
+
+
+def _compile_maps_h(pin_dir: Path, checks: list[str]) -> None:
+    from bcc import BPF
+
+    pin_dir.mkdir(mode=0o700)
+    source = expand_source(BPF_SRC / "lib" / "maps.h") + "\n" + "\n".join(checks) + "\n"
+    BPF(text=source.encode(), cflags=[f'-DCG_PIN_DIR="{pin_dir}"']).cleanup()
+
+
+def test_mirrors_match_the_c_structs_compiled_from_maps_h(
+    check_pin_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    checks = [line for mirror in C_NAMES for line in _static_asserts(mirror)]
+    _compile_maps_h(check_pin_dir, checks)  # clang names the first mismatching field
+    capfd.readouterr()
+
+    # The check bites: one offset off by one must fail the same compile, naming that field.
+    remove_pins(check_pin_dir)
+    with pytest.raises(Exception, match="Failed to compile"):
+        _compile_maps_h(check_pin_dir, _static_asserts(layout.CgEvent, wrong="sport"))
+    assert "offsetof cg_event.sport" in capfd.readouterr().err

@@ -1,0 +1,162 @@
+"""Agent restart under traffic: a new Datapath and executor take over the pinned state without a gap.
+
+The instance here is private to this module so that `observe()` with no keys sees exactly
+what these tests built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import secrets
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from datapath import plan
+from datapath.plan import Programs
+
+from .conftest import Guest, Instance, guest_factory
+from .helpers import (
+    VERDICT,
+    EventLog,
+    PingProbe,
+    TcMonitor,
+    attached_prog_ids,
+    counter_delta,
+    prog_id,
+    send_frames,
+    udp_frame,
+)
+
+pytestmark = pytest.mark.kernel
+
+DROP_INVALID_SIP = VERDICT["DROP_INVALID_SIP"]
+
+
+@pytest.fixture(scope="module")
+def rsi(instances: Callable[[str], Instance]) -> Instance:
+    inst = instances("r")
+    inst.ensure_network()
+    return inst
+
+
+@pytest.fixture
+def pair(rsi: Instance) -> Iterator[tuple[Guest, Guest]]:
+    with guest_factory(rsi) as make:
+        yield make(), make()
+
+
+@contextlib.contextmanager
+def restarted_agent(inst: Instance) -> Iterator[tuple[Any, Any]]:
+    """A second Datapath + KernelExecutor for the same instance and pin dir, as after a restart."""
+    from datapath.kernel.executor import KernelExecutor
+    from datapath.kernel.loader import Datapath
+
+    dp = Datapath(inst.pin_dir)
+    kernel = KernelExecutor(inst.name, dp)
+    try:
+        yield dp, kernel
+    finally:
+        kernel.close()
+        dp.close()
+
+
+@contextlib.contextmanager
+def tc_monitor() -> Iterator[TcMonitor]:
+    monitor = TcMonitor()
+    try:
+        yield monitor
+    finally:
+        monitor.close()
+
+
+@contextlib.contextmanager
+def probing(src: Guest, dst: Guest) -> Iterator[PingProbe]:
+    probe = PingProbe(src.ns, dst.ip4)
+    try:
+        probe.wait_replies(5)
+        yield probe
+    finally:
+        probe.close()
+
+
+def finish(probe: PingProbe) -> None:
+    """Let the probe run past the change, then require an unbroken run of replies."""
+    covered = len(probe.replies())
+    probe.wait_replies(covered + 10)
+    lost = probe.stop()
+    assert lost == [], f"probes lost during the restart: icmp_seq {lost}\n{probe.output()[-2000:]}"
+    assert probe.replies()[-1] > covered
+
+
+def test_restart_keeps_traffic_and_plans_nothing(rsi: Instance, pair: tuple[Guest, Guest]) -> None:
+    a, b = pair
+    networks, endpoints = [rsi.network], [a.ep, b.ep]
+    old_ids = {g.ep.host_ifname: attached_prog_ids(g.ep.host_ifname, "ingress") for g in pair}
+
+    with probing(a, b) as probe, tc_monitor() as tc, restarted_agent(rsi) as (dp, kernel):
+        assert dp.revision == rsi.dp.revision  # same sources, same flags: same revision
+        desired = plan.desired_state(networks, endpoints, plan.Settings(rsi.name, False, dp.revision))
+        change = plan.diff(desired, kernel.observe())
+        kernel.apply(change)
+        tc_changes = tc.drain([a.ifindex, b.ifindex])
+        finish(probe)
+        observed = kernel.observe()
+
+    touched = [*change.remove, *change.add, *(new for _, new in change.change)]
+    assert not any(isinstance(o, Programs) for o in touched), change.describe()
+    assert not change, f"restart on an identical state should change nothing: {change.describe()}"
+    assert tc_changes == []
+    assert observed == desired
+    assert not plan.diff(desired, observed)
+    # The programs the first agent attached are still the ones running.
+    assert {g.ep.host_ifname: attached_prog_ids(g.ep.host_ifname, "ingress") for g in pair} == old_ids
+
+
+def test_events_and_counters_of_running_programs_reach_the_new_agent(rsi: Instance, pair: tuple[Guest, Guest]) -> None:
+    a, b = pair
+    with restarted_agent(rsi) as (dp, _kernel):
+        log = EventLog(dp)
+        since, before = log.mark(), dp.counters()
+        port = 40000 + secrets.randbelow(20000)
+        frame = udp_frame(a.ep.mac, a.ep.host_mac, "192.0.2.99", b.ip4, port, b"cg-forged")
+        send_frames(a.ns, frame)  # dropped by programs the *first* Datapath loaded
+
+        ev = log.wait_for(
+            lambda e: e["code"] == DROP_INVALID_SIP and e.get("dport") == port,
+            since=since,
+            what="the drop event in the pinned ring buffer",
+        )
+        assert ev["ifindex"] == a.ifindex and ev["src"] == "192.0.2.99"
+        assert counter_delta(before, dp.counters(), DROP_INVALID_SIP) == (1, len(frame))
+
+
+def test_new_program_revision_is_swapped_in_without_a_gap(rsi: Instance, pair: tuple[Guest, Guest]) -> None:
+    a, b = pair
+    networks, endpoints = [rsi.network], [a.ep, b.ep]
+
+    with probing(a, b) as probe, tc_monitor() as tc, restarted_agent(rsi) as (dp, kernel):
+        # Same code, freshly loaded programs under a new name: what an upgraded agent brings.
+        old_revision = dp.revision
+        dp.revision = hashlib.sha256(b"cellgate-upgrade:" + old_revision.encode()).hexdigest()[:16]
+        desired = plan.desired_state(networks, endpoints, plan.Settings(rsi.name, False, dp.revision))
+        change = plan.diff(desired, kernel.observe())
+
+        assert not change.add and not change.remove, change.describe()
+        assert sorted(change.change, key=str) == sorted(
+            ((Programs(g.ep.host_ifname, old_revision), Programs(g.ep.host_ifname, dp.revision)) for g in pair),
+            key=str,
+        )
+        kernel.apply(change)
+        tc_changes = tc.drain([a.ifindex, b.ifindex])
+        finish(probe)
+
+        # Replaced in place: four filter updates, never a filter or the clsact qdisc deleted.
+        assert tc_changes == ["RTM_NEWTFILTER"] * 4
+        assert kernel.observe() == desired  # exactly one filter per direction, of the new revision
+        assert not plan.diff(desired, kernel.observe())
+        for g in pair:
+            assert attached_prog_ids(g.ep.host_ifname, "ingress") == [prog_id(dp.programs["cg_from_container"].fd)]
+            assert attached_prog_ids(g.ep.host_ifname, "egress") == [prog_id(dp.programs["cg_to_container"].fd)]
