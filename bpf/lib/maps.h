@@ -2,7 +2,7 @@
 /* Map layouts: the contract between the kernel programs and the agent.
  *
  * Every struct here has a ctypes mirror in datapath/kernel/layout.py; the unit test
- * tests/unit/test_layout.py compares sizes and field offsets against this file, so
+ * tests/kernel/test_layout.py compares sizes and field offsets against this file, so
  * change both together. Maps that hold state are pinned under CG_PIN_DIR so that
  * they, and the traffic they steer, outlive the agent process.
  */

@@ -95,9 +95,9 @@ class Datapath:
         except Exception as exc:  # BCC raises bare Exception for compile and verifier errors
             raise KernelError(f"cannot build the datapath: {exc}") from exc
         self.compile_seconds = time.monotonic() - started
-        self.endpoints = self.bpf["cg_endpoints"]
-        self.ips = self.bpf["cg_ips"]
-        self.metrics = self.bpf["cg_metrics"]
+        self.endpoints = self.bpf[b"cg_endpoints"]
+        self.ips = self.bpf[b"cg_ips"]
+        self.metrics = self.bpf[b"cg_metrics"]
         self._ring: Any = None
         self._sink: Callable[[bytes], None] = lambda _raw: None
         log.info("datapath %s built in %.0f ms", self.revision[:12], self.compile_seconds * 1000)
@@ -128,7 +128,7 @@ class Datapath:
                 self._sink(ctypes.string_at(data, size))
                 return 0
 
-            self.bpf["cg_events"].open_ring_buffer(callback)
+            self.bpf[b"cg_events"].open_ring_buffer(callback)
             self._ring = callback  # keep the ctypes callback alive
         self.bpf.ring_buffer_poll(timeout_ms)
 
