@@ -1,8 +1,10 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /* Programs on an endpoint's host-side veth (tc clsact).
  *
- *   ingress: cg_from_container - every frame the container sends
- *   egress:  cg_to_container   - every frame the host stack sends into the container
+ *   ingress: cg_from_container - every frame the container sends: anti-spoofing, the
+ *            sender's egress policy and, for a local receiver, its ingress policy too
+ *   egress:  cg_to_container   - every frame the host stack sends into the container:
+ *            the receiver's ingress policy
  *
  * Compiled once per agent start; everything per endpoint lives in maps.
  */
@@ -11,12 +13,15 @@
 #include "lib/events.h"
 #include "lib/arp.h"
 #include "lib/route.h"
+#include "lib/l4.h"
+#include "lib/conntrack.h"
+#include "lib/policy.h"
 #include "lib/ipv4.h"
 #include "lib/ipv6.h"
 
 /* Every handler returns a tc action, or -DROP_* to drop with an event. */
-static __always_inline int cg_from_container_dispatch(struct __sk_buff *skb,
-						      const struct cg_endpoint *ep)
+static __always_inline int cg_from_container_dispatch(struct __sk_buff *skb, const struct cg_endpoint *ep,
+						      struct cg_ctx *ctx)
 {
 	struct ethhdr eth;
 
@@ -25,9 +30,9 @@ static __always_inline int cg_from_container_dispatch(struct __sk_buff *skb,
 	if (!cg_mac_eq(eth.h_source, ep->mac))
 		return -DROP_INVALID_SMAC;
 	if (eth.h_proto == bpf_htons(ETH_P_IP))
-		return cg_ipv4_from_ep(skb, ep, &eth);
+		return cg_ipv4_from_ep(skb, ep, &eth, ctx);
 	if (eth.h_proto == bpf_htons(ETH_P_IPV6))
-		return cg_ipv6_from_ep(skb, ep, &eth);
+		return cg_ipv6_from_ep(skb, ep, &eth, ctx);
 	if (eth.h_proto == bpf_htons(ETH_P_ARP))
 		return cg_handle_arp(skb, ep);
 	return -DROP_UNKNOWN_L3;
@@ -37,23 +42,45 @@ int cg_from_container(struct __sk_buff *skb)
 {
 	__u32 ifindex = skb->ifindex;
 	struct cg_endpoint *ep = cg_endpoints.lookup(&ifindex);
+	struct cg_ctx ctx = { .dir = CG_DIR_FROM_EP };
 	int ret;
 
 	if (!ep)
-		return cg_drop(skb, NULL, DROP_NO_ENDPOINT, CG_DIR_FROM_EP);
-	ret = cg_from_container_dispatch(skb, ep);
+		return cg_drop(skb, &ctx, DROP_NO_ENDPOINT);
+	ctx.src_identity = ep->identity;
+	ret = cg_from_container_dispatch(skb, ep, &ctx);
 	if (ret < 0)
-		return cg_drop(skb, ep, -ret, CG_DIR_FROM_EP);
+		return cg_drop(skb, &ctx, -ret);
 	return ret;
+}
+
+static __always_inline int cg_to_container_dispatch(struct __sk_buff *skb, const struct cg_endpoint *ep,
+						    struct cg_ctx *ctx)
+{
+	__be16 proto;
+
+	if (bpf_skb_load_bytes(skb, offsetof(struct ethhdr, h_proto), &proto, sizeof(proto)) < 0)
+		return -DROP_INVALID;
+	if (proto == bpf_htons(ETH_P_IP))
+		return cg_ipv4_to_ep(skb, ep, ctx);
+	if (proto == bpf_htons(ETH_P_IPV6))
+		return cg_ipv6_to_ep(skb, ep, ctx);
+	cg_forwarded(skb, ctx, CG_OK_TO_EP);            /* ARP answers and the like */
+	return TC_ACT_OK;
 }
 
 int cg_to_container(struct __sk_buff *skb)
 {
 	__u32 ifindex = skb->ifindex;
 	struct cg_endpoint *ep = cg_endpoints.lookup(&ifindex);
+	struct cg_ctx ctx = { .dir = CG_DIR_TO_EP };
+	int ret;
 
 	if (!ep)
-		return cg_drop(skb, NULL, DROP_NO_ENDPOINT, CG_DIR_TO_EP);
-	cg_count(skb, CG_OK_TO_EP);
-	return TC_ACT_OK;
+		return cg_drop(skb, &ctx, DROP_NO_ENDPOINT);
+	ctx.dst_identity = ep->identity;
+	ret = cg_to_container_dispatch(skb, ep, &ctx);
+	if (ret < 0)
+		return cg_drop(skb, &ctx, -ret);
+	return ret;
 }

@@ -14,10 +14,11 @@ from typing import Any
 from datapath import reasons
 
 # struct cg_event, see bpf/lib/maps.h
-EVENT = struct.Struct("<QBBBBIIIHHHHI6s6s16s16s")
-EVENT_SIZE = EVENT.size  # 80
+EVENT = struct.Struct("<QBBBBIIIHHHHI6s6s16s16sIBB2x")
+EVENT_SIZE = EVENT.size  # 88
 
-TYPE_NAMES = {1: "drop"}
+TYPE_NAMES = {1: "drop", 2: "verdict", 3: "trace"}
+CT_STATES = {0: "new", 1: "established", 2: "reply", 3: "related"}
 DIRECTIONS = {0: "from-endpoint", 1: "to-endpoint"}
 PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 0: "hopopts"}
 ETHERTYPES = {0x0800: "ipv4", 0x86DD: "ipv6", 0x0806: "arp"}
@@ -32,7 +33,7 @@ def decode(raw: bytes, boot_offset: float = 0.0) -> dict[str, Any]:
     if len(raw) < EVENT_SIZE:
         raise ValueError(f"event record is {len(raw)} bytes, expected {EVENT_SIZE}")
     (ts, etype, reason, direction, l4, ifindex, src_id, dst_id, ethertype, sport, dport, arp_op,
-     length, smac, dmac, saddr, daddr) = EVENT.unpack_from(raw)
+     length, smac, dmac, saddr, daddr, rule, ct_state, side) = EVENT.unpack_from(raw)
     ev: dict[str, Any] = {
         "time": ts / 1e9 + boot_offset,
         "type": TYPE_NAMES.get(etype, f"type-{etype}"),
@@ -47,6 +48,12 @@ def decode(raw: bytes, boot_offset: float = 0.0) -> dict[str, Any]:
         "src_mac": _mac(smac),
         "dst_mac": _mac(dmac),
     }
+    if etype in (2, 3) or reasons.is_policy(reason):
+        ev["ct_state"] = CT_STATES.get(ct_state, str(ct_state))
+        ev["rule"] = rule
+        ev["side"] = "egress" if side else "ingress"
+    if etype == 2:
+        ev["verdict"] = "allowed" if not reasons.is_drop(reason) else "denied"
     if ethertype in (0x0800, 0x0806):
         ev["src"] = str(ipaddress.IPv4Address(saddr[:4]))
         ev["dst"] = str(ipaddress.IPv4Address(daddr[:4]))
@@ -86,7 +93,25 @@ def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _party(ev: dict[str, Any], side: str) -> str:
+    number = ev.get(f"{side}_identity", 0)
+    labels = ev.get(f"{side}_labels")
+    if labels:
+        return f"{number} [{', '.join(labels)}]"
+    return str(number)
+
+
 def format_line(ev: dict[str, Any]) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(ev["time"])) + f".{int(ev['time'] % 1 * 1000):03d}"
     endpoint = (ev.get("endpoint") or f"if{ev['ifindex']}")[:12]
-    return f"{stamp} {ev['type']:<5} {endpoint:<12} {ev['direction']:<13} {ev['reason']:<32} {summary(ev)}"
+    kind = ev["type"]
+    if kind == "verdict":
+        what = f"{ev['verdict']} by {ev['side']}" + (f" rule {ev['rule']}" if ev.get("rule") else " default")
+    elif kind == "trace":
+        what = f"{ev['reason']} ({ev.get('ct_state', '?')})"
+    else:
+        what = ev["reason"] + (f" (rule {ev['rule']})" if ev.get("rule") else "")
+    line = f"{stamp} {kind:<7} {endpoint:<12} {ev['direction']:<13} {what:<36} {summary(ev)}"
+    if kind != "drop" or "src_labels" in ev or ev.get("src_identity") or ev.get("dst_identity"):
+        line += f"  identity {_party(ev, 'src')} -> {_party(ev, 'dst')}"
+    return line

@@ -7,9 +7,12 @@ checks against this fake and against the real kernel adapter, which keeps it hon
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from datapath.errors import KernelError
+from datapath.model import IPAddress
 from datapath.plan import HostDevice, IPNetwork, KernelObject, Key, Plan, Veth
+from datapath.policymap import PolicyKey, PolicyValue
 
 
 class FakeKernel:
@@ -18,6 +21,10 @@ class FakeKernel:
         self.routes: list[IPNetwork] = []
         self.applied: list[Plan] = []
         self.fail: Callable[[KernelObject], bool] | None = None  # make matching adds fail
+        self.policy: dict[PolicyKey, PolicyValue] = {}
+        self.fail_policy = False  # make the next policy_update fail
+        self.addresses: list[IPAddress] = []
+        self.config: tuple[bool, dict[str, float]] = (False, {})
 
     def observe(self, keys: Iterable[Key] | None = None) -> set[KernelObject]:
         if keys is None:
@@ -63,3 +70,26 @@ class FakeKernel:
 
     def ifname(self, ifindex: int) -> str | None:
         return None
+
+    def host_addresses(self) -> list[IPAddress]:
+        return list(self.addresses)
+
+    def policy_entries(self) -> dict[PolicyKey, PolicyValue]:
+        return dict(self.policy)
+
+    def policy_update(self, upserts: dict[PolicyKey, PolicyValue], deletes: Iterable[PolicyKey]) -> None:
+        if self.fail_policy:
+            self.fail_policy = False
+            raise KernelError("injected policy map failure")
+        self.policy.update(upserts)
+        for key in deletes:
+            self.policy.pop(key, None)
+
+    def ct_entries(self) -> list[tuple[Any, Any]]:
+        return []
+
+    def ct_gc(self, now_ns: int) -> int:
+        return 0
+
+    def set_config(self, trace: bool, timeouts: dict[str, float]) -> None:
+        self.config = (trace, dict(timeouts))

@@ -9,8 +9,12 @@ from __future__ import annotations
 import ipaddress
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from datapath.labels import Label, LabelSet
+
+INIT = 5  # datapath.identity.INIT; the identity of an endpoint whose labels are not known yet
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -67,7 +71,13 @@ class Endpoint:
     sandbox: str = ""  # Docker SandboxKey (or CNI netns) once joined
     created: float = 0.0
     origin: str = "docker"
-    labels: Mapping[str, str] = field(default_factory=dict)
+    labels: tuple[str, ...] = ()  # `source:key=value`, sorted; empty until the runtime told us
+    identity: int = INIT  # security identity; init until the labels are known
+    labels_known: bool = False
+
+    @property
+    def label_set(self) -> LabelSet:
+        return frozenset(Label.parse(text) for text in self.labels)
 
     @property
     def addresses(self) -> tuple[IPInterface, ...]:
@@ -96,7 +106,9 @@ class Endpoint:
             "sandbox": self.sandbox,
             "created": self.created,
             "origin": self.origin,
-            "labels": dict(self.labels),
+            "labels": list(self.labels),
+            "identity": self.identity,
+            "labels_known": self.labels_known,
         }
 
     @classmethod
@@ -119,5 +131,7 @@ class Endpoint:
             sandbox=str(doc.get("sandbox", "")),
             created=float(doc.get("created", 0.0)),
             origin=str(doc.get("origin", "docker")),
-            labels={str(k): str(v) for k, v in (doc.get("labels") or {}).items()},
+            labels=tuple(sorted(str(x) for x in (doc.get("labels") or []))),
+            identity=int(doc.get("identity", INIT)),
+            labels_known=bool(doc.get("labels_known", False)),
         )

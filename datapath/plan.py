@@ -71,6 +71,18 @@ class HostAddress:
 
 
 @dataclass(frozen=True)
+class IpcacheEntry:
+    """An address (or prefix) that is not a local endpoint, with its identity."""
+
+    prefix: IPNetwork
+    identity: int
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return ("ipcache", str(self.prefix))
+
+
+@dataclass(frozen=True)
 class Veth:
     name: str
     mac: str
@@ -146,11 +158,14 @@ class Masquerade:
 
 
 KernelObject = (
-    HostDevice | HostAddress | Veth | EndpointEntry | AddressEntry | Programs | Neighbour | Route | Masquerade
+    HostDevice | HostAddress | IpcacheEntry | Veth | EndpointEntry | AddressEntry | Programs | Neighbour | Route
+    | Masquerade
 )
 Key = tuple[str, ...]
 
-ORDER = (HostDevice, HostAddress, Veth, EndpointEntry, AddressEntry, Programs, Neighbour, Route, Masquerade)
+ORDER = (
+    HostDevice, HostAddress, IpcacheEntry, Veth, EndpointEntry, AddressEntry, Programs, Neighbour, Route, Masquerade
+)
 
 
 def _rank(obj: KernelObject) -> int:
@@ -218,6 +233,7 @@ def endpoint_value(ep: Endpoint) -> EndpointValue:
         mac=ep.mac,
         host_mac=ep.host_mac,
         sandbox=ep.sandbox_hash,
+        identity=ep.identity,
     )
 
 
@@ -238,10 +254,21 @@ def endpoint_objects(ep: Endpoint, settings: Settings) -> set[KernelObject]:
     return objs
 
 
+HOST_IDENTITY = 1  # datapath.identity.HOST
+
+
+def host_objects(addresses: Iterable[IPAddress]) -> set[KernelObject]:
+    """The host's own addresses carry the host identity in the ipcache."""
+    return {IpcacheEntry(ipaddress.ip_network(a), HOST_IDENTITY) for a in addresses}
+
+
 def desired_state(
-    networks: Iterable[Network], endpoints: Iterable[Endpoint], settings: Settings
+    networks: Iterable[Network],
+    endpoints: Iterable[Endpoint],
+    settings: Settings,
+    host_addresses: Iterable[IPAddress] = (),
 ) -> set[KernelObject]:
-    objs: set[KernelObject] = set()
+    objs: set[KernelObject] = host_objects(host_addresses)
     for net in networks:
         objs |= network_objects(net, settings)
     for ep in endpoints:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from datapath.model import IPAddress
 from datapath.plan import IPNetwork, KernelObject, Key, Plan
+from datapath.policymap import PolicyKey, PolicyValue
 
 
 class Kernel(Protocol):
@@ -28,6 +30,30 @@ class Kernel(Protocol):
         ...
 
     def ifname(self, ifindex: int) -> str | None: ...
+
+    def host_addresses(self) -> list[IPAddress]:
+        """Addresses configured on the host (they carry the host identity)."""
+        ...
+
+    def policy_entries(self) -> dict[PolicyKey, PolicyValue]:
+        """The policy map as it is now."""
+        ...
+
+    def policy_update(self, upserts: dict[PolicyKey, PolicyValue], deletes: Iterable[PolicyKey]) -> None:
+        """Write `upserts`, then remove `deletes`."""
+        ...
+
+    def ct_entries(self) -> list[tuple[Any, Any]]:
+        """Conntrack entries as (key, value) mirrors of struct cg_ct_key / cg_ct_value."""
+        ...
+
+    def ct_gc(self, now_ns: int) -> int:
+        """Remove conntrack entries that expired before `now_ns` (monotonic clock)."""
+        ...
+
+    def set_config(self, trace: bool, timeouts: dict[str, float]) -> None:
+        """Runtime switches of the datapath: trace events and conntrack timeouts (seconds)."""
+        ...
 
 
 class EventSource(Protocol):

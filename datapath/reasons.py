@@ -12,9 +12,11 @@ VERDICTS: dict[int, tuple[str, str]] = {
     4: ("CG_OK_ARP", "ARP answered"),
     5: ("CG_OK_ND", "neighbour solicitation answered"),
     6: ("CG_OK_QUIET", "link housekeeping consumed"),
+    7: ("CG_OK_POLICY", "allowed by policy"),
     130: ("DROP_INVALID_SMAC", "invalid source MAC"),
     131: ("DROP_INVALID_DMAC", "invalid destination MAC"),
     132: ("DROP_INVALID_SIP", "invalid source IP"),
+    133: ("DROP_POLICY", "policy denied"),
     134: ("DROP_INVALID", "invalid packet"),
     139: ("DROP_UNKNOWN_L3", "unsupported L3 protocol"),
     150: ("DROP_NO_ENDPOINT", "no endpoint for interface"),
@@ -22,7 +24,11 @@ VERDICTS: dict[int, tuple[str, str]] = {
     152: ("DROP_ROUTER_ADV", "router advertisement from endpoint"),
     153: ("DROP_NO_IPV6", "IPv6 not enabled on endpoint"),
     154: ("DROP_NO_IPV4", "IPv4 not enabled on endpoint"),
+    155: ("DROP_CT_CREATE", "conntrack entry could not be created"),
+    157: ("DROP_FRAG", "fragment without an L3 allow"),
+    181: ("DROP_POLICY_DENY", "policy denied by a deny rule"),
 }
+POLICY = {7, 133, 157, 181}
 
 FIRST_DROP = 128
 
@@ -40,3 +46,7 @@ def constant(code: int) -> str:
 
 def is_drop(code: int) -> bool:
     return code >= FIRST_DROP
+
+
+def is_policy(code: int) -> bool:
+    return code in POLICY

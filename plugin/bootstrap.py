@@ -21,12 +21,16 @@ from typing import IO, Any
 
 from datapath import events, plan
 from datapath.errors import CellgateError, StateError
+from datapath.identity import Identities
+from datapath.policy import Repository
 from ipam.allocator import HostRanges, Ipam
 from ipam.store import JsonDir
 from plugin.api.app import create_app as create_api
 from plugin.config import Config
 from plugin.docker.app import create_app as create_docker
+from plugin.docker.watcher import DockerWatcher
 from plugin.monitor import EventHub
+from plugin.policy import PolicyState
 from plugin.server import UnixServer
 from plugin.service import Agent
 
@@ -81,11 +85,15 @@ class Runtime:
         ranges = HostRanges(cfg.ipv4_range, cfg.ipv6_range, cfg.ipv4_prefix, cfg.ipv6_prefix)
         self.ipam = Ipam(JsonDir(cfg.state_dir / "ipam"), ranges)
         settings = plan.Settings(cfg.name, cfg.masquerade, self.datapath.revision)
+        policy = PolicyState(Identities(JsonDir(cfg.state_dir / "identities")),
+                             Repository(JsonDir(cfg.state_dir / "policy")), self.kernel, cfg.enforcement)
         self.agent = Agent(
             JsonDir(cfg.state_dir / "networks"), JsonDir(cfg.state_dir / "endpoints"),
-            self.ipam, self.kernel, settings,
+            self.ipam, self.kernel, settings, policy=policy,
         )
+        self.kernel.set_config(False, self.agent.timeouts)
         self.restore = self.agent.restore()
+        self.watcher = DockerWatcher(self.agent, cfg.docker_host, cfg.docker_resync)
         self.hub = EventHub()
         self._ifnames: dict[int, str] = {}
         self.servers: list[UnixServer] = []
@@ -107,6 +115,8 @@ class Runtime:
             "bpf_dir": str(self.cfg.bpf_dir),
             "compile_ms": round(self.datapath.compile_seconds * 1000, 1),
             "start_ms": round(self.ready_seconds * 1000, 1),
+            "docker": {"host": self.cfg.docker_host, "following": self.watcher.connected,
+                       "last_sync": self.watcher.last_sync},
             "restore": {
                 "endpoints": self.restore.endpoints,
                 "removed_endpoints": self.restore.removed_endpoints,
@@ -142,6 +152,10 @@ class Runtime:
                 log.warning("bad event record: %s", exc)
                 return
             ev["endpoint"] = self._endpoint_for(ev["ifindex"])
+            for side in ("src", "dst"):
+                number = ev.get(f"{side}_identity")
+                if number:
+                    ev[f"{side}_labels"] = self.agent.policy.labels_of(number)
             self.hub.publish(ev)
 
         while not self.stop.is_set():
@@ -162,6 +176,7 @@ class Runtime:
         threads = [
             threading.Thread(target=self._read_events, name="events", daemon=True),
             threading.Thread(target=self._sweep, name="sweep", daemon=True),
+            threading.Thread(target=self.watcher.run, args=(self.stop,), name="docker", daemon=True),
         ]
         for t in threads:
             t.start()
@@ -173,6 +188,7 @@ class Runtime:
         log.info("agent %s stopping", self.cfg.name)
         for server in self.servers:
             server.stop()
+        self.watcher.stop()
         for t in threads:
             t.join(timeout=2.0)
         self.kernel.close()

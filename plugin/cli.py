@@ -55,6 +55,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"Networks:     {st['networks']}",
         f"Endpoints:    {st['endpoints']}",
         f"Masquerade:   {'on' if st['masquerade'] else 'off'}",
+        f"Policy:       {st['policy']['enforcement']} enforcement, revision {st['policy']['revision']}, "
+        f"{st['policy']['rules']} rules, {st['policy']['entries']} map entries, "
+        f"{st['policy']['identities']} identities",
         f"Drops:        {drops} packets",
     ]
     if st["counters"]:
@@ -66,20 +69,29 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _ep_rows(eps: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    return [(e["id"][:12], e["network_id"][:12], e["interface"], e["ipv4"] or "-", e["ipv6"] or "-", e["mac"],
-             e["state"]) for e in eps]
+    return [(e["id"][:12], e["network_id"][:12], e["interface"], e["ipv4"] or "-", e["ipv6"] or "-",
+             e["identity"], e["state"], ",".join(x.split(":", 1)[1] for x in e["labels"])[:40] or "-")
+            for e in eps]
 
 
 def cmd_endpoint_list(args: argparse.Namespace) -> int:
     eps = _client(args).get("/v1/endpoints")
-    _emit(args, eps, _table(_ep_rows(eps), ("ENDPOINT", "NETWORK", "INTERFACE", "IPV4", "IPV6", "MAC", "STATE")))
+    _emit(args, eps, _table(_ep_rows(eps), ("ENDPOINT", "NETWORK", "INTERFACE", "IPV4", "IPV6", "IDENTITY", "STATE",
+                                            "LABELS")))
     return 0
 
 
 def cmd_endpoint_get(args: argparse.Namespace) -> int:
     ep = _client(args).get(f"/v1/endpoints/{args.id}")
-    lines = [f"{k + ':':<20} {v}" for k, v in ep.items() if k != "labels"]
-    lines.append(f"{'labels:':<20} " + (", ".join(f"{k}={v}" for k, v in sorted(ep["labels"].items())) or "-"))
+    lines = [f"{k + ':':<20} {v}" for k, v in ep.items() if k not in ("labels", "policy")]
+    lines.append(f"{'labels:':<20} " + (", ".join(ep["labels"]) or "- (not known yet)"))
+    pol = ep.get("policy") or {}
+    if pol:
+        enf = pol["enforcement"]
+        lines.append(f"{'identity labels:':<20} " + ", ".join(pol["identity_labels"]))
+        lines.append(f"{'policy:':<20} ingress {'enforced' if enf['ingress'] else 'open'}, "
+                     f"egress {'enforced' if enf['egress'] else 'open'}; revision {pol['revision']}, "
+                     f"{pol['entries']} map entries")
     _emit(args, ep, "\n".join(lines))
     return 0
 
@@ -150,6 +162,112 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return 0 if not args.count or seen >= args.count else 1
 
 
+def load_policy_file(path: str) -> Any:
+    """JSON or YAML (several YAML documents become a list), from a file or '-' for stdin."""
+    import yaml
+
+    text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()  # noqa: SIM115
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: neither JSON nor YAML: {exc}") from None
+    return docs[0] if len(docs) == 1 else docs
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from datapath.errors import InvalidRequest
+    from datapath.policy import parse_rules
+
+    try:
+        rules = parse_rules(load_policy_file(args.file))
+    except (InvalidRequest, ValueError) as exc:
+        _emit(args, {"valid": False, "error": str(exc)}, f"{args.file}: invalid: {exc}")
+        return 1
+    _emit(args, {"valid": True, "rules": len(rules)}, f"{args.file}: valid, {len(rules)} rule(s)")
+    return 0
+
+
+def cmd_policy_import(args: argparse.Namespace) -> int:
+    out = _client(args).post("/v1/policy", {"rules": load_policy_file(args.file)})
+    _emit(args, out, f"Revision: {out['revision']}")
+    return 0
+
+
+def cmd_policy_get(args: argparse.Namespace) -> int:
+    query = "?labels=" + ",".join(args.labels) if args.labels else ""
+    out = _client(args).get("/v1/policy" + query)
+    text = json.dumps([r["rule"] for r in out["rules"]], indent=2) + f"\nRevision: {out['revision']}"
+    _emit(args, out, text)
+    return 0
+
+
+def cmd_policy_delete(args: argparse.Namespace) -> int:
+    if not args.all and not args.labels:
+        raise ValueError("give --labels k=v ... or --all")
+    body: dict[str, Any] = {"all": True} if args.all else {"labels": args.labels}
+    out = _client(args).call("DELETE", "/v1/policy", body)
+    _emit(args, out, f"Deleted {out['deleted']} rule(s)\nRevision: {out['revision']}")
+    return 0
+
+
+def cmd_policy_wait(args: argparse.Namespace) -> int:
+    out = _client(args).get(f"/v1/policy/wait?revision={args.revision}&timeout={args.timeout}")
+    _emit(args, out, f"Revision {out['revision']} is enforced on {out['endpoints']} endpoint(s)")
+    return 0
+
+
+def _party(args: argparse.Namespace, side: str) -> dict[str, str]:
+    chosen = [(kind, getattr(args, f"{side}_{kind}")) for kind in ("labels", "endpoint", "identity")
+              if getattr(args, f"{side}_{kind}")]
+    if len(chosen) != 1:
+        raise ValueError(f"give exactly one of --{side}, --{side}-endpoint, --{side}-identity")
+    kind, value = chosen[0]
+    return {kind: value}
+
+
+def cmd_policy_trace(args: argparse.Namespace) -> int:
+    body = {"src": _party(args, "src"), "dst": _party(args, "dst"), "dport": args.dport}
+    out = _client(args).post("/v1/policy/trace", body)
+    _emit(args, out, "\n".join(out["lines"]))
+    return 0
+
+
+def cmd_identity_list(args: argparse.Namespace) -> int:
+    out = _client(args).get("/v1/identities")
+    rows = [(i["id"], i["endpoints"], ", ".join(i["labels"])) for i in out]
+    _emit(args, out, _table(rows, ("ID", "ENDPOINTS", "LABELS")))
+    return 0
+
+
+def cmd_identity_get(args: argparse.Namespace) -> int:
+    out = _client(args).get(f"/v1/identities/{args.id}")
+    _emit(args, out, f"{out['id']}\t" + ", ".join(out["labels"]))
+    return 0
+
+
+def cmd_bpf_policy(args: argparse.Namespace) -> int:
+    out = _client(args).get(f"/v1/bpf/policy/{args.endpoint}")
+    rows = [(e["direction"], e["peer"] or "any", ", ".join(e["peer_labels"])[:60], e["protocol"], e["ports"],
+             e["verdict"], e["rule"] or "-") for e in out["entries"]]
+    head = f"Endpoint {out['endpoint'][:12]}, identity {out['identity']}\n"
+    _emit(args, out, head + _table(rows, ("DIRECTION", "PEER", "PEER LABELS", "PROTO", "PORTS", "VERDICT", "RULE")))
+    return 0
+
+
+def cmd_bpf_ct(args: argparse.Namespace) -> int:
+    out = _client(args).get("/v1/bpf/ct")
+    rows = [(e["protocol"], f"{e['src']}:{e['sport']}", f"{e['dst']}:{e['dport']}", e["packets"], e["bytes"],
+             f"{e['src_identity']}->{e['dst_identity']}", ",".join(e["flags"]) or "-", e["expires_in"])
+            for e in out]
+    _emit(args, out, _table(rows, ("PROTO", "SOURCE", "DESTINATION", "PACKETS", "BYTES", "IDENTITIES", "FLAGS",
+                                   "EXPIRES")))
+    return 0
+
+
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from plugin.bootstrap import cleanup
 
@@ -201,11 +319,56 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_ipam_check)
 
     mon = sub.add_parser("monitor", parents=[common], help="print datapath events as they happen")
-    mon.add_argument("--type", choices=("drop",), default="", help="only events of this type")
+    mon.add_argument("--type", choices=("drop", "verdict", "trace"), default="",
+                     help="only events of this type (trace events are produced only while asked for)")
     mon.add_argument("--endpoint", default="", help="only events of this endpoint (ID prefix)")
     mon.add_argument("--count", type=int, default=0, help="exit after this many events")
     mon.add_argument("--timeout", type=float, default=0.0, help="exit after this many seconds")
     mon.set_defaults(func=cmd_monitor)
+
+    pol = sub.add_parser("policy", help="policy rules").add_subparsers(dest="sub", required=True,
+                                                                    metavar="SUBCOMMAND")
+    p = pol.add_parser("import", parents=[common], help="add rules from a JSON or YAML file ('-' = stdin)")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_policy_import)
+    p = pol.add_parser("check", parents=[common], help="validate a policy file offline (exit 1 if invalid)")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_policy_check)
+    p = pol.add_parser("get", parents=[common], help="rules in force, optionally only those with labels")
+    p.add_argument("--labels", nargs="*", default=[], metavar="K=V")
+    p.set_defaults(func=cmd_policy_get)
+    p = pol.add_parser("delete", parents=[common], help="delete rules by labels, or all")
+    p.add_argument("--labels", nargs="*", default=[], metavar="K=V")
+    p.add_argument("--all", action="store_true")
+    p.set_defaults(func=cmd_policy_delete)
+    p = pol.add_parser("wait", parents=[common], help="return once every endpoint enforces REVISION")
+    p.add_argument("revision", type=int)
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.set_defaults(func=cmd_policy_wait)
+    p = pol.add_parser("trace", parents=[common], help="explain the verdict for a flow, rule by rule")
+    for side in ("src", "dst"):
+        p.add_argument(f"--{side}", dest=f"{side}_labels", default="", metavar="LABELS",
+                       help="labels, comma separated (e.g. app=frontend)")
+        p.add_argument(f"--{side}-endpoint", dest=f"{side}_endpoint", default="", metavar="ID")
+        p.add_argument(f"--{side}-identity", dest=f"{side}_identity", default="", metavar="N")
+    p.add_argument("--dport", default="", help="destination port and protocol, e.g. 80/tcp")
+    p.set_defaults(func=cmd_policy_trace)
+
+    ident = sub.add_parser("identity", help="security identities").add_subparsers(dest="sub", required=True,
+                                                                                  metavar="SUBCOMMAND")
+    ident.add_parser("list", parents=[common], help="every identity with its labels").set_defaults(
+        func=cmd_identity_list)
+    p = ident.add_parser("get", parents=[common], help="one identity")
+    p.add_argument("id", type=int)
+    p.set_defaults(func=cmd_identity_get)
+
+    bpf = sub.add_parser("bpf", help="datapath state").add_subparsers(dest="sub", required=True, metavar="MAP")
+    bpol = bpf.add_parser("policy", help="policy map").add_subparsers(dest="op", required=True, metavar="OP")
+    p = bpol.add_parser("get", parents=[common], help="policy entries enforced for an endpoint")
+    p.add_argument("endpoint")
+    p.set_defaults(func=cmd_bpf_policy)
+    bct = bpf.add_parser("ct", help="connection tracking").add_subparsers(dest="op", required=True, metavar="OP")
+    bct.add_parser("list", parents=[common], help="tracked flows").set_defaults(func=cmd_bpf_ct)
 
     clean = sub.add_parser("cleanup", parents=[common], help="remove everything this instance created on the host")
     Config.add_arguments(clean)

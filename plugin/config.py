@@ -64,6 +64,9 @@ class Config:
     masquerade: bool
     debug: bool
     sweep_interval: float
+    enforcement: str = "default"
+    docker_host: str = "unix:///var/run/docker.sock"
+    docker_resync: float = 60.0
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +96,13 @@ class Config:
                             help="masquerade IPv4 traffic leaving the host [CELLGATE_MASQUERADE, default true]")
         parser.add_argument("--sweep-interval", type=float, default=float(_env("CELLGATE_SWEEP_INTERVAL", "30")),
                             help="seconds between checks for endpoints whose container vanished [default 30]")
+        parser.add_argument("--enforcement", choices=("default", "always", "never"),
+                            default=_env("CELLGATE_ENFORCEMENT", "default"),
+                            help="policy enforcement mode [CELLGATE_ENFORCEMENT, default: default]")
+        parser.add_argument("--docker-host", default=_env("DOCKER_HOST", "unix:///var/run/docker.sock"),
+                            help="where to learn container labels [DOCKER_HOST, default unix:///var/run/docker.sock]")
+        parser.add_argument("--docker-resync", type=float, default=float(_env("CELLGATE_DOCKER_RESYNC", "60")),
+                            help="seconds between full label resyncs with Docker [default 60]")
         parser.add_argument("--debug", action="store_true", default=_flag(_env("CELLGATE_DEBUG", "false")),
                             help="log wire bodies and kernel changes [CELLGATE_DEBUG]")
 
@@ -119,6 +129,9 @@ class Config:
             masquerade=args.masquerade,
             debug=args.debug,
             sweep_interval=args.sweep_interval,
+            enforcement=args.enforcement,
+            docker_host=args.docker_host,
+            docker_resync=args.docker_resync,
         )
 
 

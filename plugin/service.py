@@ -15,16 +15,24 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from datapath import identity as ids
 from datapath import naming, plan
 from datapath.errors import CellgateError, Conflict, InvalidRequest, KernelError, NotFound
-from datapath.model import Endpoint, IPInterface, Network
+from datapath.identity import Identities
+from datapath.labels import Label, LabelSet, from_runtime
+from datapath.model import Endpoint, IPAddress, IPInterface, Network
 from datapath.plan import KernelObject, Settings
+from datapath.policy import Repository, Rule
 from datapath.ports import Kernel
+from datapath.trace import Party, TraceResult, parse_dport
 from ipam.allocator import CheckReport, Ipam, PoolRequest
 from ipam.pool import Address, Allocation, Pool
-from ipam.store import DocumentStore
+from ipam.store import DocumentStore, MemoryStore
+from plugin.policy import PolicyState
 
 log = logging.getLogger(__name__)
+
+HYPOTHETICAL = 0x7FFF0000  # identity of labels no endpoint has yet, for traces only
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,7 @@ class Agent:
         kernel: Kernel,
         settings: Settings,
         clock: Callable[[], float] = time.time,
+        policy: PolicyState | None = None,
     ) -> None:
         self._net_store = networks
         self._ep_store = endpoints
@@ -65,6 +74,9 @@ class Agent:
         self._lock = threading.RLock()
         self.networks: dict[str, Network] = {}
         self.endpoints: dict[str, Endpoint] = {}
+        self.host_addresses: list[IPAddress] = []
+        self.policy = policy or PolicyState(Identities(MemoryStore()), Repository(), kernel)
+        self.timeouts: dict[str, float] = {}  # conntrack timeouts in seconds; empty = datapath defaults
         self.started = clock()
         for _, doc in networks.load():
             try:
@@ -82,7 +94,8 @@ class Agent:
     # -- kernel helpers ---------------------------------------------------------------------
 
     def _desired(self) -> set[KernelObject]:
-        return plan.desired_state(self.networks.values(), self.endpoints.values(), self.settings)
+        return plan.desired_state(self.networks.values(), self.endpoints.values(), self.settings,
+                                  self.host_addresses)
 
     def _converge(self, scope: Iterable[plan.Key]) -> None:
         """Make the kernel match the desired state for the keys in `scope`."""
@@ -160,6 +173,7 @@ class Agent:
         mac: str = "",
         origin: str = "docker",
         labels: dict[str, str] | None = None,
+        label_source: str = "container",
     ) -> Endpoint:
         """Create (or return the identical existing) endpoint with its veth and datapath state."""
         if ipv4 is None and ipv6 is None:
@@ -192,11 +206,12 @@ class Agent:
                 gateway6=gw6,  # type: ignore[arg-type]
                 created=self._clock(),
                 origin=origin,
-                labels=labels or {},
             )
             existing = self.endpoints.get(endpoint_id)
             if existing is not None:
-                if replace(existing, created=ep.created, sandbox="") != replace(ep, sandbox=""):
+                same = replace(ep, sandbox="", labels=existing.labels, identity=existing.identity,
+                               labels_known=existing.labels_known, created=existing.created)
+                if replace(existing, sandbox="") != same:
                     raise Conflict(f"endpoint {endpoint_id[:12]} exists with other settings")
                 self._converge(plan.keys(plan.endpoint_objects(existing, self.settings)))
                 return existing
@@ -208,6 +223,8 @@ class Agent:
                     raise Conflict(f"address {clash.pop()} is in use by endpoint {other.id[:12]}")
             for addr in ep.addresses:
                 self.ipam.bind_endpoint(addr.ip, endpoint_id)
+            if labels is not None:
+                ep = self._with_identity(ep, labels, label_source)
             self._ep_store.put(ep.id, ep.to_doc())
             self.endpoints[ep.id] = ep
             try:
@@ -245,9 +262,28 @@ class Agent:
             self._remove_endpoint(ep)
             log.info("endpoint %s deleted", endpoint_id[:12])
 
-    def set_labels(self, endpoint_id: str, labels: dict[str, str]) -> Endpoint:
+    def _with_identity(self, ep: Endpoint, raw: dict[str, str], source: str) -> Endpoint:
+        """The endpoint with its labels and identity, whose policy is already in force."""
+        labels = from_runtime(raw, source)
+        number = self.policy.identities.acquire(labels, ep.id)
+        # The new identity's policy (as subject and as peer) goes in before anything uses it.
+        self.policy.sync(self.endpoints.values(), extra={number: labels}, delete=False)
+        return replace(ep, labels=tuple(sorted(str(x) for x in labels)), identity=number, labels_known=True)
+
+    def set_labels(self, endpoint_id: str, labels: dict[str, str], source: str = "container") -> Endpoint:
+        """Labels learned from the runtime: give the endpoint its identity (fail-closed until now)."""
         with self._lock:
-            return self._update(replace(self.endpoint(endpoint_id), labels=dict(labels)))
+            ep = self.endpoint(endpoint_id)
+            rendered = tuple(sorted(str(x) for x in from_runtime(labels, source)))
+            if ep.labels_known and ep.labels == rendered:
+                return ep
+            old = ep.identity
+            ep = self._update(self._with_identity(ep, labels, source))
+            if old not in (ep.identity, ids.INIT):
+                self.policy.identities.release_one(ep.id, old)
+            self.policy.sync(self.endpoints.values())
+            log.info("endpoint %s has identity %d (%s)", ep.id[:12], ep.identity, ", ".join(ep.labels) or "no labels")
+            return ep
 
     def endpoint(self, endpoint_id: str) -> Endpoint:
         ep = self.endpoints.get(endpoint_id)
@@ -295,6 +331,8 @@ class Agent:
             self.endpoints[ep.id] = ep
             raise
         self._ep_store.delete(ep.id)
+        if self.policy.identities.release(ep.id):
+            self.policy.sync(self.endpoints.values())
 
     # -- IPAM -------------------------------------------------------------------------------
 
@@ -329,6 +367,7 @@ class Agent:
         started = time.monotonic()
         report = RestoreReport()
         with self._lock:
+            self.host_addresses = self.kernel.host_addresses()
             actual = self.kernel.observe()
             present = {o.key for o in actual}
             for ep in list(self.endpoints.values()):
@@ -340,11 +379,15 @@ class Agent:
                         self.ipam.ensure_allocated(addr.ip, ep.id)
                     except CellgateError as exc:
                         log.error("cannot reserve %s for endpoint %s: %s", addr.ip, ep.id[:12], exc)
+            self._restore_identities()
+            self.policy.load()
+            self.policy.sync(self.endpoints.values(), delete=False)  # close before anything opens
             change = plan.diff(self._desired(), actual)
             if change:
                 log.info("restore: %d removals, %d changes, %d additions",
                          len(change.remove), len(change.change), len(change.add))
                 self.kernel.apply(change)
+            self.policy.sync(self.endpoints.values())
             report.changes = len(change.remove) + len(change.change) + len(change.add)
             report.endpoints = len(self.endpoints)
             report.networks = len(self.networks)
@@ -353,9 +396,22 @@ class Agent:
                  report.seconds * 1000)
         return report
 
+    def _restore_identities(self) -> None:
+        """Every endpoint holds exactly the identity its labels give, and nothing else is held."""
+        holders = {e.id: e.label_set for e in self.endpoints.values() if e.labels_known}
+        self.policy.identities.sync_owners(holders)
+        for ep in list(self.endpoints.values()):
+            number = self.policy.identities.number_of(ep.label_set) if ep.labels_known else ids.INIT
+            if number is not None and number != ep.identity:
+                log.warning("endpoint %s: identity %d restored as %d", ep.id[:12], ep.identity, number)
+                fixed = replace(ep, identity=number)
+                self._ep_store.put(fixed.id, fixed.to_doc())
+                self.endpoints[fixed.id] = fixed
+
     def _forget_dead(self, ep: Endpoint, report: RestoreReport) -> None:
         del self.endpoints[ep.id]
         self._ep_store.delete(ep.id)
+        self.policy.identities.release(ep.id)
         freed = self.ipam.release_owner(ep.id)
         report.removed_endpoints.append(ep.id)
         report.released.extend(str(a) for a in freed)
@@ -372,7 +428,73 @@ class Agent:
                 if ("veth", ep.host_ifname) not in present:
                     self._forget_dead(ep, report)
                     self._converge(plan.keys(plan.endpoint_objects(ep, self.settings)))
+            if report.removed_endpoints:
+                self.policy.sync(self.endpoints.values())
+            addresses = self.kernel.host_addresses()
+            if addresses != self.host_addresses:
+                before = plan.keys(plan.host_objects(self.host_addresses))
+                self.host_addresses = addresses
+                self._converge(before | plan.keys(plan.host_objects(addresses)))
+            self.kernel.ct_gc(time.monotonic_ns())
         return report
+
+    # -- policy -----------------------------------------------------------------------------
+
+    def policy_import(self, rules: list[Rule]) -> int:
+        with self._lock:
+            return self.policy.import_rules(rules, list(self.endpoints.values()))
+
+    def policy_delete(self, labels: list[Label] | None) -> tuple[int, int]:
+        with self._lock:
+            return self.policy.delete_rules(labels, list(self.endpoints.values()))
+
+    def party(self, kind: str, value: str) -> Party:
+        """A side of a trace: an endpoint (ID prefix, interface, address), an identity, or labels."""
+        with self._lock:
+            if kind == "endpoint":
+                ep = self.find_endpoint(value)
+                return Party(ep.identity, self._labels_for(ep.identity) or ep.label_set, True)
+            if kind == "identity":
+                try:
+                    number = int(value)
+                except ValueError:
+                    raise InvalidRequest(f"identity must be a number, got {value!r}") from None
+                labels = self.policy.identities.labels_of(number)
+                if labels is None:
+                    raise NotFound(f"unknown identity {number}")
+                return Party(number, labels, self._is_local(number))
+            if kind == "labels":
+                try:
+                    labels = frozenset(Label.parse(t.strip(), "container") for t in value.split(",") if t.strip())
+                except ValueError as exc:
+                    raise InvalidRequest(str(exc)) from None
+                if not labels:
+                    raise InvalidRequest("give at least one label, e.g. app=frontend")
+                number = self.policy.identities.number_of(labels)
+                if number is None:
+                    return Party(HYPOTHETICAL, labels, True)  # as an endpoint with these labels would be
+                return Party(number, labels, number >= ids.FIRST_ALLOCATED or self._is_local(number))
+            raise InvalidRequest(f"unknown trace party kind {kind!r}")
+
+    def _labels_for(self, number: int) -> LabelSet | None:
+        return self.policy.identities.labels_of(number)
+
+    def _is_local(self, number: int) -> bool:
+        return any(e.identity == number for e in self.endpoints.values())
+
+    def trace(self, src: Party, dst: Party, dport: str) -> TraceResult:
+        try:
+            proto, port = parse_dport(dport) if dport else (6, 0)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        with self._lock:
+            if src.identity == dst.identity == HYPOTHETICAL:
+                dst = Party(HYPOTHETICAL + 1, dst.labels, dst.local)
+            return self.policy.trace(src, dst, proto, port)
+
+    def set_trace(self, on: bool) -> None:
+        with self._lock:
+            self.kernel.set_config(on, self.timeouts)
 
     # -- views ------------------------------------------------------------------------------
 
@@ -386,4 +508,12 @@ class Agent:
                 "datapath": self.settings.program_revision,
                 "ranges": {"ipv4": str(self.ipam.ranges.ipv4), "ipv6": str(self.ipam.ranges.ipv6)},
                 "masquerade": self.settings.masquerade,
+                "policy": {
+                    "enforcement": self.policy.mode,
+                    "revision": self.policy.repository.revision,
+                    "realized": self.policy.realized_revision,
+                    "rules": len(self.policy.repository.rules),
+                    "entries": len(self.policy.applied),
+                    "identities": len(self.policy.identities.allocated()),
+                },
             }

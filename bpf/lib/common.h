@@ -23,7 +23,11 @@
 #define IPPROTO_ICMP    1
 #define IPPROTO_TCP     6
 #define IPPROTO_UDP     17
+#define IPPROTO_ROUTING 43
+#define IPPROTO_FRAGMENT 44
 #define IPPROTO_ICMPV6  58
+#define IPPROTO_DSTOPTS 60
+#define IPPROTO_SCTP    132
 
 #ifndef CG_PIN_DIR
 #error "CG_PIN_DIR must be set with -DCG_PIN_DIR=\"/sys/fs/bpf/<name>\""
@@ -33,6 +37,15 @@
 #endif
 #ifndef CG_EVENT_PAGES
 #define CG_EVENT_PAGES 64
+#endif
+#ifndef CG_POLICY_MAX
+#define CG_POLICY_MAX 1048576
+#endif
+#ifndef CG_IPCACHE_MAX
+#define CG_IPCACHE_MAX 65536
+#endif
+#ifndef CG_CT_MAX
+#define CG_CT_MAX 131072
 #endif
 
 /* Verdicts below 128 are "the packet went somewhere"; 128 and up are drops.
@@ -44,10 +57,12 @@
 #define CG_OK_ARP          4   /* ARP request answered by the datapath */
 #define CG_OK_ND           5   /* neighbour solicitation answered by the datapath */
 #define CG_OK_QUIET        6   /* link housekeeping consumed without a reply (GARP, DAD, MLD, RS) */
+#define CG_OK_POLICY       7   /* a new flow allowed by policy (verdict events) */
 
 #define DROP_INVALID_SMAC  130 /* source MAC is not the endpoint's */
 #define DROP_INVALID_DMAC  131 /* destination MAC is not the gateway's */
 #define DROP_INVALID_SIP   132 /* source IP is not the endpoint's */
+#define DROP_POLICY        133 /* no policy entry allows the flow */
 #define DROP_INVALID       134 /* truncated or malformed header */
 #define DROP_UNKNOWN_L3    139 /* neither IPv4, IPv6 nor ARP */
 #define DROP_NO_ENDPOINT   150 /* program runs on an interface with no endpoint entry */
@@ -55,6 +70,9 @@
 #define DROP_ROUTER_ADV    152 /* IPv6 router advertisement or redirect from an endpoint */
 #define DROP_NO_IPV6       153 /* IPv6 packet from an endpoint without an IPv6 address */
 #define DROP_NO_IPV4       154 /* IPv4/ARP packet from an endpoint without an IPv4 address */
+#define DROP_FRAG          157 /* non-first fragment that only an L3 rule could allow */
+#define DROP_CT_CREATE     155 /* conntrack entry could not be created */
+#define DROP_POLICY_DENY   181 /* an explicit deny rule matched */
 
 #define CG_METRICS_SIZE    256
 
@@ -67,6 +85,22 @@
 #define CG_DIR_TO_EP       1
 
 #define CG_EVENT_DROP      1
+#define CG_EVENT_VERDICT   2   /* policy decision for a new flow */
+#define CG_EVENT_TRACE     3   /* a forwarded packet (only while tracing is on) */
+
+/* Conntrack states (events and trace). */
+#define CT_NEW             0
+#define CT_ESTABLISHED     1
+#define CT_REPLY           2
+#define CT_RELATED         3
+
+/* Reserved identities (datapath/identity.py). */
+#define CG_ID_ANY          0
+#define CG_ID_HOST         1
+#define CG_ID_WORLD        2
+
+/* cg_config flags. */
+#define CG_CFG_TRACE       0x1
 
 static __always_inline int cg_mac_eq(const __u8 *a, const __u8 *b)
 {

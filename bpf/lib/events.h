@@ -84,27 +84,57 @@ static __always_inline void cg_event_describe(struct __sk_buff *skb, struct cg_e
 	}
 }
 
-static __always_inline int cg_drop(struct __sk_buff *skb, const struct cg_endpoint *ep,
-				   __u8 reason, __u8 dir)
+/* What a program learned about a packet on its way to a verdict; reported with it. */
+struct cg_ctx {
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 rule;
+	__u8  ct_state;
+	__u8  side;         /* 1 = the sender's egress decided, 0 = the receiver's ingress */
+	__u8  dir;          /* CG_DIR_* */
+	__u8  pad;
+};
+
+static __always_inline void cg_notify(struct __sk_buff *skb, const struct cg_ctx *ctx, __u8 type, __u8 reason)
 {
 	struct cg_event ev = {};
 
-	cg_count(skb, reason);
 	ev.ts_ns = bpf_ktime_get_ns();
-	ev.type = CG_EVENT_DROP;
+	ev.type = type;
 	ev.reason = reason;
-	ev.dir = dir;
+	ev.dir = ctx->dir;
 	ev.ifindex = skb->ifindex;
 	ev.len = skb->len;
-	if (ep) {
-		if (dir == CG_DIR_FROM_EP)
-			ev.src_identity = ep->identity;
-		else
-			ev.dst_identity = ep->identity;
-	}
+	ev.src_identity = ctx->src_identity;
+	ev.dst_identity = ctx->dst_identity;
+	ev.rule = ctx->rule;
+	ev.ct_state = ctx->ct_state;
+	ev.side = ctx->side;
 	cg_event_describe(skb, &ev);
 	cg_events.ringbuf_output(&ev, sizeof(ev), 0);
+}
+
+static __always_inline int cg_drop(struct __sk_buff *skb, const struct cg_ctx *ctx, __u8 reason)
+{
+	cg_count(skb, reason);
+	cg_notify(skb, ctx, CG_EVENT_DROP, reason);
 	return TC_ACT_SHOT;
+}
+
+static __always_inline int cg_tracing(void)
+{
+	__u32 zero = 0;
+	struct cg_config *cfg = cg_config.lookup(&zero);
+
+	return cfg && (cfg->flags & CG_CFG_TRACE);
+}
+
+/* A packet forwarded with verdict `code`; reported only while tracing is on. */
+static __always_inline void cg_forwarded(struct __sk_buff *skb, const struct cg_ctx *ctx, __u8 code)
+{
+	cg_count(skb, code);
+	if (cg_tracing())
+		cg_notify(skb, ctx, CG_EVENT_TRACE, code);
 }
 
 /* Consumed on purpose (housekeeping frames): counted, no event. */

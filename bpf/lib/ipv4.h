@@ -1,20 +1,25 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* IPv4 from an endpoint: anti-spoofing, then local delivery or the host stack. */
+/* IPv4 from an endpoint: anti-spoofing, conntrack and policy, then local delivery or
+ * the host stack; and IPv4 from the host stack into an endpoint. */
 #pragma once
 
 #include "lib/common.h"
 #include "lib/events.h"
 #include "lib/route.h"
+#include "lib/l4.h"
+#include "lib/policy.h"
 
 #define CG_IP4_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
 #define CG_IP4_TTL_OFF  (ETH_HLEN + offsetof(struct iphdr, ttl))
 
 static __always_inline int cg_ipv4_from_ep(struct __sk_buff *skb, const struct cg_endpoint *ep,
-					   const struct ethhdr *eth)
+					   const struct ethhdr *eth, struct cg_ctx *ctx)
 {
+	struct cg_flow f = {};
 	struct cg_endpoint *dst;
 	struct iphdr ip;
 	__u8 ttl;
+	int ret;
 
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
 		return -DROP_INVALID;
@@ -27,14 +32,41 @@ static __always_inline int cg_ipv4_from_ep(struct __sk_buff *skb, const struct c
 	if (!cg_mac_eq(eth->h_dest, ep->host_mac))
 		return -DROP_INVALID_DMAC;
 
+	ret = cg_flow_ipv4(skb, &ip, &f);
+	if (ret < 0)
+		return ret;
 	dst = cg_lookup_ip(4, &ip.daddr);
+	ctx->src_identity = ep->identity;
+	ctx->dst_identity = dst ? dst->identity : cg_ipcache_identity(4, (const __u8 *)&ip.daddr);
+	ret = cg_policy_flow(skb, ctx, &f, 1, dst != NULL);
+	if (ret < 0)
+		return ret;
 	if (!dst || ip.ttl <= 1) {
 		/* Host-bound, routed out, or expiring: the stack knows what to do. */
-		cg_count(skb, CG_OK_STACK);
+		cg_forwarded(skb, ctx, CG_OK_STACK);
 		return TC_ACT_OK;
 	}
 	ttl = ip.ttl - 1;
 	bpf_l3_csum_replace(skb, CG_IP4_CSUM_OFF, bpf_htons(ip.ttl << 8), bpf_htons(ttl << 8), 2);
 	bpf_skb_store_bytes(skb, CG_IP4_TTL_OFF, &ttl, 1, 0);
-	return cg_deliver_local(skb, dst);
+	return cg_deliver_local(skb, ctx, dst);
+}
+
+static __always_inline int cg_ipv4_to_ep(struct __sk_buff *skb, const struct cg_endpoint *ep, struct cg_ctx *ctx)
+{
+	struct cg_flow f = {};
+	struct iphdr ip;
+	int ret;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0 || ip.version != 4 || ip.ihl < 5)
+		return -DROP_INVALID;
+	ret = cg_flow_ipv4(skb, &ip, &f);
+	if (ret < 0)
+		return ret;
+	ctx->src_identity = cg_peer_identity(4, (const __u8 *)&ip.saddr);
+	ret = cg_policy_flow(skb, ctx, &f, 0, 1);
+	if (ret < 0)
+		return ret;
+	cg_forwarded(skb, ctx, CG_OK_TO_EP);
+	return TC_ACT_OK;
 }

@@ -6,6 +6,8 @@
 #include "lib/common.h"
 #include "lib/events.h"
 #include "lib/route.h"
+#include "lib/l4.h"
+#include "lib/policy.h"
 
 #define CG_IP6_HOPLIMIT_OFF (ETH_HLEN + offsetof(struct ipv6hdr, hop_limit))
 #define CG_ICMP6_OFF        (ETH_HLEN + sizeof(struct ipv6hdr))
@@ -105,11 +107,13 @@ static __always_inline int cg_handle_ns(struct __sk_buff *skb, const struct cg_e
 }
 
 static __always_inline int cg_ipv6_from_ep(struct __sk_buff *skb, const struct cg_endpoint *ep,
-					   const struct ethhdr *eth)
+					   const struct ethhdr *eth, struct cg_ctx *ctx)
 {
+	struct cg_flow f = {};
 	struct cg_endpoint *dst;
 	struct ipv6hdr ip6;
 	__u8 hops;
+	int ret;
 
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) < 0)
 		return -DROP_INVALID;
@@ -144,12 +148,53 @@ static __always_inline int cg_ipv6_from_ep(struct __sk_buff *skb, const struct c
 	if (!cg_mac_eq(eth->h_dest, ep->host_mac))
 		return -DROP_INVALID_DMAC;
 
+	ret = cg_flow_ipv6(skb, &ip6, &f);
+	if (ret < 0)
+		return ret;
 	dst = cg_lookup_ip(6, ip6.daddr.in6_u.u6_addr8);
+	ctx->src_identity = ep->identity;
+	ctx->dst_identity = dst ? dst->identity : cg_ipcache_identity(6, ip6.daddr.in6_u.u6_addr8);
+	ret = cg_policy_flow(skb, ctx, &f, 1, dst != NULL);
+	if (ret < 0)
+		return ret;
 	if (!dst || ip6.hop_limit <= 1) {
-		cg_count(skb, CG_OK_STACK);
+		cg_forwarded(skb, ctx, CG_OK_STACK);
 		return TC_ACT_OK;
 	}
 	hops = ip6.hop_limit - 1;
 	bpf_skb_store_bytes(skb, CG_IP6_HOPLIMIT_OFF, &hops, 1, 0);
-	return cg_deliver_local(skb, dst);
+	return cg_deliver_local(skb, ctx, dst);
+}
+
+static __always_inline int cg_ipv6_to_ep(struct __sk_buff *skb, const struct cg_endpoint *ep, struct cg_ctx *ctx)
+{
+	struct cg_flow f = {};
+	struct ipv6hdr ip6;
+	int ret;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) < 0 || ip6.version != 6)
+		return -DROP_INVALID;
+	if (ip6.daddr.in6_u.u6_addr8[0] == 0xff) {          /* multicast from the host: MLD and the like */
+		cg_forwarded(skb, ctx, CG_OK_TO_EP);
+		return TC_ACT_OK;
+	}
+	if (ip6.nexthdr == IPPROTO_ICMPV6) {
+		__u8 type;
+
+		if (bpf_skb_load_bytes(skb, CG_ICMP6_OFF, &type, 1) < 0)
+			return -DROP_INVALID;
+		if (type >= 130 && type <= 143) {          /* neighbour discovery and MLD: link plumbing */
+			cg_forwarded(skb, ctx, CG_OK_TO_EP);
+			return TC_ACT_OK;
+		}
+	}
+	ret = cg_flow_ipv6(skb, &ip6, &f);
+	if (ret < 0)
+		return ret;
+	ctx->src_identity = cg_peer_identity(6, ip6.saddr.in6_u.u6_addr8);
+	ret = cg_policy_flow(skb, ctx, &f, 0, 1);
+	if (ret < 0)
+		return ret;
+	cg_forwarded(skb, ctx, CG_OK_TO_EP);
+	return TC_ACT_OK;
 }

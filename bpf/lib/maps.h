@@ -35,6 +35,75 @@ struct cg_metric {
 	__u64 bytes;
 };
 
+/* Policy: an LPM trie over (subject, peer, direction, protocol, port). The first 72 bits
+ * of data (subject, peer, egress) are always significant; prefixlen 72 means any
+ * protocol, 80 one protocol and any port, 80 + n the first n bits of the port. Peer 0
+ * is the wildcard "any identity"; the datapath looks up the real peer and 0. */
+struct cg_policy_key {
+	__u32  prefixlen;
+	__u32  subject;     /* local identity the entry protects */
+	__u32  peer;        /* remote identity, 0 = any */
+	__u8   egress;      /* 1 = traffic leaving the subject */
+	__u8   proto;       /* IPPROTO_* */
+	__be16 dport;       /* port, or ICMP type for ICMP */
+};
+
+struct cg_policy_value {
+	__u8  deny;         /* 1 = an explicit deny */
+	__u8  pad[3];
+	__u32 rule;         /* rule id, 0 = default allow */
+};
+
+/* IP (or prefix) -> identity, for addresses that are not local endpoints. */
+struct cg_ipcache_key {
+	__u32 prefixlen;    /* 32 (family + pad) + address bits */
+	__u8  family;
+	__u8  pad[3];
+	__u8  addr[16];
+};
+
+struct cg_ipcache_value {
+	__u32 identity;
+	__u32 flags;
+};
+
+/* Conntrack: one entry per flow, keyed by the tuple of its first packet. */
+struct cg_ct_key {
+	__u8   saddr[16];
+	__u8   daddr[16];
+	__be16 sport;       /* ICMP echo: identifier */
+	__be16 dport;
+	__u8   proto;
+	__u8   family;
+	__u8   pad[2];
+};
+
+struct cg_ct_value {
+	__u64 expires;      /* bpf_ktime_get_ns() deadline */
+	__u64 packets;
+	__u64 bytes;
+	__u32 src_identity; /* initiator */
+	__u32 dst_identity;
+	__u32 rule;         /* rule that allowed the flow */
+	__u8  flags;        /* CG_CT_F_* */
+	__u8  pad[3];
+};
+
+#define CG_CT_F_REPLIED   0x1  /* a packet went back: the flow is established */
+#define CG_CT_F_FIN_FWD   0x2
+#define CG_CT_F_FIN_REV   0x4
+#define CG_CT_F_RST       0x8
+
+/* Runtime switches and timeouts the agent can change without a rebuild. */
+struct cg_config {
+	__u32 flags;              /* CG_CFG_* */
+	__u32 pad;
+	__u64 tcp_timeout_ns;     /* established TCP */
+	__u64 syn_timeout_ns;     /* TCP before the first reply */
+	__u64 close_timeout_ns;   /* TCP after FIN both ways or RST */
+	__u64 other_timeout_ns;   /* UDP, ICMP and the rest */
+};
+
 /* Fixed-size event record written to the ring buffer. */
 struct cg_event {
 	__u64 ts_ns;        /* bpf_ktime_get_ns() */
@@ -54,6 +123,10 @@ struct cg_event {
 	__u8  dmac[6];
 	__u8  saddr[16];    /* IPv4 in the first four bytes */
 	__u8  daddr[16];
+	__u32 rule;         /* policy rule that decided, 0 = default */
+	__u8  ct_state;     /* CT_* */
+	__u8  side;         /* policy side that decided: 1 = the sender's egress */
+	__u8  pad[2];
 };
 
 /* Endpoints by host-side ifindex: the program's own configuration. */
@@ -63,6 +136,20 @@ BPF_TABLE_PINNED("hash", __u32, struct cg_endpoint, cg_endpoints,
 /* Endpoints by address: where a packet to a local address goes. */
 BPF_TABLE_PINNED("hash", struct cg_ip_key, struct cg_endpoint, cg_ips,
 		 2 * CG_MAX_ENDPOINTS, CG_PIN_DIR "/cg_ips");
+
+/* Policy entries of every local identity. */
+BPF_TABLE_PINNED("lpm_trie", struct cg_policy_key, struct cg_policy_value, cg_policy,
+		 CG_POLICY_MAX, CG_PIN_DIR "/cg_policy", BPF_F_NO_PREALLOC);
+
+/* Identities of addresses that are not local endpoints (host addresses, later CIDRs). */
+BPF_TABLE_PINNED("lpm_trie", struct cg_ipcache_key, struct cg_ipcache_value, cg_ipcache,
+		 CG_IPCACHE_MAX, CG_PIN_DIR "/cg_ipcache", BPF_F_NO_PREALLOC);
+
+/* Connection tracking; the agent removes expired entries, LRU covers pressure. */
+BPF_TABLE_PINNED("lru_hash", struct cg_ct_key, struct cg_ct_value, cg_ct,
+		 CG_CT_MAX, CG_PIN_DIR "/cg_ct");
+
+BPF_TABLE_PINNED("array", __u32, struct cg_config, cg_config, 1, CG_PIN_DIR "/cg_config");
 
 /* Packets and bytes per verdict code, per CPU. */
 BPF_TABLE_PINNED("percpu_array", __u32, struct cg_metric, cg_metrics,

@@ -14,7 +14,7 @@ import logging
 import socket
 import subprocess
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from datapath.plan import (
     EndpointEntry,
     HostAddress,
     HostDevice,
+    IpcacheEntry,
     IPNetwork,
     KernelObject,
     Key,
@@ -40,6 +41,7 @@ from datapath.plan import (
     Route,
     Veth,
 )
+from datapath.policymap import PolicyKey, PolicyValue
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ RT_TABLE_MAIN = 254
 RT_SCOPE_LINK = 253
 FROM, TO = "cg_from_container", "cg_to_container"
 HOST_DEVICE_KINDS = ("dummy", "ifb")
+BATCH = 4096
 RTM_F_FIB_MATCH = 0x2000
 _MISSING = object()
 
@@ -171,6 +174,15 @@ class KernelExecutor:
         if kind == "masquerade":
             subnet = ipaddress.IPv4Network(key[1])
             return Masquerade(subnet) if subnet in self.iptables.subnets() else None
+        if kind == "ipcache":
+            if self.dp is None:
+                return None
+            prefix = ipaddress.ip_network(key[1])
+            try:
+                value = layout.CgIpcacheValue.from_buffer_copy(bytes(self.dp.ipcache[layout.ipcache_key(prefix)]))
+            except KeyError:
+                return None
+            return IpcacheEntry(prefix, value.identity)
         raise KernelError(f"unknown kernel object kind {kind!r}")
 
     def _observe_all(self) -> set[KernelObject]:
@@ -204,6 +216,9 @@ class KernelExecutor:
                 entry = self._address_entry(layout.key_address(layout.CgIpKey.from_buffer_copy(bytes(key))), names)
                 if entry is not None:
                     found.add(entry)
+            for key, value in list(self.dp.ipcache.items()):
+                prefix = layout.ipcache_prefix(layout.CgIpcacheKey.from_buffer_copy(bytes(key)))
+                found.add(IpcacheEntry(prefix, layout.CgIpcacheValue.from_buffer_copy(bytes(value)).identity))
         found.update(Masquerade(s) for s in self.iptables.subnets())
         return found
 
@@ -319,6 +334,71 @@ class KernelExecutor:
     def counters(self) -> dict[int, tuple[int, int]]:
         return self.dp.counters() if self.dp is not None else {}
 
+    def host_addresses(self) -> list[Any]:
+        """Every address configured in the host's network namespace."""
+        with self._lock:
+            found = {ipaddress.ip_address(_attr(a, "IFA_ADDRESS")) for a in self.ipr.get_addr()}
+        return sorted((a for a in found if not a.is_link_local), key=lambda a: (a.version, int(a)))
+
+    # -- policy map -------------------------------------------------------------------------
+
+    def policy_entries(self) -> dict[PolicyKey, PolicyValue]:
+        dp = self._need_dp()
+        out: dict[PolicyKey, PolicyValue] = {}
+        for key, value in dp.policy.items():
+            raw_key = layout.CgPolicyKey.from_buffer_copy(bytes(key))
+            out[layout.policy_key_value(raw_key)] = layout.policy_value_value(
+                layout.CgPolicyValue.from_buffer_copy(bytes(value)))
+        return out
+
+    def policy_update(self, upserts: dict[PolicyKey, PolicyValue], deletes: Iterable[PolicyKey]) -> None:
+        """Write and remove policy entries, in batches; upserts first, so nothing opens up."""
+        dp = self._need_dp()
+        try:
+            items = list(upserts.items())
+            for start in range(0, len(items), BATCH):
+                chunk = items[start:start + BATCH]
+                keys = (layout.CgPolicyKey * len(chunk))(*(layout.policy_key(k) for k, _ in chunk))
+                values = (layout.CgPolicyValue * len(chunk))(*(layout.policy_value(v) for _, v in chunk))
+                dp.policy.items_update_batch(keys, values)
+            gone = list(deletes)
+            for start in range(0, len(gone), BATCH):
+                chunk = gone[start:start + BATCH]
+                for key in chunk:  # the LPM trie has no batch delete
+                    dp.policy.pop(layout.policy_key(key), None)
+        except Exception as exc:  # BCC raises bare Exception on syscall errors
+            raise KernelError(f"policy map update failed: {exc}") from exc
+
+    # -- conntrack and config ---------------------------------------------------------------
+
+    def ct_entries(self) -> list[tuple[layout.CgCtKey, layout.CgCtValue]]:
+        dp = self._need_dp()
+        return [(layout.CgCtKey.from_buffer_copy(bytes(k)), layout.CgCtValue.from_buffer_copy(bytes(v)))
+                for k, v in dp.ct.items()]
+
+    def ct_gc(self, now_ns: int) -> int:
+        """Delete expired conntrack entries; returns how many."""
+        dp = self._need_dp()
+        expired = [k for k, v in dp.ct.items() if v.expires <= now_ns]
+        for key in expired:
+            dp.ct.pop(key, None)
+        return len(expired)
+
+    def ct_flush(self, match: Callable[[layout.CgCtValue], bool]) -> int:
+        dp = self._need_dp()
+        doomed = [k for k, v in dp.ct.items() if match(layout.CgCtValue.from_buffer_copy(bytes(v)))]
+        for key in doomed:
+            dp.ct.pop(key, None)
+        return len(doomed)
+
+    def set_config(self, trace: bool, timeouts: dict[str, float]) -> None:
+        dp = self._need_dp()
+        cfg = layout.CgConfig()
+        cfg.flags = 1 if trace else 0
+        for name, seconds in timeouts.items():
+            setattr(cfg, f"{name}_timeout_ns", int(seconds * 1e9))
+        dp.config[ctypes.c_uint32(0)] = cfg
+
     # -- apply ------------------------------------------------------------------------------
 
     def apply(self, plan: Plan) -> None:
@@ -381,12 +461,16 @@ class KernelExecutor:
             self._route("replace", obj)
         elif isinstance(obj, Masquerade):
             self.iptables.add(obj.subnet)
+        elif isinstance(obj, IpcacheEntry):
+            value = layout.CgIpcacheValue()
+            value.identity = obj.identity
+            self._need_dp().ipcache[layout.ipcache_key(obj.prefix)] = value
         else:
             raise KernelError(f"cannot add {obj!r}")
 
     def _change(self, old: KernelObject, new: KernelObject) -> None:
         log.debug("change %s -> %s", old, new)
-        if isinstance(new, (EndpointEntry, AddressEntry, Programs, Neighbour, Route)):
+        if isinstance(new, (EndpointEntry, AddressEntry, Programs, Neighbour, Route, IpcacheEntry)):
             if isinstance(new, Route) and isinstance(old, Route) and old.dev != new.dev:
                 self._remove(old)
             self._add(new)  # map update, filter replace, neighbour/route replace: no gap
@@ -442,6 +526,8 @@ class KernelExecutor:
                     self._route("del", obj, int(link["index"]))
             elif isinstance(obj, Masquerade):
                 self.iptables.remove(obj.subnet)
+            elif isinstance(obj, IpcacheEntry):
+                self._need_dp().ipcache.pop(layout.ipcache_key(obj.prefix), None)
         except NetlinkError as exc:
             if exc.code not in (errno.ENOENT, errno.ENODEV, errno.ESRCH, errno.EADDRNOTAVAIL, errno.EINVAL):
                 raise

@@ -11,6 +11,7 @@ import ipaddress
 import socket
 
 from datapath.plan import FLAG_IPV4, FLAG_IPV6, EndpointValue
+from datapath.policymap import PolicyKey, PolicyValue
 
 
 class CgEndpoint(ctypes.Structure):
@@ -32,6 +33,74 @@ class CgIpKey(ctypes.Structure):
         ("family", ctypes.c_uint8),
         ("pad", ctypes.c_uint8 * 3),
         ("addr", ctypes.c_uint8 * 16),
+    ]
+
+
+class CgPolicyKey(ctypes.Structure):
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("subject", ctypes.c_uint32),
+        ("peer", ctypes.c_uint32),
+        ("egress", ctypes.c_uint8),
+        ("proto", ctypes.c_uint8),
+        ("dport", ctypes.c_uint16),  # network byte order
+    ]
+
+
+class CgPolicyValue(ctypes.Structure):
+    _fields_ = [
+        ("deny", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+        ("rule", ctypes.c_uint32),
+    ]
+
+
+class CgIpcacheKey(ctypes.Structure):
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+        ("addr", ctypes.c_uint8 * 16),
+    ]
+
+
+class CgIpcacheValue(ctypes.Structure):
+    _fields_ = [("identity", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class CgCtKey(ctypes.Structure):
+    _fields_ = [
+        ("saddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * 16),
+        ("sport", ctypes.c_uint16),  # network byte order
+        ("dport", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
+    ]
+
+
+class CgCtValue(ctypes.Structure):
+    _fields_ = [
+        ("expires", ctypes.c_uint64),
+        ("packets", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint64),
+        ("src_identity", ctypes.c_uint32),
+        ("dst_identity", ctypes.c_uint32),
+        ("rule", ctypes.c_uint32),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
+class CgConfig(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("tcp_timeout_ns", ctypes.c_uint64),
+        ("syn_timeout_ns", ctypes.c_uint64),
+        ("close_timeout_ns", ctypes.c_uint64),
+        ("other_timeout_ns", ctypes.c_uint64),
     ]
 
 
@@ -58,6 +127,10 @@ class CgEvent(ctypes.Structure):
         ("dmac", ctypes.c_uint8 * 6),
         ("saddr", ctypes.c_uint8 * 16),
         ("daddr", ctypes.c_uint8 * 16),
+        ("rule", ctypes.c_uint32),
+        ("ct_state", ctypes.c_uint8),
+        ("side", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
     ]
 
 
@@ -65,6 +138,10 @@ MIRRORS = {
     "cg_endpoints": (ctypes.c_uint32, CgEndpoint),
     "cg_ips": (CgIpKey, CgEndpoint),
     "cg_metrics": (ctypes.c_uint32, CgMetric),
+    "cg_policy": (CgPolicyKey, CgPolicyValue),
+    "cg_ipcache": (CgIpcacheKey, CgIpcacheValue),
+    "cg_ct": (CgCtKey, CgCtValue),
+    "cg_config": (ctypes.c_uint32, CgConfig),
 }
 
 
@@ -116,3 +193,48 @@ def key_address(key: CgIpKey) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 
 AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+
+
+# -- policy entries --------------------------------------------------------------------------
+
+
+def policy_key(key: PolicyKey) -> CgPolicyKey:
+    raw = CgPolicyKey()
+    raw.prefixlen = key.prefixlen
+    raw.subject = key.subject
+    raw.peer = key.peer
+    raw.egress = 1 if key.egress else 0
+    raw.proto = 0 if key.any_proto else key.proto
+    raw.dport = socket.htons(key.port) if not key.any_proto else 0
+    return raw
+
+
+def policy_key_value(raw: CgPolicyKey) -> PolicyKey:
+    if raw.prefixlen <= 72:
+        return PolicyKey(raw.subject, bool(raw.egress), raw.peer, 0, 0, 0, any_proto=True)
+    bits = raw.prefixlen - 80
+    return PolicyKey(raw.subject, bool(raw.egress), raw.peer, raw.proto, socket.ntohs(raw.dport), bits)
+
+
+def policy_value(value: PolicyValue) -> CgPolicyValue:
+    raw = CgPolicyValue()
+    raw.deny = 1 if value.deny else 0
+    raw.rule = value.rule
+    return raw
+
+
+def policy_value_value(raw: CgPolicyValue) -> PolicyValue:
+    return PolicyValue(bool(raw.deny), raw.rule)
+
+
+def ipcache_key(prefix: ipaddress.IPv4Network | ipaddress.IPv6Network) -> CgIpcacheKey:
+    raw = CgIpcacheKey()
+    raw.prefixlen = 32 + prefix.prefixlen
+    raw.family = prefix.version
+    ctypes.memmove(raw.addr, prefix.network_address.packed, len(prefix.network_address.packed))
+    return raw
+
+
+def ipcache_prefix(raw: CgIpcacheKey) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    size = 4 if raw.family == 4 else 16
+    return ipaddress.ip_network((bytes(raw.addr)[:size], raw.prefixlen - 32))

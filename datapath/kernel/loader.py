@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 BPF_SRC = Path(__file__).resolve().parents[2] / "bpf"
 MAIN = "cg_lxc.c"
 PROGRAMS = ("cg_from_container", "cg_to_container")
-PINNED_MAPS = ("cg_endpoints", "cg_ips", "cg_metrics", "cg_events")
+PINNED_MAPS = ("cg_endpoints", "cg_ips", "cg_metrics", "cg_events", "cg_policy", "cg_ipcache", "cg_ct",
+               "cg_config")
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 
 
@@ -98,6 +99,10 @@ class Datapath:
         self.endpoints = self.bpf[b"cg_endpoints"]
         self.ips = self.bpf[b"cg_ips"]
         self.metrics = self.bpf[b"cg_metrics"]
+        self.policy = self.bpf[b"cg_policy"]
+        self.ipcache = self.bpf[b"cg_ipcache"]
+        self.ct = self.bpf[b"cg_ct"]
+        self.config = self.bpf[b"cg_config"]
         self._ring: Any = None
         self._sink: Callable[[bytes], None] = lambda _raw: None
         log.info("datapath %s built in %.0f ms", self.revision[:12], self.compile_seconds * 1000)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,7 +16,10 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from datapath.errors import CellgateError, InvalidRequest
+from datapath.errors import CellgateError, InvalidRequest, NotFound
+from datapath.identity import FIRST_ALLOCATED
+from datapath.labels import Label
+from datapath.policy import parse_rules
 from plugin.api import views
 from plugin.monitor import EventHub
 from plugin.service import Agent
@@ -23,7 +27,7 @@ from plugin.service import Agent
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
-EVENT_TYPES = {"drop"}
+EVENT_TYPES = {"drop", "verdict", "trace"}
 
 
 def _json(payload: Any, status: int = 200) -> Response:
@@ -47,9 +51,40 @@ def _body() -> dict[str, Any]:
     return body
 
 
+def _labels_arg(text: str) -> list[Label] | None:
+    if not text.strip():
+        return None
+    try:
+        return [Label.parse(t.strip(), "unspec") for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+class _Tracers:
+    """Trace events cost; the datapath emits them only while a monitor asks for them."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            self._count += 1
+            if self._count == 1:
+                self._agent.set_trace(True)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._count -= 1
+            if self._count == 0:
+                self._agent.set_trace(False)
+
+
 def create_app(agent: Agent, hub: EventHub, info: Callable[[], dict[str, Any]]) -> Flask:
     app = Flask("cellgate.api")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    tracers = _Tracers(agent)
 
     @app.errorhandler(CellgateError)
     def cellgate_error(exc: CellgateError) -> Response:
@@ -85,7 +120,132 @@ def create_app(agent: Agent, hub: EventHub, info: Callable[[], dict[str, Any]]) 
 
     @app.get("/v1/endpoints/<ident>")
     def endpoint(ident: str) -> Response:
-        return _json(views.endpoint(agent.find_endpoint(ident)))
+        ep = agent.find_endpoint(ident)
+        realized = {
+            "enforcement": agent.policy.enforcement_of(ep),
+            "revision": agent.policy.realized_revision,
+            "entries": len(agent.policy.entries_of(ep.identity)),
+            "identity_labels": agent.policy.labels_of(ep.identity),
+        }
+        return _json(views.endpoint(ep, realized))
+
+    # -- policy -----------------------------------------------------------------------------
+
+    @app.post("/v1/policy")
+    def policy_import() -> Response:
+        body = _body()
+        if set(body) - {"rules"} or "rules" not in body:
+            raise InvalidRequest("send {\"rules\": [...]}")
+        revision = agent.policy_import(parse_rules(body["rules"]))
+        return _json({"revision": revision})
+
+    @app.get("/v1/policy")
+    def policy_get() -> Response:
+        labels = _labels_arg(request.args.get("labels", ""))
+        revision, _ = agent.policy.repository.snapshot()
+        rules = agent.policy.repository.select(labels)
+        if labels and not rules:
+            raise NotFound("no rule has labels " + request.args.get("labels", ""))
+        return _json({"revision": revision, "rules": [views.rule(r) for r in rules]})
+
+    @app.delete("/v1/policy")
+    def policy_delete() -> Response:
+        body = _body()
+        if set(body) - {"labels", "all"}:
+            raise InvalidRequest("send {\"labels\": [\"k=v\", ...]} or {\"all\": true}")
+        if body.get("all") is True:
+            revision, count = agent.policy_delete(None)
+        else:
+            raw = body.get("labels")
+            if not isinstance(raw, list) or not raw or not all(isinstance(x, str) for x in raw):
+                raise InvalidRequest("labels must be a non-empty list of key=value strings (or send all: true)")
+            revision, count = agent.policy_delete(_labels_arg(",".join(raw)))
+        return _json({"revision": revision, "deleted": count})
+
+    @app.get("/v1/policy/wait")
+    def policy_wait() -> Response:
+        try:
+            revision = int(request.args.get("revision", ""))
+            timeout = float(request.args.get("timeout", "30"))
+        except ValueError:
+            raise InvalidRequest("revision must be a number (and timeout seconds)") from None
+        deadline = time.monotonic() + min(max(timeout, 0.0), 300.0)
+        while agent.policy.realized_revision < revision:
+            if revision > agent.policy.repository.revision:
+                raise InvalidRequest(f"revision {revision} does not exist yet "
+                                     f"(latest is {agent.policy.repository.revision})")
+            if time.monotonic() >= deadline:
+                return _json({"error": f"revision {revision} not enforced yet", "status": 504}, 504)
+            time.sleep(0.05)
+        return _json({"revision": agent.policy.realized_revision, "endpoints": len(agent.endpoints)})
+
+    @app.post("/v1/policy/trace")
+    def policy_trace() -> Response:
+        body = _body()
+        unknown = set(body) - {"src", "dst", "dport"}
+        if unknown or not isinstance(body.get("src"), dict) or not isinstance(body.get("dst"), dict):
+            raise InvalidRequest('send {"src": {KIND: VALUE}, "dst": {KIND: VALUE}, "dport": "80/tcp"} '
+                                 "with KIND endpoint, identity or labels")
+        src, dst = (_party(body[side], side) for side in ("src", "dst"))
+        dport = body.get("dport") or ""
+        if not isinstance(dport, str):
+            raise InvalidRequest("dport must be a string like 80/tcp")
+        result = agent.trace(src, dst, dport)
+        return _json({
+            "lines": result.lines,
+            "verdict": "ALLOWED" if result.allowed else "DENIED",
+            "egress": _decision(result.egress),
+            "ingress": _decision(result.ingress),
+        })
+
+    def _party(spec: dict[str, Any], side: str) -> Any:
+        if len(spec) != 1:
+            raise InvalidRequest(f"{side}: give exactly one of endpoint, identity, labels")
+        ((kind, value),) = spec.items()
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise InvalidRequest(f"{side}.{kind}: must be a string")
+        return agent.party(kind, str(value))
+
+    def _decision(decision: Any) -> Any:
+        if decision is None:
+            return None
+        return {"allowed": decision.allowed, "rule": decision.rule,
+                "entry": decision.key.describe() if decision.key else None}
+
+    # -- identities and datapath state ------------------------------------------------------
+
+    @app.get("/v1/identities")
+    def identities() -> Response:
+        counts: dict[int, int] = {}
+        for ep in list(agent.endpoints.values()):
+            counts[ep.identity] = counts.get(ep.identity, 0) + 1
+        out = []
+        for number, labels in sorted(agent.policy.identities.all().items()):
+            out.append(views.identity(number, sorted(str(x) for x in labels), counts.get(number, 0),
+                                      number < FIRST_ALLOCATED))
+        return _json(out)
+
+    @app.get("/v1/identities/<int:number>")
+    def identity(number: int) -> Response:
+        labels = agent.policy.identities.labels_of(number)
+        if labels is None:
+            raise NotFound(f"unknown identity {number}")
+        owners = sum(1 for e in list(agent.endpoints.values()) if e.identity == number)
+        return _json(views.identity(number, sorted(str(x) for x in labels), owners, number < FIRST_ALLOCATED))
+
+    @app.get("/v1/bpf/policy/<ident>")
+    def bpf_policy(ident: str) -> Response:
+        ep = agent.find_endpoint(ident)
+        entries = [views.policy_entry(k, v, agent.policy.labels_of(k.peer) if k.peer else ["any"])
+                   for k, v in agent.policy.entries_of(ep.identity)]
+        return _json({"endpoint": ep.id, "identity": ep.identity, "entries": entries})
+
+    @app.get("/v1/bpf/ct")
+    def bpf_ct() -> Response:
+        now = time.monotonic_ns()
+        entries = [views.ct_entry(k, v, now) for k, v in agent.kernel.ct_entries()]
+        entries.sort(key=lambda e: (e["protocol"], e["src"], e["sport"], e["dst"], e["dport"]))
+        return _json(entries)
 
     @app.get("/v1/networks")
     def networks() -> Response:
@@ -125,12 +285,20 @@ def create_app(agent: Agent, hub: EventHub, info: Callable[[], dict[str, Any]]) 
         def accept(ev: dict[str, Any]) -> bool:
             if wanted and ev.get("type") != wanted:
                 return False
+            if not wanted and ev.get("type") == "trace":
+                return False  # traces only when asked for
             return not endpoint or str(ev.get("endpoint", "")).startswith(endpoint)
 
         def generate() -> Iterator[str]:
-            yield json.dumps({"type": "hello", "time": time.time()}) + "\n"
-            for ev in hub.stream(accept):
-                yield "\n" if ev is None else json.dumps(ev) + "\n"
+            if wanted == "trace":
+                tracers.start()
+            try:
+                yield json.dumps({"type": "hello", "time": time.time()}) + "\n"
+                for ev in hub.stream(accept):
+                    yield "\n" if ev is None else json.dumps(ev) + "\n"
+            finally:
+                if wanted == "trace":
+                    tracers.stop()
 
         return Response(generate(), mimetype="application/x-ndjson")
 

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import socket
 from typing import Any
 
 from datapath import reasons
 from datapath.model import Endpoint, Network
+from datapath.policy import Rule
+from datapath.policymap import PolicyKey, PolicyValue
 from ipam.allocator import CheckReport
 from ipam.pool import Pool
 
 
-def endpoint(ep: Endpoint) -> dict[str, Any]:
-    return {
+def endpoint(ep: Endpoint, policy: dict[str, Any] | None = None) -> dict[str, Any]:
+    view = {
         "id": ep.id,
         "network_id": ep.network_id,
         "interface": ep.host_ifname,
@@ -25,9 +30,13 @@ def endpoint(ep: Endpoint) -> dict[str, Any]:
         "sandbox": ep.sandbox,
         "state": "joined" if ep.sandbox else "created",
         "origin": ep.origin,
-        "labels": dict(ep.labels),
+        "labels": list(ep.labels),
+        "identity": ep.identity,
         "created": ep.created,
     }
+    if policy is not None:
+        view["policy"] = policy
+    return view
 
 
 def network(net: Network, endpoints: int) -> dict[str, Any]:
@@ -77,3 +86,60 @@ def counters(raw: dict[int, tuple[int, int]]) -> list[dict[str, Any]]:
          "packets": packets, "bytes": size}
         for code, (packets, size) in sorted(raw.items())
     ]
+
+
+def identity(number: int, labels: list[str], owners: int, reserved: bool) -> dict[str, Any]:
+    return {"id": number, "labels": labels, "endpoints": owners, "reserved": reserved}
+
+
+def policy_entry(key: PolicyKey, value: PolicyValue, peer_labels: list[str]) -> dict[str, Any]:
+    if key.any_proto:
+        proto, ports = "any", "any"
+    else:
+        proto = {6: "tcp", 17: "udp", 132: "sctp", 1: "icmp", 58: "icmpv6"}.get(key.proto, str(key.proto))
+        if key.port_bits == 0:
+            ports = "any"
+        else:
+            last = key.port | ((1 << (16 - key.port_bits)) - 1)
+            ports = str(key.port) if last == key.port else f"{key.port}-{last}"
+    return {
+        "direction": "egress" if key.egress else "ingress",
+        "peer": key.peer,
+        "peer_labels": peer_labels,
+        "protocol": proto,
+        "ports": ports,
+        "verdict": "deny" if value.deny else "allow",
+        "rule": value.rule,
+    }
+
+
+def rule(r: Rule) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "labels": [f"{lb.source}:{lb.key}={lb.value}" for lb in r.labels],
+        "description": r.description,
+        "rule": json.loads(r.raw),
+    }
+
+
+def ct_entry(key: Any, value: Any, now_ns: int) -> dict[str, Any]:
+    size = 4 if key.family == 4 else 16
+    src = ipaddress.ip_address(bytes(key.saddr)[:size])
+    dst = ipaddress.ip_address(bytes(key.daddr)[:size])
+    proto = {6: "tcp", 17: "udp", 132: "sctp", 1: "icmp", 58: "icmpv6"}.get(key.proto, str(key.proto))
+    flags = [name for bit, name in ((1, "replied"), (2, "fin-sent"), (4, "fin-received"), (8, "reset"))
+             if value.flags & bit]
+    return {
+        "protocol": proto,
+        "src": str(src),
+        "dst": str(dst),
+        "sport": socket.ntohs(key.sport),
+        "dport": socket.ntohs(key.dport),
+        "expires_in": round((value.expires - now_ns) / 1e9, 1),
+        "packets": value.packets,
+        "bytes": value.bytes,
+        "src_identity": value.src_identity,
+        "dst_identity": value.dst_identity,
+        "rule": value.rule,
+        "flags": flags,
+    }

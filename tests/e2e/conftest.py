@@ -74,7 +74,7 @@ def image(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> str:
 def agent(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
     name = "cgt" + secrets.token_hex(3)
     v4, v6, _ = unique_ranges()
-    a = Agent(tmp_path_factory.mktemp(name), name, v4, v6)
+    a = Agent(tmp_path_factory.mktemp(name), name, v4, v6, docker_host=f"unix://{dockerd.sock}")
     a.start()
     try:
         yield a

@@ -91,7 +91,7 @@ class Dockerd:
 class Agent:
     """A cellgate agent subprocess with its own instance name and paths."""
 
-    def __init__(self, base: Path, name: str, v4: str, v6: str) -> None:
+    def __init__(self, base: Path, name: str, v4: str, v6: str, docker_host: str = "") -> None:
         self.name = name
         self.base = base
         self.api = base / "api.sock"
@@ -101,6 +101,8 @@ class Agent:
         self.log = base / "agent.log"
         self.args = ["--name", name, "--socket", str(self.api), "--state-dir", str(self.state),
                      "--bpf-dir", str(self.bpf), "--ipv4-range", v4, "--ipv6-range", v6, "--sweep-interval", "2"]
+        if docker_host:
+            self.args += ["--docker-host", docker_host]
         self.v4, self.v6 = v4, v6
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -1,0 +1,135 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Identity-based policy: who the peer is (ipcache), and what the subject allows.
+ *
+ * decide() looks up the peer's own identity and the wildcard identity 0 in the LPM
+ * policy map; a deny from either wins, then an allow from either; no entry is a deny.
+ * datapath/policymap.py decide() is the same algorithm, which `policy trace` uses.
+ */
+#pragma once
+
+#include "lib/common.h"
+#include "lib/maps.h"
+#include "lib/events.h"
+#include "lib/conntrack.h"
+#include "lib/route.h"
+
+/* Identity of a non-endpoint address: host addresses and known prefixes; else world. */
+static __always_inline __u32 cg_ipcache_identity(__u8 family, const __u8 *addr)
+{
+	struct cg_ipcache_key key = {};
+	struct cg_ipcache_value *val;
+
+	key.family = family;
+	if (family == 4) {
+		key.prefixlen = 32 + 32;
+		__builtin_memcpy(key.addr, addr, 4);
+	} else {
+		key.prefixlen = 32 + 128;
+		__builtin_memcpy(key.addr, addr, 16);
+	}
+	val = cg_ipcache.lookup(&key);
+	return val ? val->identity : CG_ID_WORLD;
+}
+
+/* The identity of a sender reached through the host stack. */
+static __always_inline __u32 cg_peer_identity(__u8 family, const __u8 *addr)
+{
+	struct cg_endpoint *local = cg_lookup_ip(family, addr);
+
+	return local ? local->identity : cg_ipcache_identity(family, addr);
+}
+
+static __always_inline struct cg_policy_value *cg_policy_lpm(__u32 subject, __u32 peer, __u8 egress,
+							     __u8 proto, __be16 port)
+{
+	struct cg_policy_key key = {};
+
+	key.prefixlen = 96;
+	key.subject = subject;
+	key.peer = peer;
+	key.egress = egress;
+	key.proto = proto;
+	key.dport = port;
+	return cg_policy.lookup(&key);
+}
+
+/* 0 if allowed, else -DROP_POLICY or -DROP_POLICY_DENY; *rule names the deciding rule. */
+static __always_inline int cg_policy_decide(__u32 subject, __u8 egress, __u32 peer, const struct cg_flow *f,
+					    __u32 *rule)
+{
+	struct cg_policy_value *specific = NULL, *wildcard;
+	__be16 port = f->frag ? 0 : f->policy_port;
+
+	if (peer != CG_ID_ANY)
+		specific = cg_policy_lpm(subject, peer, egress, f->proto, port);
+	wildcard = cg_policy_lpm(subject, CG_ID_ANY, egress, f->proto, port);
+	if (specific && specific->deny) {
+		*rule = specific->rule;
+		return -DROP_POLICY_DENY;
+	}
+	if (wildcard && wildcard->deny) {
+		*rule = wildcard->rule;
+		return -DROP_POLICY_DENY;
+	}
+	if (specific) {
+		*rule = specific->rule;
+		return 0;
+	}
+	if (wildcard) {
+		*rule = wildcard->rule;
+		return 0;
+	}
+	*rule = 0;
+	return -DROP_POLICY;
+}
+
+/* Conntrack plus both sides of policy for one packet.
+ *
+ * `src_subject` / `dst_subject` say whether the sender's egress and the receiver's
+ * ingress apply (only local endpoints have policy). Replies and related ICMP of a
+ * tracked flow pass; new and established flows are checked on every packet, so a
+ * revoked rule stops a live flow on its next packet (and forgets it).
+ */
+static __always_inline int cg_policy_flow(struct __sk_buff *skb, struct cg_ctx *ctx, const struct cg_flow *f,
+					  int src_subject, int dst_subject)
+{
+	struct cg_ct_value *ct;
+	__u32 rule = 0;
+	int state, ret = 0;
+
+	state = cg_ct_lookup(f, &ct, skb);
+	ctx->ct_state = state;
+	if (state == CT_REPLY || state == CT_RELATED)
+		return 0;
+	if (src_subject) {
+		ret = cg_policy_decide(ctx->src_identity, 1, ctx->dst_identity, f, &rule);
+		ctx->side = 1;
+	}
+	if (ret == 0 && dst_subject) {
+		__u32 ingress_rule = 0;
+
+		ret = cg_policy_decide(ctx->dst_identity, 0, ctx->src_identity, f, &ingress_rule);
+		if (ret < 0 || !src_subject || !rule) {
+			rule = ingress_rule;
+			ctx->side = 0;
+		}
+	}
+	ctx->rule = rule;
+	if (ret < 0) {
+		if (f->frag && ret == -DROP_POLICY)
+			ret = -DROP_FRAG;
+		if (state == CT_ESTABLISHED)
+			cg_ct_delete(f);
+		else
+			cg_notify(skb, ctx, CG_EVENT_VERDICT, -ret);
+		return ret;
+	}
+	if (state == CT_NEW) {
+		ret = cg_ct_create(f, skb, ctx->src_identity, ctx->dst_identity, rule);
+		if (ret < 0)
+			return ret;
+		if (!f->frag)
+			cg_notify(skb, ctx, CG_EVENT_VERDICT, CG_OK_POLICY);
+	}
+	return 0;
+}

@@ -1,0 +1,191 @@
+"""Security identities: a number per distinct label set, plus the reserved ones. Pure.
+
+Same labels, same number, for as long as any endpoint holds it; the mapping is persisted
+so a restarted agent gives every label set its old number back. The last owner going
+away releases the number. Numbers below FIRST_ALLOCATED are reserved and never handed out.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from datapath.errors import AddressExhausted
+from datapath.labels import Label, LabelSet, canonical, reserved
+from ipam.store import DocumentStore
+
+log = logging.getLogger(__name__)
+
+ANY = 0
+HOST = 1
+WORLD = 2
+UNMANAGED = 3
+HEALTH = 4
+INIT = 5
+REMOTE_NODE = 6
+
+RESERVED = {
+    HOST: "host",
+    WORLD: "world",
+    UNMANAGED: "unmanaged",
+    HEALTH: "health",
+    INIT: "init",
+    REMOTE_NODE: "remote-node",
+}
+RESERVED_LABELS: dict[int, LabelSet] = {num: reserved(name) for num, name in RESERVED.items()}
+
+FIRST_ALLOCATED = 256
+LAST_ALLOCATED = 65535
+
+
+@dataclass
+class Identity:
+    number: int
+    labels: LabelSet
+    owners: set[str] = field(default_factory=set)
+
+    @property
+    def reserved(self) -> bool:
+        return self.number < FIRST_ALLOCATED
+
+    def to_doc(self) -> dict[str, object]:
+        return {
+            "version": 1,
+            "id": self.number,
+            "labels": [str(label) for label in sorted(self.labels)],
+            "owners": sorted(self.owners),
+        }
+
+
+class Identities:
+    """Allocator and registry of identities on this host."""
+
+    def __init__(self, store: DocumentStore) -> None:
+        self._store = store
+        self._lock = threading.RLock()
+        self._by_number: dict[int, Identity] = {}
+        self._by_labels: dict[str, Identity] = {}
+        for _, doc in store.load():
+            try:
+                number = int(doc["id"])
+                labels = frozenset(Label.parse(str(t)) for t in doc["labels"])
+                owners = {str(o) for o in doc.get("owners", [])}
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("skipping unreadable identity document: %s", exc)
+                continue
+            if not FIRST_ALLOCATED <= number <= LAST_ALLOCATED:
+                continue
+            ident = Identity(number, labels, owners)
+            self._by_number[number] = ident
+            self._by_labels[canonical(labels)] = ident
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def labels_of(self, number: int) -> LabelSet | None:
+        if number in RESERVED_LABELS:
+            return RESERVED_LABELS[number]
+        with self._lock:
+            ident = self._by_number.get(number)
+            return ident.labels if ident else None
+
+    def number_of(self, labels: LabelSet) -> int | None:
+        for number, rl in RESERVED_LABELS.items():
+            if rl == labels:
+                return number
+        with self._lock:
+            ident = self._by_labels.get(canonical(labels))
+            return ident.number if ident else None
+
+    def all(self) -> dict[int, LabelSet]:
+        """Every identity known here, reserved ones included."""
+        with self._lock:
+            out = dict(RESERVED_LABELS)
+            out.update({n: i.labels for n, i in self._by_number.items()})
+            return out
+
+    def allocated(self) -> list[Identity]:
+        with self._lock:
+            return [Identity(i.number, i.labels, set(i.owners)) for i in sorted(self._by_number.values(),
+                                                                                key=lambda x: x.number)]
+
+    # -- changes ----------------------------------------------------------------------------
+
+    def acquire(self, labels: LabelSet, owner: str) -> int:
+        """The number for `labels`, held by `owner` until released."""
+        with self._lock:
+            ident = self._by_labels.get(canonical(labels))
+            if ident is None:
+                ident = Identity(self._next_number(), labels, {owner})
+                self._store.put(str(ident.number), ident.to_doc())
+                self._by_number[ident.number] = ident
+                self._by_labels[canonical(labels)] = ident
+                log.info("identity %d allocated for %s", ident.number, ", ".join(str(x) for x in sorted(labels)))
+            elif owner not in ident.owners:
+                updated = Identity(ident.number, ident.labels, ident.owners | {owner})
+                self._store.put(str(ident.number), updated.to_doc())
+                ident.owners.add(owner)
+            return ident.number
+
+    def release(self, owner: str) -> list[int]:
+        """Drop every hold of `owner`; returns the numbers that no one holds any more."""
+        freed = []
+        with self._lock:
+            for ident in list(self._by_number.values()):
+                if owner not in ident.owners:
+                    continue
+                if len(ident.owners) == 1:
+                    self._store.delete(str(ident.number))
+                    del self._by_number[ident.number]
+                    del self._by_labels[canonical(ident.labels)]
+                    freed.append(ident.number)
+                    log.info("identity %d released", ident.number)
+                else:
+                    updated = Identity(ident.number, ident.labels, ident.owners - {owner})
+                    self._store.put(str(ident.number), updated.to_doc())
+                    ident.owners.discard(owner)
+        return freed
+
+    def release_one(self, owner: str, number: int) -> bool:
+        """Drop `owner`'s hold on one identity (its labels changed); True if it was freed."""
+        with self._lock:
+            ident = self._by_number.get(number)
+            if ident is None or owner not in ident.owners:
+                return False
+            if len(ident.owners) == 1:
+                self._store.delete(str(number))
+                del self._by_number[number]
+                del self._by_labels[canonical(ident.labels)]
+                log.info("identity %d released", number)
+                return True
+            updated = Identity(ident.number, ident.labels, ident.owners - {owner})
+            self._store.put(str(number), updated.to_doc())
+            ident.owners.discard(owner)
+            return False
+
+    def sync_owners(self, holders: Mapping[str, LabelSet]) -> list[int]:
+        """Make ownership match the live endpoints exactly (after a restart); returns freed numbers."""
+        with self._lock:
+            for owner, labels in holders.items():
+                self.acquire(labels, owner)
+            live = set(holders)
+            freed: list[int] = []
+            for ident in list(self._by_number.values()):
+                for stale in ident.owners - live:
+                    freed.extend(self.release(stale))
+            return freed
+
+    def _next_number(self) -> int:
+        used = self._by_number
+        start = max(used, default=FIRST_ALLOCATED - 1) + 1
+        span = LAST_ALLOCATED - FIRST_ALLOCATED + 1
+        for step in range(span):
+            number = FIRST_ALLOCATED + (start - FIRST_ALLOCATED + step) % span
+            if number not in used:
+                return number
+        raise AddressExhausted("no free identity number left")
+
+
+def reserved_names() -> Iterable[str]:
+    return RESERVED.values()

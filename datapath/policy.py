@@ -1,0 +1,455 @@
+"""The policy language (Cilium-compatible) parsed into frozen values, and the repository. Pure.
+
+Parsing is strict: an unknown key, a bad port or an unsupported feature is an error that
+names the rule and the field (`rule 3: ingress[0]: unknown field 'fromEndpoint'`), and a
+failed import leaves the repository as it was. Input is already-decoded JSON/YAML data.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from datapath.errors import InvalidRequest, NotFound
+from datapath.labels import ANY, Label, LabelSet
+from ipam.store import DocumentStore
+
+# -- selectors -------------------------------------------------------------------------------
+
+OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+
+
+@dataclass(frozen=True)
+class Requirement:
+    source: str
+    key: str
+    operator: str
+    values: tuple[str, ...] = ()
+
+    def _found(self, labels: LabelSet) -> list[str]:
+        return [lb.value for lb in labels if lb.key == self.key and self.source in (ANY, lb.source)]
+
+    def matches(self, labels: LabelSet) -> bool:
+        found = self._found(labels)
+        if self.operator == "Exists":
+            return bool(found)
+        if self.operator == "DoesNotExist":
+            return not found
+        if self.operator == "In":
+            return any(v in self.values for v in found)
+        return not any(v in self.values for v in found)  # NotIn: absent keys match too
+
+
+@dataclass(frozen=True)
+class Selector:
+    requirements: tuple[Requirement, ...] = ()
+    text: str = "{}"  # canonical JSON of what the user wrote, for traces and errors
+
+    def matches(self, labels: LabelSet) -> bool:
+        return all(r.matches(labels) for r in self.requirements)
+
+    @property
+    def wildcard(self) -> bool:
+        return not self.requirements
+
+
+def parse_selector(raw: Any, where: str) -> Selector:
+    if not isinstance(raw, dict):
+        raise InvalidRequest(f"{where}: a selector must be an object")
+    _only(raw, ("matchLabels", "matchExpressions"), where)
+    reqs: list[Requirement] = []
+    labels = raw.get("matchLabels") or {}
+    if not isinstance(labels, dict):
+        raise InvalidRequest(f"{where}.matchLabels: must be an object of key: value")
+    for key, value in labels.items():
+        if not isinstance(value, (str, int, bool)) or isinstance(value, bool):
+            raise InvalidRequest(f"{where}.matchLabels.{key}: value must be a string")
+        label = _selector_key(str(key), f"{where}.matchLabels")
+        reqs.append(Requirement(label.source, label.key, "In", (str(value),)))
+    exprs = raw.get("matchExpressions") or []
+    if not isinstance(exprs, list):
+        raise InvalidRequest(f"{where}.matchExpressions: must be a list")
+    for i, expr in enumerate(exprs):
+        w = f"{where}.matchExpressions[{i}]"
+        if not isinstance(expr, dict):
+            raise InvalidRequest(f"{w}: must be an object")
+        _only(expr, ("key", "operator", "values"), w)
+        if not isinstance(expr.get("key"), str) or not expr["key"]:
+            raise InvalidRequest(f"{w}.key: required")
+        op = expr.get("operator")
+        if op not in OPERATORS:
+            raise InvalidRequest(f"{w}.operator: must be one of {', '.join(OPERATORS)}")
+        values = expr.get("values") or []
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise InvalidRequest(f"{w}.values: must be a list of strings")
+        if op in ("In", "NotIn") and not values:
+            raise InvalidRequest(f"{w}.values: {op} needs at least one value")
+        if op in ("Exists", "DoesNotExist") and values:
+            raise InvalidRequest(f"{w}.values: {op} takes no values")
+        label = _selector_key(expr["key"], w)
+        reqs.append(Requirement(label.source, label.key, op, tuple(values)))
+    return Selector(tuple(reqs), json.dumps(raw, sort_keys=True, separators=(",", ":")))
+
+
+def _selector_key(text: str, where: str) -> Label:
+    try:
+        return Label.parse(text)
+    except ValueError as exc:
+        raise InvalidRequest(f"{where}: {exc}") from None
+
+
+# -- rules -----------------------------------------------------------------------------------
+
+ENTITIES = ("host", "world", "all", "init", "cluster", "remote-node", "unmanaged")
+PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132, "ICMP": 1, "ICMPV6": 58, "ANY": 0}
+PORTED = (6, 17, 132)
+MAX_PORTS = 40  # per port rule, as Cilium
+NOT_YET = {
+    "fromCIDR": "CIDR rules", "fromCIDRSet": "CIDR rules", "toCIDR": "CIDR rules", "toCIDRSet": "CIDR rules",
+    "toServices": "service rules", "toFQDNs": "FQDN rules", "fromNodes": "node rules", "toNodes": "node rules",
+    "icmps": "ICMP field rules (use toPorts with protocol ICMP and the type as port)",
+    "fromGroups": "group rules", "toGroups": "group rules", "authentication": "authentication",
+}
+
+
+@dataclass(frozen=True)
+class PortRange:
+    protocol: int  # IPPROTO_*, 0 = any
+    first: int  # 0 = every port (or every ICMP type)
+    last: int
+
+    def __str__(self) -> str:
+        proto = next((k for k, v in PROTOCOLS.items() if v == self.protocol), str(self.protocol))
+        if self.first == 0:
+            return proto if self.protocol else "ANY"
+        ports = str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+        return f"{ports}/{proto}"
+
+
+@dataclass(frozen=True)
+class PeerRule:
+    """One entry of ingress/egress/ingressDeny/egressDeny."""
+
+    endpoints: tuple[Selector, ...] = ()
+    requires: tuple[Selector, ...] = ()
+    entities: tuple[str, ...] = ()
+    ports: tuple[PortRange, ...] = ()  # empty: every port and protocol
+
+    @property
+    def has_l3(self) -> bool:
+        """Names its peers. Without them, ports apply to any peer, and no ports means nothing."""
+        return bool(self.endpoints or self.entities)
+
+
+@dataclass(frozen=True)
+class Rule:
+    selector: Selector
+    ingress: tuple[PeerRule, ...] = ()
+    egress: tuple[PeerRule, ...] = ()
+    ingress_deny: tuple[PeerRule, ...] = ()
+    egress_deny: tuple[PeerRule, ...] = ()
+    labels: tuple[Label, ...] = ()
+    description: str = ""
+    raw: str = ""  # canonical JSON of the rule as given
+    id: int = 0  # assigned by the repository
+
+    @property
+    def name(self) -> str:
+        if self.labels:
+            return ",".join(f"{lb.key}={lb.value}" for lb in self.labels)
+        return f"rule {self.id}"
+
+
+RULE_FIELDS = ("endpointSelector", "ingress", "egress", "ingressDeny", "egressDeny", "labels", "description")
+
+
+def parse_rules(data: Any) -> list[Rule]:
+    """Rules from decoded JSON/YAML: a list of rules, one rule, or CiliumNetworkPolicy objects."""
+    docs = data if isinstance(data, list) else [data]
+    rules: list[Rule] = []
+    for i, doc in enumerate(docs):
+        if isinstance(doc, dict) and ("spec" in doc or "specs" in doc or "kind" in doc):
+            rules.extend(_parse_crd(doc, i))
+        else:
+            rules.append(parse_rule(doc, f"rule {i}"))
+    if not rules:
+        raise InvalidRequest("the policy holds no rules")
+    return rules
+
+
+def _parse_crd(doc: dict[str, Any], index: int) -> list[Rule]:
+    where = f"policy {index}"
+    _only(doc, ("apiVersion", "kind", "metadata", "spec", "specs"), where)
+    kind = doc.get("kind", "CiliumNetworkPolicy")
+    if kind not in ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy"):
+        raise InvalidRequest(f"{where}: unsupported kind {kind!r}")
+    name = (doc.get("metadata") or {}).get("name", "")
+    specs = [doc["spec"]] if "spec" in doc else list(doc.get("specs") or [])
+    out = []
+    for j, spec in enumerate(specs):
+        rule = parse_rule(spec, f"{where} spec {j}")
+        if name and not rule.labels:
+            rule = Rule(**{**rule.__dict__, "labels": (Label("unspec", "name", str(name)),)})
+        out.append(rule)
+    return out
+
+
+def parse_rule(raw: Any, where: str) -> Rule:
+    if not isinstance(raw, dict):
+        raise InvalidRequest(f"{where}: must be an object")
+    _only(raw, RULE_FIELDS, where)
+    if "endpointSelector" not in raw or raw["endpointSelector"] is None:
+        raise InvalidRequest(f"{where}: endpointSelector is required")
+    selector = parse_selector(raw["endpointSelector"], f"{where}: endpointSelector")
+    parts: dict[str, tuple[PeerRule, ...]] = {}
+    for key, egress in (("ingress", False), ("egress", True), ("ingressDeny", False), ("egressDeny", True)):
+        value = raw.get(key)
+        if value is None:
+            parts[key] = ()
+            continue
+        if not isinstance(value, list):
+            raise InvalidRequest(f"{where}: {key} must be a list")
+        parts[key] = tuple(_peer_rule(p, f"{where}: {key}[{j}]", egress, key.endswith("Deny"))
+                           for j, p in enumerate(value))
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise InvalidRequest(f"{where}: description must be a string")
+    return Rule(
+        selector=selector,
+        ingress=parts["ingress"],
+        egress=parts["egress"],
+        ingress_deny=parts["ingressDeny"],
+        egress_deny=parts["egressDeny"],
+        labels=_rule_labels(raw.get("labels"), where),
+        description=description,
+        raw=json.dumps(raw, sort_keys=True, separators=(",", ":")),
+    )
+
+
+def _rule_labels(raw: Any, where: str) -> tuple[Label, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise InvalidRequest(f"{where}: labels must be a list")
+    out = []
+    for i, item in enumerate(raw):
+        if isinstance(item, str):
+            try:
+                label = Label.parse(item, "unspec")
+            except ValueError as exc:
+                raise InvalidRequest(f"{where}: labels[{i}]: {exc}") from None
+        elif isinstance(item, dict):
+            _only(item, ("key", "value", "source"), f"{where}: labels[{i}]")
+            if not isinstance(item.get("key"), str) or not item["key"]:
+                raise InvalidRequest(f"{where}: labels[{i}].key is required")
+            label = Label(str(item.get("source") or "unspec"), item["key"], str(item.get("value", "")))
+        else:
+            raise InvalidRequest(f"{where}: labels[{i}] must be an object or 'key=value'")
+        out.append(label)
+    return tuple(sorted(out))
+
+
+def _peer_rule(raw: Any, where: str, egress: bool, deny: bool) -> PeerRule:
+    if not isinstance(raw, dict):
+        raise InvalidRequest(f"{where}: must be an object")
+    prefix = "to" if egress else "from"
+    allowed = (f"{prefix}Endpoints", f"{prefix}Requires", f"{prefix}Entities", "toPorts")
+    for key in raw:
+        if key in NOT_YET or key.replace("from", "to", 1) in NOT_YET:
+            raise InvalidRequest(f"{where}: {key}: {NOT_YET.get(key) or NOT_YET[key.replace('from', 'to', 1)]} "
+                                 "are not supported yet")
+    _only(raw, allowed, where)
+    endpoints = _selectors(raw.get(f"{prefix}Endpoints"), f"{where}.{prefix}Endpoints")
+    requires = _selectors(raw.get(f"{prefix}Requires"), f"{where}.{prefix}Requires")
+    if deny and requires:
+        raise InvalidRequest(f"{where}: {prefix}Requires is not allowed in a deny rule")
+    entities_raw = raw.get(f"{prefix}Entities")
+    entities: tuple[str, ...] = ()
+    if entities_raw is not None:
+        if not isinstance(entities_raw, list):
+            raise InvalidRequest(f"{where}.{prefix}Entities: must be a list")
+        for e in entities_raw:
+            if e not in ENTITIES:
+                raise InvalidRequest(f"{where}.{prefix}Entities: unknown entity {e!r} "
+                                     f"(known: {', '.join(ENTITIES)})")
+        entities = tuple(entities_raw)
+    if raw.get(f"{prefix}Endpoints") is not None and entities_raw is not None:
+        raise InvalidRequest(f"{where}: combining {prefix}Endpoints and {prefix}Entities is not supported")
+    ports = _ports(raw.get("toPorts"), f"{where}.toPorts")
+    return PeerRule(endpoints, requires, entities, ports)
+
+
+def _selectors(raw: Any, where: str) -> tuple[Selector, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise InvalidRequest(f"{where}: must be a list of selectors")
+    return tuple(parse_selector(s, f"{where}[{i}]") for i, s in enumerate(raw))
+
+
+def _ports(raw: Any, where: str) -> tuple[PortRange, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise InvalidRequest(f"{where}: must be a list")
+    out: list[PortRange] = []
+    for i, pr in enumerate(raw):
+        w = f"{where}[{i}]"
+        if not isinstance(pr, dict):
+            raise InvalidRequest(f"{w}: must be an object")
+        if pr.get("rules"):
+            raise InvalidRequest(f"{w}.rules: L7 rules (http, kafka, dns) are not supported yet")
+        if "listener" in pr or "originatingTLS" in pr or "terminatingTLS" in pr or "serverNames" in pr:
+            raise InvalidRequest(f"{w}: L7 listeners and TLS are not supported yet")
+        _only(pr, ("ports", "rules"), w)
+        ports = pr.get("ports")
+        if not isinstance(ports, list) or not ports:
+            raise InvalidRequest(f"{w}.ports: must be a non-empty list")
+        if len(ports) > MAX_PORTS:
+            raise InvalidRequest(f"{w}.ports: at most {MAX_PORTS} ports per rule")
+        for j, p in enumerate(ports):
+            out.extend(_port(p, f"{w}.ports[{j}]"))
+    return tuple(out)
+
+
+def _port(raw: Any, where: str) -> list[PortRange]:
+    if not isinstance(raw, dict):
+        raise InvalidRequest(f"{where}: must be an object")
+    _only(raw, ("port", "endPort", "protocol"), where)
+    proto_name = str(raw.get("protocol") or "ANY").upper()
+    if proto_name not in PROTOCOLS:
+        raise InvalidRequest(f"{where}.protocol: must be one of TCP, UDP, SCTP, ICMP, ICMPv6, ANY")
+    proto = PROTOCOLS[proto_name]
+    port_raw = raw.get("port", 0)
+    if isinstance(port_raw, bool) or not isinstance(port_raw, (int, str)):
+        raise InvalidRequest(f"{where}.port: must be a number")
+    if isinstance(port_raw, str):
+        if not port_raw.isdigit():
+            raise InvalidRequest(f"{where}.port: {port_raw!r} is not a port number (named ports are not supported)")
+        port_raw = int(port_raw)
+    limit = 255 if proto in (1, 58) else 65535
+    if not 0 <= port_raw <= limit:
+        raise InvalidRequest(f"{where}.port: must be between 1 and {limit}")
+    end = raw.get("endPort")
+    if end is None or end == 0:
+        end = port_raw
+    elif isinstance(end, bool) or not isinstance(end, int) or not port_raw <= end <= limit or port_raw == 0:
+        raise InvalidRequest(f"{where}.endPort: must be between port ({port_raw}) and {limit}")
+    if proto == 0 and port_raw:
+        return [PortRange(p, port_raw, end) for p in PORTED]
+    return [PortRange(proto, port_raw, end)]
+
+
+def _only(raw: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
+    for key in raw:
+        if key not in allowed:
+            hint = _closest(key, allowed)
+            raise InvalidRequest(f"{where}: unknown field {key!r}" + (f" (did you mean {hint!r}?)" if hint else ""))
+
+
+def _closest(key: str, allowed: Sequence[str]) -> str | None:
+    import difflib
+
+    found = difflib.get_close_matches(key, allowed, n=1, cutoff=0.7)
+    return found[0] if found else None
+
+
+# -- repository ------------------------------------------------------------------------------
+
+
+@dataclass
+class Repository:
+    """The rules in force, with a revision that grows on every change. Persisted whole."""
+
+    store: DocumentStore | None = None
+    rules: list[Rule] = field(default_factory=list)
+    revision: int = 0
+    _next_id: int = 1
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+
+    KEY = "policy"
+
+    def __post_init__(self) -> None:
+        if self.store is None:
+            return
+        for _, doc in self.store.load():
+            if doc.get("kind") != "policy":
+                continue
+            self.revision = int(doc.get("revision", 0))
+            self._next_id = int(doc.get("next_id", 1))
+            rules = []
+            for item in doc.get("rules", []):
+                rule = parse_rule(json.loads(item["raw"]), f"stored rule {item['id']}")
+                rules.append(Rule(**{**rule.__dict__, "id": int(item["id"])}))
+            self.rules = rules
+
+    def _persist(self, rules: list[Rule], revision: int, next_id: int) -> None:
+        if self.store is not None:
+            self.store.put(self.KEY, {
+                "version": 1, "kind": "policy", "revision": revision, "next_id": next_id,
+                "rules": [{"id": r.id, "raw": r.raw} for r in rules],
+            })
+
+    def snapshot(self) -> tuple[int, list[Rule]]:
+        with self._lock:
+            return self.revision, list(self.rules)
+
+    def add(self, new: Iterable[Rule]) -> int:
+        """Add rules; a rule with the same labels as an existing one replaces it, and an
+        identical unlabelled rule is not added twice. Returns the new revision."""
+        with self._lock:
+            rules = list(self.rules)
+            next_id = self._next_id
+            for rule in new:
+                if rule.labels:
+                    rules = [r for r in rules if r.labels != rule.labels]
+                elif any(r.raw == rule.raw for r in rules):
+                    continue
+                rules.append(Rule(**{**rule.__dict__, "id": next_id}))
+                next_id += 1
+            return self._commit(rules, next_id)
+
+    def delete(self, labels: Sequence[Label] | None) -> tuple[int, int]:
+        """Delete rules whose labels include all of `labels` (None: every rule); (revision, count)."""
+        with self._lock:
+            if labels is None:
+                keep: list[Rule] = []
+            else:
+                wanted = set(labels)
+                keep = [r for r in self.rules if not wanted <= _label_match_set(r.labels, wanted)]
+            removed = len(self.rules) - len(keep)
+            if labels is not None and removed == 0:
+                raise NotFound("no rule has labels " + ", ".join(f"{lb.key}={lb.value}" for lb in labels))
+            return self._commit(keep, self._next_id), removed
+
+    def select(self, labels: Sequence[Label] | None) -> list[Rule]:
+        with self._lock:
+            if not labels:
+                return list(self.rules)
+            wanted = set(labels)
+            return [r for r in self.rules if wanted <= _label_match_set(r.labels, wanted)]
+
+    def _commit(self, rules: list[Rule], next_id: int) -> int:
+        revision = self.revision + 1
+        self._persist(rules, revision, next_id)
+        self.rules, self.revision, self._next_id = rules, revision, next_id
+        return revision
+
+    def copy(self) -> Repository:
+        with self._lock:
+            return Repository(None, copy.copy(self.rules), self.revision, self._next_id)
+
+
+def _label_match_set(rule_labels: Iterable[Label], wanted: set[Label]) -> set[Label]:
+    """Rule labels as they compare with query labels (a query without source matches any)."""
+    out = set()
+    for lb in rule_labels:
+        out.add(lb)
+        for w in wanted:
+            if w.source in (ANY, "unspec") and w.key == lb.key and w.value == lb.value:
+                out.add(w)
+    return out

@@ -1,0 +1,253 @@
+"""Compile policy rules into policy-map entries, and decide a packet exactly as the kernel does.
+
+Pure. The kernel map is an LPM trie keyed by (subject, peer, direction, protocol, port
+prefix); the datapath looks up the peer's identity and the wildcard peer (0) and takes
+deny over allow, allow over nothing. `decide` below is that same algorithm, so
+`policy trace` and the tests can predict the datapath exactly.
+
+Wildcards are single entries: "port 80 from anyone" is one key with peer 0, never one
+key per identity. Only selectors that name labels enumerate the identities they match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from datapath import identity as ids
+from datapath.labels import LabelSet
+from datapath.policy import PeerRule, PortRange, Rule
+
+ENFORCEMENT_MODES = ("default", "always", "never")
+
+
+@dataclass(frozen=True, order=True)
+class PolicyKey:
+    subject: int
+    egress: bool
+    peer: int  # identity, 0 = any
+    proto: int  # IPPROTO_*; ignored when any_proto
+    port: int  # port, or ICMP type; only its first port_bits bits count
+    port_bits: int = 0
+    any_proto: bool = False
+
+    @property
+    def prefixlen(self) -> int:
+        """Bits of the 96-bit LPM data (subject, peer, direction, protocol, port) that count."""
+        return 72 if self.any_proto else 80 + self.port_bits
+
+    def covers(self, other: PolicyKey) -> bool:
+        """Whether every packet matching `other` also matches this key (same subject/peer/direction)."""
+        if (self.subject, self.egress, self.peer) != (other.subject, other.egress, other.peer):
+            return False
+        if self.any_proto:
+            return True
+        if other.any_proto or self.proto != other.proto or self.port_bits > other.port_bits:
+            return False
+        shift = 16 - self.port_bits
+        return (self.port >> shift) == (other.port >> shift) if self.port_bits else True
+
+    def describe(self) -> str:
+        peer = "any" if self.peer == ids.ANY else str(self.peer)
+        if self.any_proto:
+            what = "any"
+        elif self.port_bits == 0:
+            what = _proto_name(self.proto)
+        elif self.port_bits == 16:
+            what = f"{self.port}/{_proto_name(self.proto)}"
+        else:
+            last = self.port | ((1 << (16 - self.port_bits)) - 1)
+            what = f"{self.port}-{last}/{_proto_name(self.proto)}"
+        return f"{'egress' if self.egress else 'ingress'} {peer} {what}"
+
+
+@dataclass(frozen=True)
+class PolicyValue:
+    deny: bool
+    rule: int  # rule id; 0 = default (not enforced)
+
+
+Entries = dict[PolicyKey, PolicyValue]
+
+
+def _proto_name(proto: int) -> str:
+    return {6: "tcp", 17: "udp", 132: "sctp", 1: "icmp", 58: "icmpv6"}.get(proto, str(proto))
+
+
+def port_prefixes(first: int, last: int) -> list[tuple[int, int]]:
+    """The fewest (port, significant bits) blocks that cover first..last exactly."""
+    if first == 0:
+        return [(0, 0)]
+    out = []
+    start = first
+    while start <= last:
+        size = start & -start if start else 1 << 16
+        while start + size - 1 > last:
+            size >>= 1
+        out.append((start, 16 - size.bit_length() + 1))
+        start += size
+    return out
+
+
+# -- compile ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Enforcement:
+    ingress: bool
+    egress: bool
+
+
+def enforcement(labels_number: int, labels: LabelSet, rules: Iterable[Rule], mode: str) -> Enforcement:
+    """Whether a subject is default-deny in each direction."""
+    if mode == "never":
+        return Enforcement(False, False)
+    if mode == "always":
+        return Enforcement(True, True)
+    rules = list(rules)
+    if labels_number == ids.INIT and rules:
+        return Enforcement(True, True)  # labels not known yet: closed until they are
+    selected = [r for r in rules if r.selector.matches(labels)]
+    return Enforcement(any(r.ingress for r in selected), any(r.egress for r in selected))
+
+
+def _peers(pr: PeerRule, identities: Mapping[int, LabelSet]) -> set[int]:
+    peers: set[int] = set()
+    for sel in pr.endpoints:
+        if sel.wildcard:
+            return {ids.ANY}
+        peers.update(n for n, labels in identities.items() if sel.matches(labels))
+    for entity in pr.entities:
+        if entity == "all":
+            return {ids.ANY}
+        if entity == "cluster":
+            peers.update(n for n in identities if n != ids.WORLD)
+        else:
+            peers.add({"host": ids.HOST, "world": ids.WORLD, "init": ids.INIT,
+                       "remote-node": ids.REMOTE_NODE, "unmanaged": ids.UNMANAGED}[entity])
+    if not pr.has_l3 and pr.ports:
+        return {ids.ANY}
+    return peers
+
+
+def _keys(subject: int, egress: bool, peer: int, ports: Iterable[PortRange]) -> list[PolicyKey]:
+    ports = list(ports)
+    if not ports:
+        return [PolicyKey(subject, egress, peer, 0, 0, 0, any_proto=True)]
+    out = []
+    for pr in ports:
+        if pr.protocol == 0:
+            out.append(PolicyKey(subject, egress, peer, 0, 0, 0, any_proto=True))
+            continue
+        for port, bits in port_prefixes(pr.first, pr.last):
+            out.append(PolicyKey(subject, egress, peer, pr.protocol, port, bits))
+    return out
+
+
+def compile_subject(
+    subject: int,
+    labels: LabelSet,
+    rules: list[Rule],
+    identities: Mapping[int, LabelSet],
+    mode: str = "default",
+) -> Entries:
+    """Every policy-map entry for one subject identity."""
+    entries: Entries = {}
+    enf = enforcement(subject, labels, rules, mode)
+    if mode == "never":
+        for egress in (False, True):
+            entries[PolicyKey(subject, egress, ids.ANY, 0, 0, 0, True)] = PolicyValue(False, 0)
+        return entries
+    selected = [r for r in rules if r.selector.matches(labels)]
+    for egress, enforced in ((False, enf.ingress), (True, enf.egress)):
+        if not enforced:
+            entries[PolicyKey(subject, egress, ids.ANY, 0, 0, 0, True)] = PolicyValue(False, 0)
+        denies: Entries = {}
+        for rule in selected:
+            for pr in rule.egress if egress else rule.ingress:
+                for peer in _peers(pr, identities):
+                    for key in _keys(subject, egress, peer, pr.ports):
+                        entries.setdefault(key, PolicyValue(False, rule.id))
+            for pr in rule.egress_deny if egress else rule.ingress_deny:
+                for peer in _peers(pr, identities):
+                    for key in _keys(subject, egress, peer, pr.ports):
+                        denies.setdefault(key, PolicyValue(True, rule.id))
+            requires = [s for pr in (rule.egress if egress else rule.ingress) for s in pr.requires]
+            if requires:
+                for number, peer_labels in identities.items():
+                    if not all(s.matches(peer_labels) for s in requires):
+                        key = PolicyKey(subject, egress, number, 0, 0, 0, True)
+                        denies.setdefault(key, PolicyValue(True, rule.id))
+        for key, value in denies.items():
+            entries[key] = value  # deny wins over an allow on the same key
+        _drop_covered_allows(entries, denies)
+    return entries
+
+
+def _drop_covered_allows(entries: Entries, denies: Entries) -> None:
+    """An allow inside a broader deny of the same peer would shadow it in an LPM lookup."""
+    if not denies:
+        return
+    by_group: dict[tuple[int, bool, int], list[PolicyKey]] = {}
+    for key in denies:
+        by_group.setdefault((key.subject, key.egress, key.peer), []).append(key)
+    for key, value in list(entries.items()):
+        if value.deny:
+            continue
+        for deny in by_group.get((key.subject, key.egress, key.peer), ()):
+            if deny != key and deny.covers(key):
+                del entries[key]
+                break
+
+
+def compile_all(
+    subjects: Mapping[int, LabelSet],
+    rules: list[Rule],
+    identities: Mapping[int, LabelSet],
+    mode: str = "default",
+) -> Entries:
+    entries: Entries = {}
+    for number, labels in subjects.items():
+        entries.update(compile_subject(number, labels, rules, identities, mode))
+    return entries
+
+
+# -- decide (the datapath's algorithm) -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    key: PolicyKey | None  # the entry that decided; None = no entry (default deny)
+    value: PolicyValue | None
+
+    @property
+    def rule(self) -> int:
+        return self.value.rule if self.value else 0
+
+
+def _lpm(entries: Mapping[PolicyKey, PolicyValue], subject: int, egress: bool, peer: int,
+         proto: int, port: int) -> tuple[PolicyKey, PolicyValue] | None:
+    for bits in range(16, -1, -1):
+        masked = (port >> (16 - bits) << (16 - bits)) if bits else 0
+        key = PolicyKey(subject, egress, peer, proto, masked, bits)
+        if key in entries:
+            return key, entries[key]
+    key = PolicyKey(subject, egress, peer, 0, 0, 0, True)
+    if key in entries:
+        return key, entries[key]
+    return None
+
+
+def decide(entries: Mapping[PolicyKey, PolicyValue], subject: int, egress: bool, peer: int,
+           proto: int, port: int) -> Decision:
+    """What the kernel decides for a packet of a new or established flow."""
+    specific = _lpm(entries, subject, egress, peer, proto, port) if peer != ids.ANY else None
+    wildcard = _lpm(entries, subject, egress, ids.ANY, proto, port)
+    for hit in (specific, wildcard):
+        if hit and hit[1].deny:
+            return Decision(False, *hit)
+    for hit in (specific, wildcard):
+        if hit:
+            return Decision(True, *hit)
+    return Decision(False, None, None)
