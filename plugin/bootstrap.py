@@ -189,8 +189,9 @@ class Runtime:
         for server in self.servers:
             server.stop()
         self.watcher.stop()
-        for t in threads:
-            t.join(timeout=2.0)
+        deadline = time.monotonic() + 1.0
+        for t in threads[:2]:  # the Docker watcher may sit in a blocking read; it is a daemon thread
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
         self.kernel.close()
         self.datapath.close()
         return 0
