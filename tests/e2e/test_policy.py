@@ -242,3 +242,21 @@ def test_policy_errors_change_nothing(world: World, agent: Agent, tmp_path: Path
     assert agent.json("policy", "get") == before
     assert not world.tcp("other", "backend", 80)
     assert agent.cli("policy", "check", str(bad), check=False).returncode == 1
+
+
+def test_a_container_cannot_claim_a_reserved_or_foreign_source(world: World, agent: Agent,
+                                                                tmp_path: Path) -> None:
+    rule = tmp_path / "host-only.yaml"
+    rule.write_text("- labels: [{key: name, value: host-only}]\n"
+                    "  endpointSelector: {matchLabels: {app: backend}}\n"
+                    "  ingress: [{fromEndpoints: [{matchLabels: {'reserved:host': ''}}]}]\n")
+    agent.cli("policy", "import", str(rule))
+    forger = world.scene.run(world.net, "-l", "reserved:host=", "-l", "k8s:app=backend", "-l", "app=forger")
+    eid = world.scene.d.inspect(forger)["NetworkSettings"]["Networks"][world.net]["EndpointID"]
+    ep = wait_until(lambda: (e := agent.json("endpoint", "get", eid))["labels"] and e, 20, "labels")
+    assert "container:app=forger" in ep["labels"]
+    assert not any(x.startswith(("reserved:", "k8s:", "container:reserved", "container:k8s")) for x in ep["labels"])
+    assert ep["identity"] >= 256
+    out = world.scene.exec(forger, "nc", "-w", "1", world.ip["backend"], "80", check=False)
+    assert "hello" not in out.stdout  # not the host, whatever its labels say
+    assert world.host_tcp("backend", 80)  # the real host is
