@@ -169,11 +169,14 @@ class Identities:
         with self._lock:
             for owner, labels in holders.items():
                 self.acquire(labels, owner)
-            live = set(holders)
             freed: list[int] = []
             for ident in list(self._by_number.values()):
-                for stale in ident.owners - live:
-                    freed.extend(self.release(stale))
+                key = canonical(ident.labels)
+                for owner in sorted(ident.owners):
+                    # gone, or live but with other labels now (a crash between acquire and release)
+                    stale = owner not in holders or canonical(holders[owner]) != key
+                    if stale and self.release_one(owner, ident.number):
+                        freed.append(ident.number)
             return freed
 
     def _next_number(self) -> int:

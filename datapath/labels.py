@@ -77,8 +77,9 @@ def render(labels: LabelSet) -> list[str]:
 def from_runtime(raw: Mapping[str, str], source: str, exclude: Iterable[str] = DEFAULT_EXCLUDE) -> LabelSet:
     """Labels a runtime reports for a workload, under that runtime's source.
 
-    Keys that name a source themselves, excluded prefixes, and oversized entries are left
-    out (and logged); so is anything past MAX_LABELS, in key order, so the result is stable.
+    Keys that name a source themselves, excluded prefixes, keys with '=' (the text form
+    could not be read back) and oversized entries are left out (and logged); so is
+    anything past MAX_LABELS, in key order, so the result is stable.
     """
     prefixes = tuple(exclude)
     out: list[Label] = []
@@ -92,6 +93,9 @@ def from_runtime(raw: Mapping[str, str], source: str, exclude: Iterable[str] = D
             continue
         if not key or len(key) > MAX_KEY or len(value) > MAX_VALUE or "\0" in key or "\0" in value:
             log.warning("ignoring label %r: empty, oversized or containing NUL", key[:64])
+            continue
+        if "=" in key:  # `source:key=value` could not be read back: it would become another label
+            log.warning("ignoring label %r: '=' in a key", key[:64])
             continue
         if len(out) == MAX_LABELS:
             log.warning("ignoring labels past the first %d", MAX_LABELS)

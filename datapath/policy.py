@@ -187,7 +187,10 @@ def _parse_crd(doc: dict[str, Any], index: int) -> list[Rule]:
     kind = doc.get("kind", "CiliumNetworkPolicy")
     if kind not in ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy"):
         raise InvalidRequest(f"{where}: unsupported kind {kind!r}")
-    name = (doc.get("metadata") or {}).get("name", "")
+    metadata = doc.get("metadata") or {}
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("name", ""), str):
+        raise InvalidRequest(f"{where}: metadata must be an object with a string name")
+    name = metadata.get("name", "")
     specs = [doc["spec"]] if "spec" in doc else list(doc.get("specs") or [])
     out = []
     for j, spec in enumerate(specs):
@@ -328,7 +331,7 @@ def _port(raw: Any, where: str) -> list[PortRange]:
     if isinstance(port_raw, bool) or not isinstance(port_raw, (int, str)):
         raise InvalidRequest(f"{where}.port: must be a number")
     if isinstance(port_raw, str):
-        if not port_raw.isdigit():
+        if not (port_raw.isascii() and port_raw.isdigit()):
             raise InvalidRequest(f"{where}.port: {port_raw!r} is not a port number (named ports are not supported)")
         port_raw = int(port_raw)
     limit = 255 if proto in (1, 58) else 65535
@@ -402,12 +405,14 @@ class Repository:
         """Add rules; a rule with the same labels as an existing one replaces it, and an
         identical unlabelled rule is not added twice. Returns the new revision."""
         with self._lock:
-            rules = list(self.rules)
+            new = list(new)
+            # Only rules already in force are replaced: rules of one import never replace each
+            # other (several rules may share labels, e.g. the specs of one CRD).
+            replaced = {rule.labels for rule in new if rule.labels}
+            rules = [r for r in self.rules if r.labels not in replaced]
             next_id = self._next_id
             for rule in new:
-                if rule.labels:
-                    rules = [r for r in rules if r.labels != rule.labels]
-                elif any(r.raw == rule.raw for r in rules):
+                if not rule.labels and any(r.raw == rule.raw for r in rules):
                     continue
                 rules.append(Rule(**{**rule.__dict__, "id": next_id}))
                 next_id += 1
@@ -415,6 +420,8 @@ class Repository:
 
     def delete(self, labels: Sequence[Label] | None) -> tuple[int, int]:
         """Delete rules whose labels include all of `labels` (None: every rule); (revision, count)."""
+        if labels is not None and not labels:
+            raise InvalidRequest("give at least one label to delete by (deleting every rule is explicit)")
         with self._lock:
             if labels is None:
                 keep: list[Rule] = []

@@ -106,7 +106,8 @@ def _side(result: TraceResult, subject: Party, peer: Party, egress: bool, rules:
         denies = rule.egress_deny if egress else rule.ingress_deny
         if not allows and not denies:
             continue
-        lines.append(f"  * {rule.name} selects it ({rule.selector.text})")
+        title = f"rule {rule.id} ({rule.name})" if rule.labels else f"rule {rule.id}"
+        lines.append(f"  * {title} selects it ({rule.selector.text})")
         for pr in allows:
             peer_ok, port_ok = _peer_matches(pr, peer), _port_matches(pr.ports, proto, port)
             verdict = "matches" if peer_ok and port_ok else ("port does not match" if peer_ok else "peer not matched")

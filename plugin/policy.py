@@ -74,7 +74,16 @@ class PolicyState:
         upserts = {k: v for k, v in want.items() if self.applied.get(k) != v}
         deletes = [k for k in self.applied if k not in want] if delete else []
         if upserts or deletes:
-            self.kernel.policy_update(upserts, deletes)
+            try:
+                self.kernel.policy_update(upserts, deletes)
+            except Exception:
+                # Part of the batch may be in: learn what the map holds, so that the next
+                # sync (the caller's rollback) repairs it instead of trusting a stale view.
+                try:
+                    self.load()
+                except Exception as exc:  # the original error is the one to report
+                    log.error("cannot read the policy map back: %s", exc)
+                raise
             self.applied.update(upserts)
             for key in deletes:
                 del self.applied[key]
@@ -88,10 +97,10 @@ class PolicyState:
         candidate.add(rules)
         try:
             self.sync(endpoints, candidate.rules)
+            revision = self.repository.add(rules)
         except Exception:
             self.sync(endpoints)  # put back what the old rules say
             raise
-        revision = self.repository.add(rules)
         self.realized_revision = revision
         log.info("policy revision %d: %d rules imported", revision, len(rules))
         return revision
@@ -101,10 +110,10 @@ class PolicyState:
         candidate.delete(labels)  # raises NotFound before anything changes
         try:
             self.sync(endpoints, candidate.rules)
+            revision, count = self.repository.delete(labels)
         except Exception:
             self.sync(endpoints)
             raise
-        revision, count = self.repository.delete(labels)
         self.realized_revision = revision
         log.info("policy revision %d: %d rules deleted", revision, count)
         return revision, count

@@ -278,12 +278,26 @@ class Agent:
             if ep.labels_known and ep.labels == rendered:
                 return ep
             old = ep.identity
-            ep = self._update(self._with_identity(ep, labels, source))
+            try:
+                ep = self._update(self._with_identity(ep, labels, source))
+            except CellgateError:
+                self._drop_new_identity(ep.id, from_runtime(labels, source), old)
+                raise
             if old not in (ep.identity, ids.INIT):
                 self.policy.identities.release_one(ep.id, old)
             self.policy.sync(self.endpoints.values())
             log.info("endpoint %s has identity %d (%s)", ep.id[:12], ep.identity, ", ".join(ep.labels) or "no labels")
             return ep
+
+    def _drop_new_identity(self, owner: str, labels: LabelSet, old: int) -> None:
+        """Undo the hold a failed set_labels took (the endpoint keeps `old`), and its entries."""
+        number = self.policy.identities.number_of(labels)
+        if number is None or number == old or not self.policy.identities.release_one(owner, number):
+            return
+        try:
+            self.policy.sync(self.endpoints.values())
+        except CellgateError as exc:
+            log.error("cannot remove the policy of identity %d: %s", number, exc)
 
     def endpoint(self, endpoint_id: str) -> Endpoint:
         ep = self.endpoints.get(endpoint_id)
@@ -388,6 +402,7 @@ class Agent:
                          len(change.remove), len(change.change), len(change.add))
                 self.kernel.apply(change)
             self.policy.sync(self.endpoints.values())
+            self.policy.realized_revision = self.policy.repository.revision  # the map enforces it now
             report.changes = len(change.remove) + len(change.change) + len(change.add)
             report.endpoints = len(self.endpoints)
             report.networks = len(self.networks)

@@ -157,9 +157,11 @@ def create_app(agent: Agent, hub: EventHub, info: Callable[[], dict[str, Any]]) 
             revision, count = agent.policy_delete(None)
         else:
             raw = body.get("labels")
-            if not isinstance(raw, list) or not raw or not all(isinstance(x, str) for x in raw):
+            labels = _labels_arg(",".join(raw)) if isinstance(raw, list) and all(isinstance(x, str) for x in raw) \
+                else None
+            if not labels:  # never None here: that would delete every rule
                 raise InvalidRequest("labels must be a non-empty list of key=value strings (or send all: true)")
-            revision, count = agent.policy_delete(_labels_arg(",".join(raw)))
+            revision, count = agent.policy_delete(labels)
         return _json({"revision": revision, "deleted": count})
 
     @app.get("/v1/policy/wait")
@@ -169,6 +171,8 @@ def create_app(agent: Agent, hub: EventHub, info: Callable[[], dict[str, Any]]) 
             timeout = float(request.args.get("timeout", "30"))
         except ValueError:
             raise InvalidRequest("revision must be a number (and timeout seconds)") from None
+        if not math.isfinite(timeout):  # NaN would never pass the deadline
+            raise InvalidRequest("timeout must be a finite number of seconds")
         deadline = time.monotonic() + min(max(timeout, 0.0), 300.0)
         while agent.policy.realized_revision < revision:
             if revision > agent.policy.repository.revision:

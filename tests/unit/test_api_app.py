@@ -1,4 +1,4 @@
-"""The agent's REST API through Flask's test client: views, problems, and /v1/ipam/check validation."""
+"""The agent's REST API through Flask's test client: views, problems, validation, policy and identities."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
+from datapath.policymap import PolicyKey, PolicyValue
 from ipam.allocator import LOCAL_SPACE, PoolRequest
+from plugin.api import app as api_app
 from plugin.monitor import EventHub
 from plugin.service import Agent
 from tests.unit.helpers import FakeClock, hexid, snapshot
@@ -203,3 +205,276 @@ def test_oversized_body_is_a_413_problem(api: FlaskClient) -> None:
 def test_unknown_monitor_type_is_a_400_problem(api: FlaskClient) -> None:
     status, body = get(api, "/v1/monitor?type=bogus")
     assert status == 400 and "unknown event type" in body["error"]
+
+
+# -- policy, trace, identities, datapath state --------------------------------------------------
+
+WEB_FROM_DB = {"labels": ["name=web"], "endpointSelector": {"matchLabels": {"app": "web"}},
+               "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "db"}}],
+                            "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]}]}
+DB_OUT = {"labels": ["name=db", "team=x"], "endpointSelector": {"matchLabels": {"app": "db"}}, "egress": [{}]}
+
+
+def call(api: FlaskClient, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+    data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
+    resp = api.open(path, method=method, data=data)
+    assert resp.mimetype == "application/json"
+    return resp.status_code, json.loads(resp.data)
+
+
+@pytest.fixture
+def labelled(agent: Agent, populated: Any) -> dict[str, int]:
+    web = agent.set_labels(EP1, {"app": "web"}).identity
+    db = agent.set_labels(EP2, {"app": "db"}).identity
+    return {"web": web, "db": db}
+
+
+def policy_state(agent: Agent) -> tuple[Any, ...]:
+    fake = agent.kernel
+    return agent.policy.repository.snapshot(), dict(fake.policy), agent.policy.realized_revision  # type: ignore[attr-defined]
+
+
+def test_policy_import_get_and_delete(api: FlaskClient, agent: Agent, labelled: dict[str, int]) -> None:
+    assert call(api, "POST", "/v1/policy", {"rules": [WEB_FROM_DB, DB_OUT]}) == (200, {"revision": 1})
+    key = PolicyKey(labelled["web"], False, labelled["db"], 6, 80, 16)
+    assert agent.kernel.policy[key] == PolicyValue(False, 1)  # type: ignore[attr-defined]
+    status, body = call(api, "GET", "/v1/policy")
+    assert status == 200 and body["revision"] == 1
+    assert [(r["id"], r["labels"], r["rule"]) for r in body["rules"]] == [
+        (1, ["unspec:name=web"], WEB_FROM_DB), (2, ["unspec:name=db", "unspec:team=x"], DB_OUT)]
+    status, body = call(api, "GET", "/v1/policy?labels=team=x")
+    assert status == 200 and [r["id"] for r in body["rules"]] == [2]
+    status, body = call(api, "GET", "/v1/policy?labels=team=y")
+    assert status == 404 and "team=y" in body["error"]
+
+    assert call(api, "DELETE", "/v1/policy", {"labels": ["name=web"]}) == (200, {"revision": 2, "deleted": 1})
+    assert key not in agent.kernel.policy  # type: ignore[attr-defined]
+    assert call(api, "DELETE", "/v1/policy", {"all": True}) == (200, {"revision": 3, "deleted": 1})
+    assert agent.policy.repository.rules == []
+
+
+def test_policy_import_accepts_a_crd(api: FlaskClient, agent: Agent) -> None:
+    crd = {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy", "metadata": {"name": "p"},
+           "spec": {"endpointSelector": {}, "egress": [{}]}}
+    assert call(api, "POST", "/v1/policy", {"rules": crd})[0] == 200
+    assert call(api, "GET", "/v1/policy?labels=name=p")[1]["rules"][0]["labels"] == ["unspec:name=p"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        (b"{", "malformed JSON"),
+        (b'{"rules": [{"endpointSelector": {}, "ingress": [{"toPorts": [{"ports": [{"port": NaN}]}]}]}]}',
+         "NaN is not valid JSON"),
+        (b'{"rules": [{"endpointSelector": {"matchLabels": {"a": Infinity}}}]}', "Infinity is not valid JSON"),
+        (b"[]", "must be a JSON object"),
+        (b"", 'send {"rules": [...]}'),
+        (b'{"rule": []}', 'send {"rules": [...]}'),
+        (b'{"rules": [], "force": true}', 'send {"rules": [...]}'),
+        (b'{"rules": []}', "the policy holds no rules"),
+        (b'{"rules": [{"endpointSelector": {}, "ingres": []}]}', "rule 0: unknown field 'ingres'"),
+        (b'{"rules": [{"endpointSelector": {}}, {"endpointSelector": {}, "ingress": [{"toPorts": '
+         b'[{"ports": [{"port": "99999"}]}]}]}]}', "rule 1: ingress[0].toPorts[0].ports[0].port"),
+        (b'{"rules": [{"endpointSelector": {}, "egress": [{"toCIDR": ["1.1.1.1/32"]}]}]}', "not supported yet"),
+        (b'{"rules": {"kind": "CiliumNetworkPolicy", "metadata": "p", "spec": {"endpointSelector": {}}}}',
+         "metadata must be an object"),
+    ],
+)
+def test_policy_import_errors_change_nothing(api: FlaskClient, agent: Agent, labelled: Any, raw: bytes,
+                                             fragment: str) -> None:
+    call(api, "POST", "/v1/policy", {"rules": [DB_OUT]})
+    before = policy_state(agent)
+    status, problem = call(api, "POST", "/v1/policy", raw=raw)
+    assert (status, problem["status"]) == (400, 400)
+    assert fragment in problem["error"]
+    assert policy_state(agent) == before
+
+
+def test_a_kernel_failure_during_import_is_a_problem_and_changes_nothing(
+    api: FlaskClient, agent: Agent, labelled: Any
+) -> None:
+    before = policy_state(agent)
+    agent.kernel.fail_policy = True  # type: ignore[attr-defined]
+    status, problem = call(api, "POST", "/v1/policy", {"rules": [WEB_FROM_DB]})
+    assert status >= 500 and problem["status"] == status
+    assert policy_state(agent) == before
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({"labels": [""]}, 400, "non-empty list"),  # must not mean "every rule"
+        ({"labels": [",", " "]}, 400, "non-empty list"),
+        ({"labels": []}, 400, "non-empty list"),
+        ({"labels": "name=db"}, 400, "non-empty list"),
+        ({"labels": [1]}, 400, "non-empty list"),
+        ({}, 400, "non-empty list"),
+        ({"all": "yes"}, 400, "non-empty list"),
+        ({"labels": ["=x"]}, 400, "empty key"),
+        ({"lables": ["name=db"]}, 400, 'send {"labels"'),
+        ({"labels": ["name=nope"]}, 404, "no rule has labels name=nope"),
+    ],
+)
+def test_policy_delete_errors_change_nothing(api: FlaskClient, agent: Agent, body: Any, status: int,
+                                             fragment: str) -> None:
+    call(api, "POST", "/v1/policy", {"rules": [WEB_FROM_DB, DB_OUT]})
+    before = policy_state(agent)
+    got, problem = call(api, "DELETE", "/v1/policy", body)
+    assert (got, problem["status"]) == (status, status)
+    assert fragment in problem["error"]
+    assert policy_state(agent) == before
+
+
+@pytest.fixture
+def no_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """/v1/policy/wait must answer these without sleeping: a sleep fails the request (500) instead of hanging."""
+
+    def sleep(seconds: float) -> None:
+        raise AssertionError(f"the handler slept {seconds} s")
+
+    monkeypatch.setattr(api_app.time, "sleep", sleep)
+
+
+@pytest.mark.usefixtures("no_waiting")
+def test_policy_wait(api: FlaskClient, agent: Agent) -> None:
+    assert call(api, "GET", "/v1/policy/wait?revision=0") == (200, {"revision": 0, "endpoints": 0})
+    call(api, "POST", "/v1/policy", {"rules": [DB_OUT]})
+    assert call(api, "GET", "/v1/policy/wait?revision=1") == (200, {"revision": 1, "endpoints": 0})
+    status, problem = call(api, "GET", "/v1/policy/wait?revision=2&timeout=0")
+    assert status == 400 and "revision 2 does not exist yet (latest is 1)" in problem["error"]
+
+
+@pytest.mark.usefixtures("no_waiting")
+def test_policy_wait_times_out_for_a_revision_not_enforced_yet(api: FlaskClient, agent: Agent) -> None:
+    call(api, "POST", "/v1/policy", {"rules": [DB_OUT]})
+    agent.policy.realized_revision = 0  # as if it were still being written
+    status, problem = call(api, "GET", "/v1/policy/wait?revision=1&timeout=0")
+    assert (status, problem["status"]) == (504, 504) and "not enforced yet" in problem["error"]
+
+
+@pytest.mark.parametrize("query", ["", "revision=abc", "revision=1.5", "revision=1&timeout=x",
+                                   "revision=1&timeout=nan", "revision=1&timeout=inf"])
+@pytest.mark.usefixtures("no_waiting")
+def test_policy_wait_validates_its_query(api: FlaskClient, agent: Agent, query: str) -> None:
+    call(api, "POST", "/v1/policy", {"rules": [DB_OUT]})
+    agent.policy.realized_revision = 0  # a bad timeout must not turn into an endless wait
+    status, problem = call(api, "GET", f"/v1/policy/wait?{query}")
+    assert (status, problem["status"]) == (400, 400)
+
+
+def test_trace(api: FlaskClient, agent: Agent, labelled: dict[str, int]) -> None:
+    call(api, "POST", "/v1/policy", {"rules": [WEB_FROM_DB]})
+    status, body = call(api, "POST", "/v1/policy/trace",
+                        {"src": {"endpoint": EP2}, "dst": {"labels": "app=web"}, "dport": "80/tcp"})
+    assert status == 200 and body["verdict"] == "ALLOWED"
+    assert body["ingress"] == {"allowed": True, "rule": 1, "entry": f"ingress {labelled['db']} 80/tcp"}
+    assert body["egress"] == {"allowed": True, "rule": 0, "entry": "egress any any"}
+    assert body["lines"][-1] == "Final verdict: ALLOWED"
+    status, body = call(api, "POST", "/v1/policy/trace",
+                        {"src": {"identity": 1}, "dst": {"endpoint": "10.1.0.2"}, "dport": "81/tcp"})
+    assert status == 200 and body["verdict"] == "DENIED" and body["egress"] is None
+    assert body["ingress"] == {"allowed": False, "rule": 0, "entry": None}
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "fragment"),
+    [
+        (b"{", 400, "malformed JSON"),
+        (b'{"src": {"identity": NaN}, "dst": {"identity": 1}}', 400, "NaN is not valid JSON"),
+        (b'{"src": {"identity": 1}}', 400, "send {"),
+        (b'{"src": "app=web", "dst": {"identity": 1}}', 400, "send {"),
+        (b'{"src": {"identity": 1}, "dst": {"identity": 1}, "port": "80"}', 400, "send {"),
+        (b'{"src": {}, "dst": {"identity": 1}}', 400, "src: give exactly one of"),
+        (b'{"src": {"identity": 1, "labels": "a=b"}, "dst": {"identity": 1}}', 400, "src: give exactly one"),
+        (b'{"src": {"identity": 1}, "dst": {"identity": true}}', 400, "dst.identity: must be a string"),
+        (b'{"src": {"identity": 1}, "dst": {"identity": 1.5}}', 400, "dst.identity: must be a string"),
+        (b'{"src": {"identity": "abc"}, "dst": {"identity": 1}}', 400, "identity must be a number"),
+        (b'{"src": {"pod": "x"}, "dst": {"identity": 1}}', 400, "unknown trace party kind 'pod'"),
+        (b'{"src": {"identity": 1}, "dst": {"identity": 4242}}', 404, "unknown identity 4242"),
+        (b'{"src": {"endpoint": "ffff"}, "dst": {"identity": 1}}', 404, "no endpoint matches"),
+        (b'{"src": {"endpoint": "abcd"}, "dst": {"identity": 1}}', 400, "matches 2 endpoints"),
+        (b'{"src": {"labels": ""}, "dst": {"identity": 1}}', 400, "at least one label"),
+        (b'{"src": {"identity": 1}, "dst": {"identity": 2}, "dport": 80}', 400, "dport must be a string"),
+        (b'{"src": {"identity": 1}, "dst": {"identity": 2}, "dport": "80/xtp"}', 400, "unknown protocol"),
+        (b'{"src": {"identity": 1}, "dst": {"identity": 2}, "dport": "http"}', 400, "bad port"),
+    ],
+)
+def test_trace_errors(api: FlaskClient, labelled: Any, raw: bytes, status: int, fragment: str) -> None:
+    got, problem = call(api, "POST", "/v1/policy/trace", raw=raw)
+    assert (got, problem["status"]) == (status, status)
+    assert fragment in problem["error"]
+
+
+def test_identities(api: FlaskClient, agent: Agent, labelled: dict[str, int]) -> None:
+    agent.join(NET, EP2, "/var/run/docker/netns/def")
+    status, body = call(api, "GET", "/v1/identities")
+    assert status == 200
+    by_id = {i["id"]: i for i in body}
+    assert by_id[1] == {"id": 1, "labels": ["reserved:host"], "endpoints": 0, "reserved": True}
+    assert by_id[5]["labels"] == ["reserved:init"] and by_id[5]["endpoints"] == 0
+    assert by_id[labelled["web"]] == {"id": labelled["web"], "labels": ["container:app=web"], "endpoints": 1,
+                                      "reserved": False}
+    assert [i["id"] for i in body] == sorted(by_id)
+    assert call(api, "GET", f"/v1/identities/{labelled['db']}") == (
+        200, {"id": labelled["db"], "labels": ["container:app=db"], "endpoints": 1, "reserved": False})
+    assert call(api, "GET", "/v1/identities/2")[1]["labels"] == ["reserved:world"]
+    status, problem = call(api, "GET", "/v1/identities/4242")
+    assert status == 404 and problem["error"] == "unknown identity 4242"
+    for path in ("/v1/identities/abc", "/v1/identities/-1", "/v1/identities/0"):
+        assert call(api, "GET", path)[0] == 404
+
+
+def test_endpoint_view_has_its_policy(api: FlaskClient, labelled: dict[str, int]) -> None:
+    call(api, "POST", "/v1/policy", {"rules": [WEB_FROM_DB]})
+    status, body = call(api, "GET", f"/v1/endpoints/{EP1}")
+    assert status == 200 and body["identity"] == labelled["web"] and body["labels"] == ["container:app=web"]
+    assert body["policy"] == {"enforcement": {"ingress": True, "egress": False}, "revision": 1, "entries": 2,
+                              "identity_labels": ["container:app=web"]}
+
+
+def test_bpf_policy(api: FlaskClient, labelled: dict[str, int]) -> None:
+    call(api, "POST", "/v1/policy", {"rules": [WEB_FROM_DB]})
+    status, body = call(api, "GET", "/v1/bpf/policy/abcd1")
+    assert status == 200 and (body["endpoint"], body["identity"]) == (EP1, labelled["web"])
+    assert sorted(body["entries"], key=lambda e: e["direction"]) == [
+        {"direction": "egress", "peer": 0, "peer_labels": ["any"], "protocol": "any", "ports": "any",
+         "verdict": "allow", "rule": 0},
+        {"direction": "ingress", "peer": labelled["db"], "peer_labels": ["container:app=db"], "protocol": "tcp",
+         "ports": "80", "verdict": "allow", "rule": 1},
+    ]
+    assert call(api, "GET", "/v1/bpf/policy/ffff")[0] == 404
+
+
+def test_bpf_ct_of_the_fake_is_empty(api: FlaskClient) -> None:
+    assert call(api, "GET", "/v1/bpf/ct") == (200, [])
+
+
+EVENTS = [{"type": "drop", "endpoint": EP1}, {"type": "verdict", "endpoint": EP1},
+          {"type": "trace", "endpoint": EP2}, {"type": "drop", "endpoint": EP2}]
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("", [EVENTS[0], EVENTS[1], EVENTS[3]]),  # traces only when asked for
+        ("?type=drop", [EVENTS[0], EVENTS[3]]),
+        ("?type=verdict", [EVENTS[1]]),
+        ("?type=trace", [EVENTS[2]]),
+        ("?type=drop&endpoint=abcd2", [EVENTS[3]]),
+    ],
+)
+def test_monitor_filters_and_turns_traces_on_only_while_watched(
+    api: FlaskClient, agent: Agent, hub: EventHub, monkeypatch: pytest.MonkeyPatch, query: str, expected: list[Any]
+) -> None:
+    def stream(accept: Any, heartbeat: float = 2.0) -> Any:
+        assert agent.kernel.config[0] is (query == "?type=trace")  # type: ignore[attr-defined]
+        yield None  # a heartbeat
+        yield from (ev for ev in EVENTS if accept(ev))
+
+    monkeypatch.setattr(hub, "stream", stream)
+    resp = api.get(f"/v1/monitor{query}")
+    assert resp.status_code == 200 and resp.mimetype == "application/x-ndjson"
+    lines = resp.get_data(as_text=True).split("\n")
+    assert json.loads(lines[0])["type"] == "hello" and lines[1] == ""
+    assert [json.loads(x) for x in lines[2:] if x] == expected
+    assert agent.kernel.config[0] is False  # type: ignore[attr-defined]

@@ -66,14 +66,19 @@ EVENT_FIELDS = [
     "dmac",
     "saddr",
     "daddr",
+    "rule",
+    "ct_state",
+    "side",
+    "pad",
 ]
+PACKED = [f for f in EVENT_FIELDS if f != "pad"]  # padding takes no value in struct.pack
 
 
 def test_event_struct_matches_maps_h() -> None:
     c_layout = c_struct_layout((BPF_LIB / "maps.h").read_text(), "cg_event")
     assert [f for f, _, _ in c_layout[:-1]] == EVENT_FIELDS
     assert py_struct_layout(events.EVENT, EVENT_FIELDS) == c_layout
-    assert events.EVENT_SIZE == 80
+    assert events.EVENT_SIZE == 88
 
 
 def test_layout_parser_applies_c_alignment() -> None:
@@ -82,7 +87,7 @@ def test_layout_parser_applies_c_alignment() -> None:
 
 
 def record(**fields: Any) -> bytes:
-    """An 80-byte struct cg_event, little-endian as the kernel writes it on x86 and arm64."""
+    """An 88-byte struct cg_event, little-endian as the kernel writes it on x86 and arm64."""
     values = {
         "ts_ns": 0,
         "type": 1,
@@ -101,9 +106,12 @@ def record(**fields: Any) -> bytes:
         "dmac": b"\x02\x00\x00\x00\x00\x02",
         "saddr": bytes(16),
         "daddr": bytes(16),
+        "rule": 0,
+        "ct_state": 0,
+        "side": 0,
     }
     values.update(fields)
-    return events.EVENT.pack(*(values[name] for name in EVENT_FIELDS))
+    return events.EVENT.pack(*(values[name] for name in PACKED))
 
 
 def v4(text: str) -> bytes:
@@ -125,7 +133,7 @@ def test_decode_tcp_over_ipv4() -> None:
         saddr=v4("10.1.0.2"),
         daddr=v4("10.1.0.3"),
     )
-    assert len(raw) == 80
+    assert len(raw) == 88
     assert events.decode(raw, boot_offset=100.0) == {
         "time": 101.5,
         "type": "drop",
@@ -192,9 +200,9 @@ def test_udp_over_ipv6_summary_brackets_addresses() -> None:
     assert events.summary(ev) == "[fd00::2]:5353 -> [fd00::1]:53 udp"
 
 
-@pytest.mark.parametrize("size", [0, 40, 79])
+@pytest.mark.parametrize("size", [0, 40, 80, 87])
 def test_short_records_are_refused(size: int) -> None:
-    with pytest.raises(ValueError, match="expected 80"):
+    with pytest.raises(ValueError, match="expected 88"):
         events.decode(record()[:size])
 
 
@@ -202,10 +210,55 @@ def test_format_line() -> None:
     ev = events.decode(record(l4proto=1, sport=8, dport=0, saddr=v4("10.1.0.2"), daddr=v4("8.8.8.8")))
     ev["time"] = 1_700_000_000.25
     line = events.format_line(ev)
-    assert line.startswith(time.strftime("%H:%M:%S", time.localtime(ev["time"])) + ".250 drop  if7 ")
-    assert line.endswith(" from-endpoint " + "invalid source MAC".ljust(32) + " 10.1.0.2 -> 8.8.8.8 icmp type 8 code 0")
+    assert line == (time.strftime("%H:%M:%S", time.localtime(ev["time"])) + ".250 drop    if7          from-endpoint "
+                    + "invalid source MAC".ljust(36) + " 10.1.0.2 -> 8.8.8.8 icmp type 8 code 0")
+    assert "identity" not in line  # a non-policy drop of unidentified traffic: no identity part
     ev["endpoint"] = "abcdef0123456789"
     assert " abcdef012345 from-endpoint " in events.format_line(ev)
+
+
+def test_non_policy_drops_carry_no_policy_fields() -> None:
+    ev = events.decode(record(reason=132, rule=9, ct_state=1, side=1))
+    assert not {"rule", "ct_state", "side", "verdict"} & set(ev)
+
+
+def test_policy_drop_carries_rule_state_and_side() -> None:
+    ev = events.decode(record(reason=181, rule=7, ct_state=0, side=1, src_identity=256, dst_identity=257,
+                              l4proto=6, sport=40000, dport=80, saddr=v4("10.1.0.2"), daddr=v4("10.1.0.3")))
+    assert (ev["type"], ev["reason"], ev["rule"], ev["ct_state"], ev["side"]) == (
+        "drop", "policy denied by a deny rule", 7, "new", "egress")
+    assert "verdict" not in ev
+    line = events.format_line(ev)
+    assert "policy denied by a deny rule (rule 7)" in line
+    assert line.endswith("10.1.0.2:40000 -> 10.1.0.3:80 tcp  identity 256 -> 257")
+    ev["src_labels"] = ["container:app=a"]
+    assert events.format_line(ev).endswith("identity 256 [container:app=a] -> 257")
+
+
+@pytest.mark.parametrize(
+    ("reason", "rule", "side", "verdict", "what"),
+    [
+        (7, 3, 0, "allowed", "allowed by ingress rule 3"),
+        (7, 0, 1, "allowed", "allowed by egress default"),
+        (133, 0, 0, "denied", "denied by ingress default"),
+        (181, 4, 1, "denied", "denied by egress rule 4"),
+    ],
+)
+def test_verdict_events(reason: int, rule: int, side: int, verdict: str, what: str) -> None:
+    ev = events.decode(record(type=2, reason=reason, rule=rule, side=side, ct_state=0, src_identity=5,
+                              dst_identity=300))
+    assert (ev["type"], ev["verdict"], ev["rule"]) == ("verdict", verdict, rule)
+    line = events.format_line(ev)
+    assert f" {what} " in line and line.endswith("identity 5 -> 300")
+
+
+@pytest.mark.parametrize(("state", "name"), [(0, "new"), (1, "established"), (2, "reply"), (3, "related"), (9, "9")])
+def test_trace_events_name_the_conntrack_state(state: int, name: str) -> None:
+    ev = events.decode(record(type=3, reason=1, ct_state=state))
+    assert (ev["type"], ev["ct_state"]) == ("trace", name)
+    assert "verdict" not in ev
+    assert f"delivered to a local endpoint ({name})" in events.format_line(ev)
+    assert "identity 0 -> 0" in events.format_line(ev)  # traces always name the parties
 
 
 # -- verdict codes ------------------------------------------------------------------------------

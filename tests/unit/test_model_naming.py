@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 
 from datapath import naming
-from datapath.model import Endpoint, Network
+from datapath.labels import Label
+from datapath.model import INIT, Endpoint, Network
 from tests.unit.helpers import hexid
 
 EID = hexid("endpoint")
@@ -63,12 +64,27 @@ def test_network_and_endpoint_documents_round_trip() -> None:
         gateway4=ipaddress.IPv4Address("10.1.0.1"),
         sandbox="/var/run/docker/netns/abc",
         created=7.0,
-        labels={"app": "web"},
+        labels=("container:app=web", "container:tier=front"),
+        identity=300,
+        labels_known=True,
     )
-    assert Endpoint.from_doc(ep.to_doc()) == ep
+    doc = ep.to_doc()
+    assert (doc["labels"], doc["identity"], doc["labels_known"]) == (
+        ["container:app=web", "container:tier=front"], 300, True)
+    assert Endpoint.from_doc(doc) == ep
+    assert Endpoint.from_doc({**doc, "labels": ["container:tier=front", "container:app=web"]}).labels == ep.labels
+    assert ep.label_set == {Label("container", "app", "web"), Label("container", "tier", "front")}
     assert ep.addresses == (ipaddress.IPv4Interface("10.1.0.5/24"),)
     assert net.gateway_for(ipaddress.ip_interface("10.1.0.9/24")) == net.gateways[0]
     assert net.gateway_for(ipaddress.ip_interface("10.2.0.9/24")) is None
+
+
+def test_an_old_endpoint_document_has_no_labels_and_the_init_identity() -> None:
+    doc = Endpoint(EID, "n", "h", "p", "m", "hm").to_doc()
+    for key in ("labels", "identity", "labels_known"):
+        del doc[key]
+    ep = Endpoint.from_doc(doc)
+    assert (ep.labels, ep.identity, ep.labels_known, ep.label_set) == ((), INIT, False, frozenset())
 
 
 def test_sandbox_hash_is_zero_only_when_not_joined() -> None:

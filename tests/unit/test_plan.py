@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from datapath import naming, plan
+from datapath import identity, naming, plan
 from datapath.fake import FakeKernel
 from datapath.model import Endpoint, Network
 from datapath.plan import (
@@ -17,6 +18,7 @@ from datapath.plan import (
     EndpointEntry,
     HostAddress,
     HostDevice,
+    IpcacheEntry,
     Masquerade,
     Neighbour,
     Plan,
@@ -29,6 +31,7 @@ from datapath.plan import (
 from tests.unit.helpers import hexid
 
 SETTINGS = Settings(instance="cgtest", masquerade=True, program_revision="rev1")
+HOST_ADDRESSES = [ipaddress.ip_address(a) for a in ("192.168.1.10", "172.17.0.1", "fd00:1::10", "10.0.2.15")]
 
 
 def network(i: int, v6: bool = False) -> Network:
@@ -60,7 +63,7 @@ def endpoint(net: Network, host: int, v4: bool = True, v6: bool = False, sandbox
 
 
 @st.composite
-def worlds(draw: st.DrawFn) -> tuple[list[Network], list[Endpoint], Settings]:
+def worlds(draw: st.DrawFn) -> tuple[list[Network], list[Endpoint], Settings, list[Any]]:
     """Networks with distinct subnets and endpoints with distinct IDs and addresses, as the Agent keeps them."""
     nets = [network(i, v6=draw(st.booleans())) for i in sorted(draw(st.sets(st.integers(0, 3), max_size=3)))]
     eps = []
@@ -78,10 +81,11 @@ def worlds(draw: st.DrawFn) -> tuple[list[Network], list[Endpoint], Settings]:
             )
     eps = [e for e in eps if e.addresses]
     cfg = Settings("cgtest", draw(st.booleans()), draw(st.sampled_from(["rev1", "rev2"])))
-    return nets, eps, cfg
+    hosts = draw(st.sets(st.sampled_from(HOST_ADDRESSES), max_size=3))
+    return nets, eps, cfg, sorted(hosts, key=str)
 
 
-def desired(world: tuple[list[Network], list[Endpoint], Settings]) -> set[Any]:
+def desired(world: tuple[list[Network], list[Endpoint], Settings, list[Any]]) -> set[Any]:
     return plan.desired_state(*world)
 
 
@@ -118,7 +122,7 @@ def test_a_scoped_diff_touches_only_its_scope(before: Any, after: Any, data: st.
 
 def test_adds_follow_order_and_removals_run_in_reverse() -> None:
     net = network(1, v6=True)
-    objs = plan.desired_state([net], [endpoint(net, 5, v4=True, v6=True)], SETTINGS)
+    objs = plan.desired_state([net], [endpoint(net, 5, v4=True, v6=True)], SETTINGS, HOST_ADDRESSES[:2])
     add = diff(objs, set()).add
     ranks = [ORDER.index(type(o)) for o in add]
     assert ranks == sorted(ranks) and len(add) == len(objs)
@@ -196,6 +200,27 @@ def test_endpoint_objects() -> None:
         Route(ipaddress.ip_network("10.3.0.7/32"), dev, ipaddress.ip_address("10.3.0.1")),
         Route(ipaddress.ip_network("fd00:3::7/128"), dev, ipaddress.ip_address("fd00:3::1")),
     }
+
+
+def test_host_addresses_carry_the_host_identity_in_the_ipcache() -> None:
+    objs = plan.host_objects([ipaddress.ip_address("192.168.1.10"), ipaddress.ip_address("fd00:1::10")])
+    assert objs == {
+        IpcacheEntry(ipaddress.ip_network("192.168.1.10/32"), identity.HOST),
+        IpcacheEntry(ipaddress.ip_network("fd00:1::10/128"), identity.HOST),
+    }
+    assert plan.HOST_IDENTITY == identity.HOST
+    net = network(1)
+    both = plan.desired_state([net], [], SETTINGS, HOST_ADDRESSES[:1])
+    assert both == plan.network_objects(net, SETTINGS) | plan.host_objects(HOST_ADDRESSES[:1])
+    assert plan.desired_state([net], [], SETTINGS) == plan.network_objects(net, SETTINGS)
+
+
+def test_endpoint_identity_is_in_its_map_values() -> None:
+    ep = replace(endpoint(network(1), 5), identity=300)
+    objs = plan.endpoint_objects(ep, SETTINGS)
+    values = [o.value for o in objs if isinstance(o, (EndpointEntry, AddressEntry))]
+    assert len(values) == 2 and all(v.identity == 300 for v in values)
+    assert plan.endpoint_value(endpoint(network(1), 5)).identity == identity.INIT  # not known yet: init
 
 
 def test_fake_kernel_deleting_a_link_takes_its_dependents() -> None:

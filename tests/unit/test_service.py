@@ -1,4 +1,4 @@
-"""plugin.service.Agent on fakes: networks, endpoints, rollback, restore and sweep."""
+"""plugin.service.Agent on fakes: networks, endpoints, rollback, restore, sweep, identities and policy."""
 
 from __future__ import annotations
 
@@ -8,13 +8,20 @@ from typing import Any
 
 import pytest
 
+from datapath import identity as ids
 from datapath import plan
 from datapath.errors import Conflict, InvalidRequest, KernelError, NotFound, StateError
 from datapath.fake import FakeKernel
+from datapath.identity import Identities
+from datapath.labels import Label
 from datapath.model import Endpoint
 from datapath.plan import HostAddress, HostDevice, Neighbour, Programs, Route, Settings, Veth
+from datapath.policy import Repository, parse_rules
+from datapath.policymap import PolicyKey, PolicyValue
 from ipam.allocator import LOCAL_SPACE, MAC_KEY, Ipam, PoolRequest
 from ipam.pool import Pool
+from ipam.store import MemoryStore
+from plugin.policy import PolicyState
 from plugin.service import Agent
 from tests.unit.helpers import FakeClock, hexid, snapshot
 
@@ -441,3 +448,431 @@ def test_status(agent: Agent, clock: FakeClock, two_endpoints: tuple[Endpoint, E
     assert status["networks"] == 1 and status["endpoints"] == 2
     assert status["uptime"] == 5 and status["instance"] == "cgtest" and status["datapath"] == "rev1"
     assert status["ranges"] == {"ipv4": "10.200.0.0/20", "ipv6": "fd00:cafe::/64"}
+
+
+# -- identities and policy ----------------------------------------------------------------------
+
+WEB_LABELS = {"app": "web", "env": "prod"}
+DB_LABELS = {"app": "db", "env": "prod"}
+WEB_FROM_DB = {"labels": ["name=web"], "endpointSelector": {"matchLabels": {"app": "web"}},
+               "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "db"}}],
+                            "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]}]}
+DB_TO_WEB = {"labels": ["name=db"], "endpointSelector": {"matchLabels": {"app": "db"}},
+             "egress": [{"toEndpoints": [{"matchLabels": {"app": "web"}}]}]}
+
+
+def policy_agent(stores: Any, ipam: Ipam, kernel: FakeKernel, settings: Settings, clock: FakeClock,
+                 ident_store: MemoryStore, rule_store: MemoryStore, mode: str = "default") -> Agent:
+    state = PolicyState(Identities(ident_store), Repository(rule_store), kernel, mode)
+    return Agent(stores.networks, stores.endpoints, ipam, kernel, settings, clock, policy=state)
+
+
+@pytest.fixture
+def ident_store() -> MemoryStore:
+    return MemoryStore()
+
+
+@pytest.fixture
+def rule_store() -> MemoryStore:
+    return MemoryStore()
+
+
+@pytest.fixture
+def pagent(stores: Any, ipam: Ipam, kernel: FakeKernel, settings: Settings, clock: FakeClock,
+           ident_store: MemoryStore, rule_store: MemoryStore) -> Agent:
+    agent = policy_agent(stores, ipam, kernel, settings, clock, ident_store, rule_store)
+    agent.restore()  # as the agent starts: the policy map gets its initial entries
+    make_network(agent, NET_A, "10.1.0.0/24")
+    return agent
+
+
+def pool_of(agent: Agent) -> Pool:
+    return agent.ipam.pool(f"{LOCAL_SPACE}/10.1.0.0/24")
+
+
+def import_rules(agent: Agent, *rules: dict[str, Any]) -> int:
+    return agent.policy_import(parse_rules(list(rules)))
+
+
+def subjects(kernel: FakeKernel) -> set[int]:
+    return {k.subject for k in kernel.policy}
+
+
+def peers(kernel: FakeKernel) -> set[int]:
+    return {k.peer for k in kernel.policy}
+
+
+def desired_policy(agent: Agent) -> dict[Any, Any]:
+    return agent.policy.desired(agent.endpoints.values())
+
+
+def record_kernel_calls(kernel: FakeKernel) -> list[tuple[Any, ...]]:
+    """Wrap policy_update and apply: every endpoint entry written, with the policy map at that moment."""
+    calls: list[tuple[Any, ...]] = []
+    update, apply = kernel.policy_update, kernel.apply
+
+    def policy_update(upserts: Any, deletes: Any) -> None:
+        update(upserts, deletes)
+        calls.append(("policy", dict(kernel.policy)))
+
+    def apply_plan(step: plan.Plan) -> None:
+        for obj in list(step.add) + [new for _, new in step.change]:
+            if isinstance(obj, (plan.EndpointEntry, plan.AddressEntry)):
+                calls.append(("entry", obj.value.identity, dict(kernel.policy)))
+        apply(step)
+
+    kernel.policy_update = policy_update  # type: ignore[method-assign]
+    kernel.apply = apply_plan  # type: ignore[method-assign]
+    return calls
+
+
+def test_a_new_endpoint_has_the_init_identity_and_init_is_closed_once_rules_exist(
+    pagent: Agent, kernel: FakeKernel
+) -> None:
+    ep = make_endpoint(pagent, NET_A, pool_of(pagent), EP1)
+    assert (ep.identity, ep.labels_known, ep.labels) == (ids.INIT, False, ())
+    assert kernel.objects[("endpoint-entry", ep.host_ifname)].value.identity == ids.INIT
+    assert {k for k in kernel.policy if k.subject == ids.INIT} == {
+        PolicyKey(ids.INIT, False, 0, 0, 0, 0, True), PolicyKey(ids.INIT, True, 0, 0, 0, 0, True)}  # empty repo: open
+    import_rules(pagent, WEB_FROM_DB)
+    assert ids.INIT not in subjects(kernel)  # fail-closed until the labels are known
+
+
+def test_set_labels_gives_an_identity_whose_policy_is_in_before_the_endpoint_uses_it(
+    pagent: Agent, kernel: FakeKernel, stores: Any
+) -> None:
+    pool = pool_of(pagent)
+    import_rules(pagent, WEB_FROM_DB, DB_TO_WEB)
+    db = pagent.set_labels(make_endpoint(pagent, NET_A, pool, EP2, n=2).id, DB_LABELS)
+    ep = make_endpoint(pagent, NET_A, pool, EP1)
+    calls = record_kernel_calls(kernel)
+    web = pagent.set_labels(EP1, WEB_LABELS)
+
+    assert web.labels == ("container:app=web", "container:env=prod") and web.labels_known
+    assert ids.FIRST_ALLOCATED <= web.identity != db.identity
+    assert pagent.policy.identities.labels_of(web.identity) == web.label_set
+    assert stores.endpoints.docs[EP1]["identity"] == web.identity
+    switches = [c for c in calls if c[0] == "entry"]
+    assert switches and all(identity == web.identity for _, identity, _ in switches)
+    for _, _, policy_then in switches:
+        # the new identity's own policy (as subject) ...
+        assert PolicyKey(web.identity, False, db.identity, 6, 80, 16) in policy_then
+        # ... and the peers' policy naming it (db may send to web) were written first
+        assert PolicyKey(db.identity, True, web.identity, 0, 0, 0, True) in policy_then
+    assert calls[0][0] == "policy", "the policy map must be written before the endpoint entry"
+    assert kernel.objects[("endpoint-entry", ep.host_ifname)].value.identity == web.identity
+    assert kernel.policy == desired_policy(pagent) == pagent.policy.applied
+
+
+def test_set_labels_again_with_the_same_labels_changes_nothing(pagent: Agent, kernel: FakeKernel) -> None:
+    make_endpoint(pagent, NET_A, pool_of(pagent), EP1)
+    ep = pagent.set_labels(EP1, WEB_LABELS)
+    applied, policy = len(kernel.applied), dict(kernel.policy)
+    assert pagent.set_labels(EP1, dict(WEB_LABELS)) == ep
+    assert len(kernel.applied) == applied and kernel.policy == policy
+
+
+def test_endpoints_with_the_same_labels_share_an_identity(pagent: Agent) -> None:
+    pool = pool_of(pagent)
+    make_endpoint(pagent, NET_A, pool, EP1)
+    make_endpoint(pagent, NET_A, pool, EP2, n=2)
+    assert pagent.set_labels(EP1, WEB_LABELS).identity == pagent.set_labels(EP2, WEB_LABELS).identity
+
+
+def test_forged_reserved_labels_are_ignored(pagent: Agent) -> None:
+    make_endpoint(pagent, NET_A, pool_of(pagent), EP1)
+    ep = pagent.set_labels(EP1, {"reserved:host": "", "k8s:app": "web", "app": "x"})
+    assert ep.labels == ("container:app=x",) and ep.identity >= ids.FIRST_ALLOCATED
+
+
+def test_a_label_change_releases_the_old_identity_and_its_entries(pagent: Agent, kernel: FakeKernel) -> None:
+    pool = pool_of(pagent)
+    import_rules(pagent, WEB_FROM_DB, DB_TO_WEB)
+    make_endpoint(pagent, NET_A, pool, EP2, n=2)
+    db = pagent.set_labels(EP2, DB_LABELS)
+    make_endpoint(pagent, NET_A, pool, EP1)
+    old = pagent.set_labels(EP1, WEB_LABELS).identity
+    assert old in subjects(kernel) and old in peers(kernel)
+    new = pagent.set_labels(EP1, {"app": "api"}).identity
+    assert new != old
+    assert pagent.policy.identities.labels_of(old) is None
+    assert old not in subjects(kernel) and old not in peers(kernel)
+    assert new in subjects(kernel) and db.identity in subjects(kernel)
+    assert kernel.policy == desired_policy(pagent)
+
+
+def test_a_label_change_keeps_a_shared_identity(pagent: Agent, kernel: FakeKernel) -> None:
+    pool = pool_of(pagent)
+    make_endpoint(pagent, NET_A, pool, EP1)
+    make_endpoint(pagent, NET_A, pool, EP2, n=2)
+    shared = pagent.set_labels(EP1, WEB_LABELS).identity
+    pagent.set_labels(EP2, WEB_LABELS)
+    pagent.set_labels(EP1, DB_LABELS)
+    assert pagent.policy.identities.labels_of(shared) is not None and shared in subjects(kernel)
+
+
+def test_a_kernel_failure_during_set_labels_keeps_the_old_identity_and_holds_nothing_new(
+    pagent: Agent, kernel: FakeKernel
+) -> None:
+    make_endpoint(pagent, NET_A, pool_of(pagent), EP1)
+    before = pagent.endpoint(EP1), dict(kernel.policy)
+    kernel.fail = lambda obj: isinstance(obj, plan.EndpointEntry)
+    with pytest.raises(KernelError):
+        pagent.set_labels(EP1, WEB_LABELS)
+    kernel.fail = None
+    assert pagent.endpoint(EP1) == before[0]
+    assert pagent.policy.identities.allocated() == [], "the new identity leaked"
+    assert kernel.policy == before[1] == desired_policy(pagent)
+
+
+def test_deleting_an_endpoint_frees_its_identity_and_entries(pagent: Agent, kernel: FakeKernel) -> None:
+    pool = pool_of(pagent)
+    import_rules(pagent, WEB_FROM_DB, DB_TO_WEB)
+    make_endpoint(pagent, NET_A, pool, EP1)
+    make_endpoint(pagent, NET_A, pool, EP2, n=2)
+    web = pagent.set_labels(EP1, WEB_LABELS).identity
+    db = pagent.set_labels(EP2, DB_LABELS).identity
+    pagent.delete_endpoint(NET_A, EP1)
+    assert pagent.policy.identities.labels_of(web) is None
+    assert web not in subjects(kernel) and web not in peers(kernel)
+    assert db in subjects(kernel)
+    pagent.delete_endpoint(NET_A, EP2)
+    assert pagent.policy.identities.allocated() == []
+    assert subjects(kernel) <= {ids.INIT}
+    assert kernel.policy == desired_policy(pagent)
+
+
+def test_policy_import_writes_entries_and_returns_the_revision(pagent: Agent, kernel: FakeKernel) -> None:
+    make_endpoint(pagent, NET_A, pool_of(pagent), EP1)
+    web = pagent.set_labels(EP1, WEB_LABELS).identity
+    assert PolicyKey(web, False, 0, 0, 0, 0, True) in kernel.policy  # open before any rule
+    assert import_rules(pagent, WEB_FROM_DB) == 1
+    assert pagent.policy.realized_revision == pagent.policy.repository.revision == 1
+    ingress = {k: v for k, v in kernel.policy.items() if k.subject == web and not k.egress}
+    assert ingress == {PolicyKey(web, False, 0, 6, 80, 16): PolicyValue(False, 1)} or ingress == {}
+    # nothing has app=db yet: the rule allows no one at ingress, egress stays open
+    assert ingress == {}
+    assert kernel.policy[PolicyKey(web, True, 0, 0, 0, 0, True)] == PolicyValue(False, 0)
+    make_endpoint(pagent, NET_A, pool_of(pagent), EP2, n=2)
+    db = pagent.set_labels(EP2, DB_LABELS).identity
+    assert kernel.policy[PolicyKey(web, False, db, 6, 80, 16)] == PolicyValue(False, 1)
+    assert pagent.policy_delete([Label("unspec", "name", "web")]) == (2, 1)
+    assert PolicyKey(web, False, db, 6, 80, 16) not in kernel.policy
+    assert kernel.policy[PolicyKey(web, False, 0, 0, 0, 0, True)] == PolicyValue(False, 0)
+    assert kernel.policy == desired_policy(pagent)
+
+
+def test_a_policy_map_failure_during_import_changes_nothing(
+    pagent: Agent, kernel: FakeKernel, rule_store: MemoryStore
+) -> None:
+    make_endpoint(pagent, NET_A, pool_of(pagent), EP1)
+    pagent.set_labels(EP1, WEB_LABELS)
+    import_rules(pagent, DB_TO_WEB)
+    before = (pagent.policy.repository.snapshot(), dict(kernel.policy), dict(rule_store.docs),
+              pagent.policy.realized_revision)
+    kernel.fail_policy = True
+    with pytest.raises(KernelError):
+        import_rules(pagent, WEB_FROM_DB)
+    assert (pagent.policy.repository.snapshot(), dict(kernel.policy), dict(rule_store.docs),
+            pagent.policy.realized_revision) == before
+    kernel.fail_policy = True
+    with pytest.raises(KernelError):
+        pagent.policy_delete(None)
+    assert (pagent.policy.repository.snapshot(), dict(kernel.policy)) == before[:2]
+
+
+class HalfKernel(FakeKernel):
+    """Writes half of an update, then fails: what a full map does in the middle of a batch."""
+
+    fail_half = False
+
+    def policy_update(self, upserts: Any, deletes: Any) -> None:
+        if self.fail_half:
+            self.fail_half = False
+            half = dict(list(upserts.items())[: max(1, len(upserts) // 2)])
+            self.policy.update(half)
+            raise KernelError("map full")
+        super().policy_update(upserts, deletes)
+
+
+def test_a_partly_written_import_is_rolled_back(stores: Any, ipam: Ipam, settings: Settings, clock: FakeClock) -> None:
+    kernel = HalfKernel()
+    agent = policy_agent(stores, ipam, kernel, settings, clock, MemoryStore(), MemoryStore())
+    agent.restore()
+    pool = make_network(agent, NET_A, "10.1.0.0/24")
+    for n, (eid, labels) in enumerate(((EP1, WEB_LABELS), (EP2, DB_LABELS)), start=1):
+        make_endpoint(agent, NET_A, pool, eid, n=n)
+        agent.set_labels(eid, labels)
+    before = dict(kernel.policy)
+    kernel.fail_half = True
+    with pytest.raises(KernelError):
+        import_rules(agent, WEB_FROM_DB, DB_TO_WEB)
+    assert agent.policy.repository.rules == []
+    assert kernel.policy == before, "entries of rules that were never imported stay in force"
+    assert agent.policy.applied == kernel.policy
+
+
+def test_a_store_failure_during_import_leaves_the_map_as_the_repository_says(
+    pagent: Agent, kernel: FakeKernel, rule_store: MemoryStore
+) -> None:
+    make_endpoint(pagent, NET_A, pool_of(pagent), EP1)
+    pagent.set_labels(EP1, WEB_LABELS)
+    before = dict(kernel.policy)
+    rule_store.fail_next = StateError("disk full")
+    with pytest.raises(StateError):
+        import_rules(pagent, WEB_FROM_DB)
+    assert pagent.policy.repository.rules == []
+    assert kernel.policy == before == desired_policy(pagent)
+
+
+def test_restore_keeps_identities_and_loads_the_policy_map(
+    stores: Any, ipam: Ipam, kernel: FakeKernel, settings: Settings, clock: FakeClock,
+    ident_store: MemoryStore, rule_store: MemoryStore, pagent: Agent
+) -> None:
+    pool = pool_of(pagent)
+    make_endpoint(pagent, NET_A, pool, EP1)
+    make_endpoint(pagent, NET_A, pool, EP2, n=2)
+    web, db = pagent.set_labels(EP1, WEB_LABELS).identity, pagent.set_labels(EP2, DB_LABELS).identity
+    revision = import_rules(pagent, WEB_FROM_DB, DB_TO_WEB)
+    policy = dict(kernel.policy)
+    calls = record_kernel_calls(kernel)
+
+    reborn = policy_agent(stores, Ipam(stores.ipam, agent_ranges(pagent), clock), kernel, settings, clock,
+                          ident_store, rule_store)
+    report = reborn.restore()
+    assert report.changes == 0
+    assert (reborn.endpoint(EP1).identity, reborn.endpoint(EP2).identity) == (web, db)
+    assert reborn.policy.applied == kernel.policy == policy
+    assert [c for c in calls if c[0] == "policy"] == []  # nothing to write: the pinned map is right
+    assert reborn.policy.repository.revision == revision
+    assert reborn.policy.realized_revision == revision, "policy wait would time out after every restart"
+
+
+def agent_ranges(agent: Agent) -> Any:
+    return agent.ipam.ranges
+
+
+def test_restore_repairs_the_policy_map_and_frees_stale_identities(
+    stores: Any, ipam: Ipam, kernel: FakeKernel, settings: Settings, clock: FakeClock,
+    ident_store: MemoryStore, rule_store: MemoryStore, pagent: Agent
+) -> None:
+    make_endpoint(pagent, NET_A, pool_of(pagent), EP1)
+    web = pagent.set_labels(EP1, WEB_LABELS).identity
+    import_rules(pagent, WEB_FROM_DB)
+    stale = Identities(ident_store).acquire(frozenset({Label("container", "app", "gone")}), "dead-endpoint")
+    want = dict(kernel.policy)
+    kernel.policy.pop(next(iter(kernel.policy)))
+    kernel.policy[PolicyKey(stale, False, 0, 0, 0, 0, True)] = PolicyValue(False, 0)
+
+    reborn = policy_agent(stores, ipam, kernel, settings, clock, ident_store, rule_store)
+    reborn.restore()
+    assert reborn.endpoint(EP1).identity == web
+    assert reborn.policy.identities.labels_of(stale) is None
+    assert kernel.policy == want == reborn.policy.applied
+
+
+def test_enforcement_mode_never_allows_everything(
+    stores: Any, ipam: Ipam, kernel: FakeKernel, settings: Settings, clock: FakeClock
+) -> None:
+    agent = policy_agent(stores, ipam, kernel, settings, clock, MemoryStore(), MemoryStore(), mode="never")
+    make_endpoint(agent, NET_A, make_network(agent, NET_A, "10.1.0.0/24"), EP1)
+    web = agent.set_labels(EP1, WEB_LABELS).identity
+    import_rules(agent, WEB_FROM_DB, {"endpointSelector": {}, "egress": [{}]})
+    assert {k for k in kernel.policy if k.subject == web} == {
+        PolicyKey(web, False, 0, 0, 0, 0, True), PolicyKey(web, True, 0, 0, 0, 0, True)}
+    with pytest.raises(InvalidRequest, match="enforcement"):
+        PolicyState(Identities(MemoryStore()), Repository(), kernel, "sometimes")
+
+
+# -- trace parties ------------------------------------------------------------------------------
+
+
+def test_trace_parties_and_verdicts(pagent: Agent) -> None:
+    pool = pool_of(pagent)
+    make_endpoint(pagent, NET_A, pool, EP1)
+    make_endpoint(pagent, NET_A, pool, EP2, n=2)
+    web = pagent.set_labels(EP1, WEB_LABELS)
+    db = pagent.set_labels(EP2, DB_LABELS)
+    import_rules(pagent, WEB_FROM_DB)
+
+    by_ep = pagent.party("endpoint", EP2[:8])
+    assert (by_ep.identity, by_ep.labels, by_ep.local) == (db.identity, db.label_set, True)
+    by_id = pagent.party("identity", str(web.identity))
+    assert (by_id.identity, by_id.local) == (web.identity, True)
+    host = pagent.party("identity", "1")
+    assert (host.identity, host.local) == (ids.HOST, False)
+    by_labels = pagent.party("labels", "app=db, env=prod")
+    assert (by_labels.identity, by_labels.local) == (db.identity, True)
+    new = pagent.party("labels", "app=db,env=staging")
+    assert new.local and new.identity not in pagent.policy.identities.all()
+
+    assert pagent.trace(by_ep, by_id, "80/tcp").allowed
+    assert not pagent.trace(by_ep, by_id, "81/tcp").allowed
+    assert pagent.trace(new, by_id, "80").allowed  # a would-be db is allowed too
+    assert not pagent.trace(host, by_id, "80/tcp").allowed
+    both = pagent.trace(pagent.party("labels", "app=x"), pagent.party("labels", "app=x"), "")
+    assert both.egress is not None and both.ingress is not None and both.allowed  # not selected: open
+
+
+@pytest.mark.parametrize(
+    ("kind", "value", "error"),
+    [
+        ("identity", "abc", InvalidRequest),
+        ("identity", "9999", NotFound),
+        ("identity", "0", NotFound),
+        ("endpoint", "ffff", NotFound),
+        ("labels", "", InvalidRequest),
+        ("labels", " , ", InvalidRequest),
+        ("labels", "=web", InvalidRequest),
+        ("pod", "x", InvalidRequest),
+    ],
+)
+def test_bad_trace_parties(pagent: Agent, kind: str, value: str, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        pagent.party(kind, value)
+
+
+@pytest.mark.parametrize("dport", ["http", "80/xtp", "99999/tcp"])
+def test_bad_trace_ports(pagent: Agent, dport: str) -> None:
+    party = pagent.party("identity", "1")
+    with pytest.raises(InvalidRequest):
+        pagent.trace(party, party, dport)
+
+
+def test_status_reports_policy(pagent: Agent) -> None:
+    make_endpoint(pagent, NET_A, pool_of(pagent), EP1)
+    pagent.set_labels(EP1, WEB_LABELS)
+    import_rules(pagent, WEB_FROM_DB)
+    policy = pagent.status()["policy"]
+    assert policy == {"enforcement": "default", "revision": 1, "realized": 1, "rules": 1,
+                      "entries": len(pagent.policy.applied), "identities": 1}
+
+
+def test_create_endpoint_with_labels_is_identified_from_the_start(pagent: Agent, kernel: FakeKernel) -> None:
+    import_rules(pagent, WEB_FROM_DB)
+    calls = record_kernel_calls(kernel)
+    v4 = ipaddress.IPv4Interface("10.1.0.20/24")
+    ep = pagent.create_endpoint(NET_A, EP1, v4, None, origin="cni", labels={"app": "web"}, label_source="mesos")
+    assert ep.labels == ("mesos:app=web",) and ep.labels_known and ep.identity >= ids.FIRST_ALLOCATED
+    entries = [c for c in calls if c[0] == "entry"]
+    assert entries and all(identity == ep.identity for _, identity, _ in entries)
+    assert all(any(k.subject == ep.identity for k in policy) for _, _, policy in entries)
+    assert kernel.policy == desired_policy(pagent)
+
+
+def test_a_failed_create_endpoint_with_labels_releases_its_identity(pagent: Agent, kernel: FakeKernel) -> None:
+    before = dict(kernel.policy)
+    kernel.fail = lambda obj: isinstance(obj, Programs)
+    with pytest.raises(KernelError):
+        pagent.create_endpoint(NET_A, EP1, ipaddress.IPv4Interface("10.1.0.20/24"), None, labels={"app": "web"})
+    assert pagent.policy.identities.allocated() == [] and pagent.endpoints == {}
+    assert kernel.policy == before
+
+
+def test_sweep_frees_the_identity_of_a_vanished_endpoint(pagent: Agent, kernel: FakeKernel) -> None:
+    ep = make_endpoint(pagent, NET_A, pool_of(pagent), EP1)
+    web = pagent.set_labels(EP1, WEB_LABELS).identity
+    assert web in subjects(kernel)
+    kernel.vanish(ep.host_ifname)
+    assert pagent.sweep().removed_endpoints == [EP1]
+    assert pagent.policy.identities.labels_of(web) is None and web not in subjects(kernel)
