@@ -45,6 +45,8 @@ if [ ! -f .venv/.installed ] || [ setup.cfg -nt .venv/.installed ] || [ pyprojec
   .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
   touch .venv/.installed
 fi
+# .venv/bin/cellgate-cni: the CNI plugin launcher (system python -IS: fast, no site)
+.venv/bin/cellgate install-cni --dir .venv/bin >/dev/null
 .venv/bin/python -c 'import bcc, pyroute2, flask' 2>/dev/null || {
   echo "setup: the venv cannot import bcc/pyroute2/flask" >&2
   exit 1

@@ -6,11 +6,11 @@ checks against this fake and against the real kernel adapter, which keeps it hon
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from datapath.errors import KernelError
-from datapath.model import IPAddress
+from datapath.errors import InvalidRequest, KernelError
+from datapath.model import IPAddress, IPInterface
 from datapath.plan import HostDevice, IPNetwork, KernelObject, Key, Plan, Veth
 from datapath.policymap import PolicyKey, PolicyValue
 
@@ -93,3 +93,33 @@ class FakeKernel:
 
     def set_config(self, trace: bool, timeouts: dict[str, float]) -> None:
         self.config = (trace, dict(timeouts))
+
+
+class FakeNetns:
+    """Namespaces as dicts of interfaces; a path is a namespace once `create` made it one."""
+
+    def __init__(self) -> None:
+        self.spaces: dict[str, dict[str, dict[str, Any]]] = {}
+        self.fail_attach = False
+
+    def create(self, path: str) -> None:
+        self.spaces.setdefault(path, {})
+
+    def check(self, path: str) -> None:
+        if path not in self.spaces:
+            raise InvalidRequest(f"{path!r} is not a network namespace")
+
+    def interface(self, path: str, ifname: str) -> Any:
+        self.check(path)
+        return self.spaces[path].get(ifname)
+
+    def attach(self, path: str, peer: str, ifname: str, addresses: Sequence[IPInterface],
+               gateways: Sequence[IPAddress]) -> None:
+        self.check(path)
+        if self.fail_attach:
+            raise KernelError("injected attach failure")
+        self.spaces[path][ifname] = {"peer": peer, "addresses": tuple(addresses), "gateways": tuple(gateways)}
+
+    def detach(self, path: str, ifname: str) -> None:
+        if path in self.spaces:
+            self.spaces[path].pop(ifname, None)

@@ -74,6 +74,8 @@ class Endpoint:
     labels: tuple[str, ...] = ()  # `source:key=value`, sorted; empty until the runtime told us
     identity: int = INIT  # security identity; init until the labels are known
     labels_known: bool = False
+    container_id: str = ""  # CNI attachment: (container ID, interface name)
+    ifname: str = ""
 
     @property
     def label_set(self) -> LabelSet:
@@ -109,6 +111,8 @@ class Endpoint:
             "labels": list(self.labels),
             "identity": self.identity,
             "labels_known": self.labels_known,
+            "container_id": self.container_id,
+            "ifname": self.ifname,
         }
 
     @classmethod
@@ -134,4 +138,6 @@ class Endpoint:
             labels=tuple(sorted(str(x) for x in (doc.get("labels") or []))),
             identity=int(doc.get("identity", INIT)),
             labels_known=bool(doc.get("labels_known", False)),
+            container_id=str(doc.get("container_id", "")),
+            ifname=str(doc.get("ifname", "")),
         )

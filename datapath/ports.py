@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
-from datapath.model import IPAddress
+from datapath.model import IPAddress, IPInterface
 from datapath.plan import IPNetwork, KernelObject, Key, Plan
 from datapath.policymap import PolicyKey, PolicyValue
 
@@ -60,3 +60,24 @@ class EventSource(Protocol):
     """Datapath events, decoded; `poll` calls `sink` for each and returns after `timeout` ms."""
 
     def poll(self, sink: Callable[[dict[str, Any]], None], timeout_ms: int) -> None: ...
+
+
+class Netns(Protocol):
+    """Inside a container's network namespace (the CNI path)."""
+
+    def check(self, path: str) -> None:
+        """InvalidRequest unless `path` is a network namespace."""
+        ...
+
+    def interface(self, path: str, ifname: str) -> Any:
+        """The interface's state (mac, addresses, up) or None."""
+        ...
+
+    def attach(self, path: str, peer: str, ifname: str, addresses: Sequence[IPInterface],
+               gateways: Sequence[IPAddress]) -> None:
+        """Move `peer` into the namespace as `ifname` with its addresses and default routes."""
+        ...
+
+    def detach(self, path: str, ifname: str) -> None:
+        """Remove `ifname` from the namespace, if both still exist."""
+        ...

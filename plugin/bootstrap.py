@@ -26,6 +26,9 @@ from datapath.policy import Repository
 from ipam.allocator import HostRanges, Ipam
 from ipam.store import JsonDir
 from plugin.api.app import create_app as create_api
+from plugin.api.cni import register as register_cni
+from plugin.cni.install import install as install_cni
+from plugin.cni.service import CniService
 from plugin.config import Config
 from plugin.docker.app import create_app as create_docker
 from plugin.docker.watcher import DockerWatcher
@@ -75,6 +78,7 @@ class Runtime:
     def __init__(self, cfg: Config) -> None:
         from datapath.kernel.executor import KernelExecutor
         from datapath.kernel.loader import Datapath
+        from datapath.kernel.netns import NetnsOps
 
         self.cfg = cfg
         self.stop = threading.Event()
@@ -94,12 +98,21 @@ class Runtime:
         self.kernel.set_config(False, self.agent.timeouts)
         self.restore = self.agent.restore()
         self.watcher = DockerWatcher(self.agent, cfg.docker_host, cfg.docker_resync)
+        if cfg.cni_bin_dir:
+            try:
+                path, changed = install_cni(Path(cfg.cni_bin_dir))
+                if changed:
+                    log.info("installed the CNI plugin at %s", path)
+            except (OSError, CellgateError) as exc:
+                log.warning("cannot install the CNI plugin in %s: %s", cfg.cni_bin_dir, exc)
         self.hub = EventHub()
         self._ifnames: dict[int, str] = {}
         self.servers: list[UnixServer] = []
         try:
             self.servers.append(UnixServer(cfg.plugin_socket, create_docker(self.agent), "docker plugin"))
-            self.servers.append(UnixServer(cfg.api_socket, create_api(self.agent, self.hub, self.info), "API"))
+            api = create_api(self.agent, self.hub, self.info)
+            register_cni(api, CniService(self.agent, NetnsOps()))
+            self.servers.append(UnixServer(cfg.api_socket, api, "API"))
         except CellgateError:
             for server in self.servers:
                 server.stop()

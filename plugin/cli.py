@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from plugin.api.client import ApiError, Client
@@ -268,6 +269,14 @@ def cmd_bpf_ct(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_install_cni(args: argparse.Namespace) -> int:
+    from plugin.cni.install import install
+
+    path, changed = install(Path(args.dir))
+    _emit(args, {"path": str(path), "changed": changed}, f"{path} {'installed' if changed else 'is up to date'}")
+    return 0
+
+
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from plugin.bootstrap import cleanup
 
@@ -369,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bpf_policy)
     bct = bpf.add_parser("ct", help="connection tracking").add_subparsers(dest="op", required=True, metavar="OP")
     bct.add_parser("list", parents=[common], help="tracked flows").set_defaults(func=cmd_bpf_ct)
+
+    inst = sub.add_parser("install-cni", parents=[common], help="install the cellgate-cni plugin for CNI runtimes")
+    inst.add_argument("--dir", default="/opt/cni/bin", help="CNI plugin directory [default /opt/cni/bin]")
+    inst.set_defaults(func=cmd_install_cni)
 
     clean = sub.add_parser("cleanup", parents=[common], help="remove everything this instance created on the host")
     Config.add_arguments(clean)

@@ -67,6 +67,7 @@ class Config:
     enforcement: str = "default"
     docker_host: str = "unix:///var/run/docker.sock"
     docker_resync: float = 60.0
+    cni_bin_dir: str = "/opt/cni/bin"
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +104,9 @@ class Config:
                             help="where to learn container labels [DOCKER_HOST, default unix:///var/run/docker.sock]")
         parser.add_argument("--docker-resync", type=float, default=float(_env("CELLGATE_DOCKER_RESYNC", "60")),
                             help="seconds between full label resyncs with Docker [default 60]")
+        parser.add_argument("--cni-bin-dir", default=_env("CELLGATE_CNI_BIN_DIR", "/opt/cni/bin"),
+                            help="install/update the cellgate-cni plugin here at start ('' = don't) "
+                                 "[CELLGATE_CNI_BIN_DIR, default /opt/cni/bin]")
         parser.add_argument("--debug", action="store_true", default=_flag(_env("CELLGATE_DEBUG", "false")),
                             help="log wire bodies and kernel changes [CELLGATE_DEBUG]")
 
@@ -132,6 +136,7 @@ class Config:
             enforcement=args.enforcement,
             docker_host=args.docker_host,
             docker_resync=args.docker_resync,
+            cni_bin_dir=args.cni_bin_dir,
         )
 
 

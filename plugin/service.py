@@ -289,6 +289,26 @@ class Agent:
             log.info("endpoint %s has identity %d (%s)", ep.id[:12], ep.identity, ", ".join(ep.labels) or "no labels")
             return ep
 
+    def note_attachment(self, endpoint_id: str, container_id: str, ifname: str) -> Endpoint:
+        """Remember the runtime's names for an endpoint (CNI: container ID and interface)."""
+        with self._lock:
+            ep = self.endpoint(endpoint_id)
+            if (ep.container_id, ep.ifname) == (container_id, ifname):
+                return ep
+            ep = replace(ep, container_id=container_id, ifname=ifname)
+            self._ep_store.put(ep.id, ep.to_doc())
+            self.endpoints[ep.id] = ep
+            return ep
+
+    def check_endpoint(self, ep: Endpoint) -> list[str]:
+        """What is missing or wrong in the kernel for an endpoint (empty when all is well)."""
+        with self._lock:
+            want = plan.endpoint_objects(ep, self.settings)
+            have = self.kernel.observe(plan.keys(want))
+            change = plan.diff(want, have)
+            return [f"missing {o.key[0]} {o.key[-1]}" for o in change.add] + \
+                   [f"wrong {new.key[0]} {new.key[-1]}" for _, new in change.change]
+
     def _drop_new_identity(self, owner: str, labels: LabelSet, old: int) -> None:
         """Undo the hold a failed set_labels took (the endpoint keeps `old`), and its entries."""
         number = self.policy.identities.number_of(labels)

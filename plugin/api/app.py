@@ -88,7 +88,10 @@ def create_app(agent: Agent, hub: EventHub, info: Callable[[], dict[str, Any]]) 
 
     @app.errorhandler(CellgateError)
     def cellgate_error(exc: CellgateError) -> Response:
-        return _json({"error": str(exc), "status": exc.status}, exc.status)
+        problem: dict[str, Any] = {"error": str(exc), "status": exc.status}
+        if hasattr(exc, "cni_code"):
+            problem["cni_code"] = exc.cni_code  # for the CNI binary
+        return _json(problem, exc.status)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:

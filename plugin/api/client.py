@@ -18,6 +18,7 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+        self.cni_code = 0  # set when the agent answers a CNI call with a CNI error code
 
 
 class AgentUnreachable(ApiError):
@@ -77,7 +78,10 @@ class Client:
             raise ApiError(resp.status, f"agent sent a non-JSON reply ({resp.status})") from None
         if resp.status >= 400:
             message = payload.get("error") if isinstance(payload, dict) else None
-            raise ApiError(resp.status, message or f"HTTP {resp.status}")
+            error = ApiError(resp.status, message or f"HTTP {resp.status}")
+            if isinstance(payload, dict) and isinstance(payload.get("cni_code"), int):
+                error.cni_code = payload["cni_code"]
+            raise error
         return payload
 
     def get(self, url: str) -> Any:

@@ -1,0 +1,145 @@
+"""Work inside a container's network namespace (CNI): validate it, plumb the interface.
+
+The runtime owns the namespace; we never create or delete it. A path is accepted only
+if it really is a network namespace (NS_GET_NSTYPE), so `/etc/passwd` or a directory
+is refused before anything happens.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from datapath.errors import InvalidRequest, KernelError
+from datapath.model import IPAddress, IPInterface
+
+log = logging.getLogger(__name__)
+
+NS_GET_NSTYPE = 0xB703
+CLONE_NEWNET = 0x40000000
+IFA_F_NODAD = 0x02
+
+
+@dataclass(frozen=True)
+class InterfaceState:
+    mac: str
+    addresses: tuple[IPInterface, ...]
+    up: bool
+
+
+@contextmanager
+def open_netns(path: str) -> Iterator[int]:
+    """A file descriptor of the network namespace at `path`, or InvalidRequest."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InvalidRequest(f"network namespace {path!r}: {exc.strerror}") from None
+    try:
+        try:
+            kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+        except OSError:
+            kind = 0
+        if kind != CLONE_NEWNET:
+            raise InvalidRequest(f"{path!r} is not a network namespace")
+        yield fd
+    finally:
+        os.close(fd)
+
+
+class NetnsOps:
+    """The Netns port: what the CNI path needs to do inside a namespace."""
+
+    def __init__(self, host: IPRoute | None = None) -> None:
+        self._host = host
+
+    def _host_ipr(self) -> IPRoute:
+        if self._host is None:
+            self._host = IPRoute()
+        return self._host
+
+    @contextmanager
+    def _inside(self, path: str) -> Iterator[IPRoute]:
+        with open_netns(path) as fd:
+            ipr = IPRoute(netns=fd)
+            try:
+                yield ipr
+            finally:
+                ipr.close()
+
+    def check(self, path: str) -> None:
+        with open_netns(path):
+            pass
+
+    def interface(self, path: str, ifname: str) -> InterfaceState | None:
+        with self._inside(path) as ipr:
+            return _state(ipr, ifname)
+
+    def attach(self, path: str, peer: str, ifname: str, addresses: Sequence[IPInterface],
+               gateways: Sequence[IPAddress]) -> None:
+        """Move `peer` into the namespace as `ifname`, address it, and route via the gateways."""
+        host = self._host_ipr()
+        try:
+            index = host.link_lookup(ifname=peer)
+            if not index:
+                raise KernelError(f"interface {peer} is missing")
+            with open_netns(path) as fd:
+                host.link("set", index=index[0], net_ns_fd=fd)
+                ipr = IPRoute(netns=fd)
+                try:
+                    self._configure(ipr, peer, ifname, addresses, gateways)
+                finally:
+                    ipr.close()
+        except NetlinkError as exc:
+            raise KernelError(f"configuring {ifname} in {path}: {exc}") from exc
+
+    @staticmethod
+    def _configure(ipr: IPRoute, peer: str, ifname: str, addresses: Sequence[IPInterface],
+                   gateways: Sequence[IPAddress]) -> None:
+        index = ipr.link_lookup(ifname=peer)[0]
+        if peer != ifname:
+            ipr.link("set", index=index, ifname=ifname)
+        for addr in addresses:
+            flags = IFA_F_NODAD if addr.version == 6 else 0
+            ipr.addr("add", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen, flags=flags)
+        ipr.link("set", index=index, state="up")
+        for gw in gateways:
+            family = 2 if gw.version == 4 else 10
+            if any(r["dst_len"] == 0 for r in ipr.get_routes(family=family, table=254)):
+                continue  # the namespace already has a default route (another network)
+            ipr.route("add", dst="default", gateway=str(gw), oif=index, family=family)
+
+    def detach(self, path: str, ifname: str) -> None:
+        """Remove `ifname` from the namespace if it is still there (best effort)."""
+        try:
+            with self._inside(path) as ipr:
+                found = ipr.link_lookup(ifname=ifname)
+                if found:
+                    ipr.link("del", index=found[0])
+        except InvalidRequest:
+            return  # the namespace is gone: so is the interface
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENODEV, errno.ENOENT):
+                raise KernelError(f"removing {ifname} from {path}: {exc}") from exc
+
+
+def _state(ipr: IPRoute, ifname: str) -> InterfaceState | None:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        return None
+    link: Any = ipr.link("get", index=found[0])[0]
+    addrs = []
+    for a in ipr.get_addr(index=found[0]):
+        ip = ipaddress.ip_address(a.get_attr("IFA_ADDRESS"))
+        if not ip.is_link_local:
+            addrs.append(ipaddress.ip_interface(f"{ip}/{a['prefixlen']}"))
+    return InterfaceState(str(link.get_attr("IFLA_ADDRESS")), tuple(addrs), link["flags"] & 1 == 1)

@@ -1,0 +1,306 @@
+"""`cellgate-cni`: the CNI plugin. A thin client of the agent; standard library only.
+
+The runtime runs it with CNI_* environment variables and the network configuration on
+stdin. VERSION is answered here without the agent (runtimes ask it constantly); every
+other command is parsed and validated here, then carried out by the agent over its
+REST socket. Results and errors are printed in the form of the configuration's
+cniVersion: `ip4`/`ip6` for 0.1/0.2 (what Mesos reads), `ips` with `version` for
+0.3.x/0.4.0, `ips` without it for 1.x. Errors are `{cniVersion, code, msg, details}` on
+stdout with a non-zero exit; diagnostics go to stderr only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import sys
+from typing import IO, Any
+
+SUPPORTED = ("0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+DEFAULT_VERSION = "0.1.0"  # a configuration without cniVersion is 0.1.0 (libcni, Mesos)
+DEFAULT_SOCKET = "/var/run/cellgate/cellgate.sock"
+
+CONTAINER_ID = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
+KNOWN_ARGS = {"IgnoreUnknown", "K8S_POD_NAME", "K8S_POD_NAMESPACE", "K8S_POD_INFRA_CONTAINER_ID", "K8S_POD_UID",
+              "IP", "MAC", "CELLGATE_LABELS"}
+# Keys the runtime or libcni may put next to ours; anything else in our plugin's object is refused.
+CONFIG_KEYS = {"cniVersion", "cniVersions", "name", "type", "args", "runtimeConfig", "capabilities", "prevResult",
+               "dns", "socket", "subnet", "ipv6", "ipv6Subnet", "disableCheck", "disableGC",
+               "cni.dev/attachments", "cni.dev/valid-attachments"}
+
+# Well-known CNI error codes
+INCOMPATIBLE_VERSION = 1
+UNSUPPORTED_FIELD = 2
+UNKNOWN_CONTAINER = 3
+INVALID_ENV = 4
+IO_FAILURE = 5
+DECODE_FAILURE = 6
+INVALID_CONFIG = 7
+TRY_AGAIN = 11
+PLUGIN_NOT_AVAILABLE = 50
+INTERFACE_EXISTS = 100  # plugin-specific: CNI_IFNAME already exists in the namespace
+
+
+class CniError(Exception):
+    def __init__(self, code: int, msg: str, details: str = "") -> None:
+        super().__init__(msg)
+        self.code, self.msg, self.details = code, msg, details
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("."))
+
+
+# -- parsing at the door ---------------------------------------------------------------------
+
+
+def parse_cni_args(raw: str) -> dict[str, str]:
+    """`K=V;K=V` as libcni reads it: unknown keys are an error unless IgnoreUnknown is true."""
+    out: dict[str, str] = {}
+    if not raw:
+        return out
+    for pair in raw.split(";"):
+        if not pair:
+            continue
+        key, sep, value = pair.partition("=")
+        if not sep or not key or "=" in value:
+            raise CniError(INVALID_ENV, f"CNI_ARGS: invalid pair {pair!r} (expected KEY=VALUE)")
+        out[key] = value
+    ignore = out.get("IgnoreUnknown", "").lower() in ("1", "true")
+    unknown = sorted(set(out) - KNOWN_ARGS)
+    if unknown and not ignore:
+        raise CniError(INVALID_ENV, f"CNI_ARGS: unknown key(s) {', '.join(unknown)} (set IgnoreUnknown=1 to allow)")
+    return out
+
+
+def parse_label_list(raw: Any, where: str) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, list):
+        raise CniError(INVALID_CONFIG, f"{where} must be a list of {{key, value}} objects")
+    out = {}
+    for item in raw:
+        if not isinstance(item, dict) or not isinstance(item.get("key"), str) or not item["key"]:
+            raise CniError(INVALID_CONFIG, f"{where}: every label needs a string key")
+        value = item.get("value", "")
+        if not isinstance(value, (str, int, float, bool)):
+            raise CniError(INVALID_CONFIG, f"{where}: the value of {item['key']!r} must be a string")
+        out[item["key"]] = str(value)
+    return out
+
+
+def labels_from(conf: dict[str, Any], cni_args: dict[str, str]) -> tuple[dict[str, str], str]:
+    """Workload labels and their source, from whatever the runtime passes."""
+    args = conf.get("args") or {}
+    if not isinstance(args, dict):
+        raise CniError(INVALID_CONFIG, "args must be an object")
+    mesos = args.get("org.apache.mesos")
+    if mesos is not None:
+        info = (mesos.get("network_info") or {}) if isinstance(mesos, dict) else {}
+        labels = (info.get("labels") or {}) if isinstance(info, dict) else {}
+        return parse_label_list(labels.get("labels") if isinstance(labels, dict) else None,
+                                "args.org.apache.mesos.network_info.labels.labels"), "mesos"
+    out = parse_label_list((args.get("cni") or {}).get("labels") if isinstance(args.get("cni"), dict) else None,
+                           "args.cni.labels")
+    if cni_args.get("K8S_POD_NAMESPACE"):
+        out["io.kubernetes.pod.namespace"] = cni_args["K8S_POD_NAMESPACE"]
+    for pair in filter(None, cni_args.get("CELLGATE_LABELS", "").split(",")):
+        key, sep, value = pair.partition(":")
+        if not sep or not key:
+            raise CniError(INVALID_ENV, f"CNI_ARGS: CELLGATE_LABELS wants key:value[,key:value], got {pair!r}")
+        out[key] = value
+    return out, "cni"
+
+
+def check_config(conf: dict[str, Any]) -> str:
+    version = conf.get("cniVersion") or DEFAULT_VERSION
+    if not isinstance(version, str) or version not in SUPPORTED:
+        raise CniError(INCOMPATIBLE_VERSION, f"incompatible CNI version {version!r}",
+                       f"supported versions: {', '.join(SUPPORTED)}")
+    name = conf.get("name")
+    if not isinstance(name, str) or not name or len(name) > 128 or not re.match(r"^[A-Za-z0-9][\w.\-]*$", name):
+        raise CniError(INVALID_CONFIG, "the network configuration needs a name (letters, digits, _ . -)")
+    for key in conf:
+        if key not in CONFIG_KEYS:
+            raise CniError(UNSUPPORTED_FIELD, f"unsupported field {key!r} = {json.dumps(conf[key])[:100]}",
+                           "cellgate does its own IPAM: remove 'ipam' and use subnet/ipv6Subnet" if key == "ipam"
+                           else "")
+    for key in ("subnet", "ipv6Subnet"):
+        if conf.get(key) is not None:
+            try:
+                net = ipaddress.ip_network(str(conf[key]))
+            except ValueError as exc:
+                raise CniError(INVALID_CONFIG, f"{key}: {exc}") from None
+            if net.version != (4 if key == "subnet" else 6):
+                raise CniError(INVALID_CONFIG, f"{key} must be an IPv{4 if key == 'subnet' else 6} subnet")
+    if conf.get("ipv6") is not None and not isinstance(conf["ipv6"], bool):
+        raise CniError(INVALID_CONFIG, "ipv6 must be true or false")
+    return version
+
+
+def check_env(env: dict[str, str], command: str) -> dict[str, str]:
+    needed = {"ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
+              "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
+              "DEL": ("CNI_CONTAINERID", "CNI_IFNAME")}.get(command, ())
+    missing = [k for k in needed if not env.get(k)]
+    if missing:
+        raise CniError(INVALID_ENV, f"missing environment variable(s): {', '.join(missing)}")
+    if "CNI_CONTAINERID" in needed and not CONTAINER_ID.match(env["CNI_CONTAINERID"]):
+        raise CniError(INVALID_ENV, f"CNI_CONTAINERID {env['CNI_CONTAINERID'][:80]!r} is not a valid container ID")
+    ifname = env.get("CNI_IFNAME", "")
+    if "CNI_IFNAME" in needed and (len(ifname) > 15 or ifname in (".", "..") or re.search(r"[/:\s]", ifname)):
+        raise CniError(INVALID_ENV, f"CNI_IFNAME {ifname[:80]!r} is not a valid interface name")
+    netns = env.get("CNI_NETNS", "")
+    if netns and not netns.startswith("/"):
+        raise CniError(INVALID_ENV, f"CNI_NETNS {netns[:120]!r} must be an absolute path")
+    return {k: env[k] for k in needed}
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+def format_result(version: str, result: dict[str, Any], prev: dict[str, Any] | None) -> dict[str, Any]:
+    """The agent's result (1.x shape) in the configuration's version, after any prevResult."""
+    ifaces = list((prev or {}).get("interfaces") or [])
+    ips = [dict(x) for x in (prev or {}).get("ips") or []]
+    routes = list((prev or {}).get("routes") or [])
+    offset = len(ifaces)
+    ifaces.extend(result["interfaces"])
+    for ip in result["ips"]:
+        ips.append({**ip, "interface": ip["interface"] + offset})
+    routes.extend(r for r in result["routes"] if r not in routes)
+    dns = (prev or {}).get("dns") or result.get("dns") or {}
+    if _version_tuple(version) < (0, 3, 0):
+        out: dict[str, Any] = {"cniVersion": version, "dns": dns}
+        for family, key in ((4, "ip4"), (6, "ip6")):
+            mine = [ip for ip in ips if ipaddress.ip_interface(ip["address"]).version == family]
+            if mine:
+                entry: dict[str, Any] = {"ip": mine[-1]["address"]}
+                if mine[-1].get("gateway"):
+                    entry["gateway"] = mine[-1]["gateway"]
+                fam_routes = [r for r in routes if ipaddress.ip_network(r["dst"]).version == family]
+                if fam_routes:
+                    entry["routes"] = fam_routes
+                out[key] = entry
+        return out
+    if _version_tuple(version) < (1, 0, 0):
+        for ip in ips:
+            ip["version"] = str(ipaddress.ip_interface(ip["address"]).version)
+    else:
+        for ip in ips:
+            ip.pop("version", None)
+    return {"cniVersion": version, "interfaces": ifaces, "ips": ips, "routes": routes, "dns": dns}
+
+
+# -- the commands ----------------------------------------------------------------------------
+
+
+def _call(conf: dict[str, Any], env: dict[str, str], path: str, body: dict[str, Any]) -> Any:
+    from plugin.api.client import AgentUnreachable, ApiError, Client
+
+    sock = str(conf.get("socket") or env.get("CELLGATE_SOCK") or DEFAULT_SOCKET)
+    try:
+        return Client(sock, timeout=60).post(path, body)
+    except AgentUnreachable as exc:
+        raise CniError(TRY_AGAIN, "the cellgate agent is not reachable", str(exc)) from None
+    except ApiError as exc:
+        code = getattr(exc, "cni_code", 0) or {400: INVALID_CONFIG, 404: UNKNOWN_CONTAINER}.get(exc.status, IO_FAILURE)
+        raise CniError(code, str(exc)) from None
+
+
+def run(env: dict[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | None, str]:
+    """(exit code, JSON to print or None, version) for one invocation."""
+    command = env.get("CNI_COMMAND", "")
+    if not command:
+        raise CniError(INVALID_ENV, "CNI_COMMAND is not set")
+    try:
+        conf = json.loads(stdin) if stdin.strip() else {}
+    except (ValueError, RecursionError) as exc:
+        raise CniError(DECODE_FAILURE, f"cannot decode the network configuration: {exc}") from None
+    if not isinstance(conf, dict):
+        raise CniError(DECODE_FAILURE, "the network configuration must be a JSON object")
+    if command == "VERSION":
+        asked = conf.get("cniVersion") if isinstance(conf.get("cniVersion"), str) else "1.0.0"
+        return 0, {"cniVersion": asked, "supportedVersions": list(SUPPORTED)}, asked
+    if command not in ("ADD", "DEL", "CHECK", "GC", "STATUS"):
+        raise CniError(INVALID_ENV, f"unknown CNI_COMMAND {command[:40]!r}")
+    version = check_config(conf)
+    if command in ("CHECK",) and _version_tuple(version) < (0, 4, 0):
+        raise CniError(INCOMPATIBLE_VERSION, f"configuration version {version} does not allow CHECK")
+    if command in ("GC", "STATUS") and _version_tuple(version) < (1, 1, 0):
+        raise CniError(INCOMPATIBLE_VERSION, f"configuration version {version} does not allow {command}")
+    base = check_env(env, command)
+    cni_args = parse_cni_args(env.get("CNI_ARGS", ""))
+    body: dict[str, Any] = {
+        "network": conf["name"],
+        "container_id": base.get("CNI_CONTAINERID", ""),
+        "ifname": base.get("CNI_IFNAME", ""),
+        "netns": env.get("CNI_NETNS", ""),
+    }
+    if command == "ADD":
+        labels, source = labels_from(conf, cni_args)
+        runtime = conf.get("runtimeConfig") or {}
+        ips = runtime.get("ips") if isinstance(runtime, dict) else None
+        body.update({
+            "labels": labels,
+            "label_source": source,
+            "subnet": conf.get("subnet") or "",
+            "ipv6": bool(conf.get("ipv6") or conf.get("ipv6Subnet")),
+            "ipv6_subnet": conf.get("ipv6Subnet") or "",
+            "ips": [cni_args["IP"]] if cni_args.get("IP") else [str(x) for x in ips or []],
+            "mac": cni_args.get("MAC", ""),
+            "name": cni_args.get("K8S_POD_NAME", ""),
+        })
+        result = _call(conf, env, "/v1/cni/add", body)
+        prev = conf.get("prevResult") if isinstance(conf.get("prevResult"), dict) else None
+        return 0, format_result(version, result, prev), version
+    if command == "DEL":
+        _call(conf, env, "/v1/cni/del", body)
+        return 0, None, version
+    if command == "CHECK":
+        _call(conf, env, "/v1/cni/check", body)
+        return 0, None, version
+    if command == "GC":
+        valid = conf.get("cni.dev/valid-attachments", conf.get("cni.dev/attachments")) or []
+        if not isinstance(valid, list):
+            raise CniError(INVALID_CONFIG, "cni.dev/valid-attachments must be a list")
+        body["valid"] = [{"container_id": str(a.get("containerID", "")), "ifname": str(a.get("ifname", ""))}
+                         for a in valid if isinstance(a, dict)]
+        _call(conf, env, "/v1/cni/gc", body)
+        return 0, None, version
+    try:
+        _call(conf, env, "/v1/cni/status", body)
+    except CniError as exc:
+        raise CniError(PLUGIN_NOT_AVAILABLE, exc.msg, exc.details) from None
+    return 0, None, version
+
+
+def main(env: dict[str, str] | None = None, stdin: IO[bytes] | None = None, stdout: IO[str] | None = None) -> int:
+    env = dict(os.environ) if env is None else env
+    stdin = stdin or sys.stdin.buffer
+    stdout = stdout or sys.stdout
+    version = "1.0.0"
+    try:
+        raw = stdin.read(1 << 20)
+        try:
+            asked = json.loads(raw).get("cniVersion") if raw.strip() else None
+            version = asked if isinstance(asked, str) and asked in SUPPORTED else version
+        except (ValueError, AttributeError, RecursionError):
+            pass
+        code, out, version = run(env, raw)
+    except CniError as exc:
+        error = {"cniVersion": version, "code": exc.code, "msg": exc.msg}
+        if exc.details:
+            error["details"] = exc.details
+        stdout.write(json.dumps(error) + "\n")
+        print(f"cellgate-cni: {exc.msg}" + (f" ({exc.details})" if exc.details else ""), file=sys.stderr)
+        return 1
+    if out is not None:
+        stdout.write(json.dumps(out) + "\n")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
