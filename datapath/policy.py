@@ -156,6 +156,14 @@ class Rule:
     description: str = ""
     raw: str = ""  # canonical JSON of the rule as given
     id: int = 0  # assigned by the repository
+    enable_default_deny: tuple[bool | None, bool | None] = (None, None)  # (ingress, egress); None = as Cilium
+
+    def default_deny(self, egress: bool) -> bool:
+        """Whether this rule puts its endpoints into default deny in a direction (Cilium's rule:
+        yes if it has allow or deny entries there, unless enableDefaultDeny says otherwise)."""
+        explicit = self.enable_default_deny[1 if egress else 0]
+        has_rules = bool(self.egress or self.egress_deny) if egress else bool(self.ingress or self.ingress_deny)
+        return has_rules if explicit is None else explicit and has_rules
 
     @property
     def name(self) -> str:
@@ -164,7 +172,8 @@ class Rule:
         return f"rule {self.id}"
 
 
-RULE_FIELDS = ("endpointSelector", "ingress", "egress", "ingressDeny", "egressDeny", "labels", "description")
+RULE_FIELDS = ("endpointSelector", "ingress", "egress", "ingressDeny", "egressDeny", "labels", "description",
+               "enableDefaultDeny")
 
 
 def parse_rules(data: Any) -> list[Rule]:
@@ -221,6 +230,16 @@ def parse_rule(raw: Any, where: str) -> Rule:
     description = raw.get("description", "")
     if not isinstance(description, str):
         raise InvalidRequest(f"{where}: description must be a string")
+    edd = raw.get("enableDefaultDeny")
+    default_deny: tuple[bool | None, bool | None] = (None, None)
+    if edd is not None:
+        if not isinstance(edd, dict):
+            raise InvalidRequest(f"{where}: enableDefaultDeny must be an object with ingress/egress booleans")
+        _only(edd, ("ingress", "egress"), f"{where}: enableDefaultDeny")
+        for key in ("ingress", "egress"):
+            if key in edd and not isinstance(edd[key], bool):
+                raise InvalidRequest(f"{where}: enableDefaultDeny.{key} must be true or false")
+        default_deny = (edd.get("ingress"), edd.get("egress"))
     return Rule(
         selector=selector,
         ingress=parts["ingress"],
@@ -230,6 +249,7 @@ def parse_rule(raw: Any, where: str) -> Rule:
         labels=_rule_labels(raw.get("labels"), where),
         description=description,
         raw=json.dumps(raw, sort_keys=True, separators=(",", ":")),
+        enable_default_deny=default_deny,
     )
 
 

@@ -108,7 +108,8 @@ def enforcement(labels_number: int, labels: LabelSet, rules: Iterable[Rule], mod
     if labels_number == ids.INIT and rules:
         return Enforcement(True, True)  # labels not known yet: closed until they are
     selected = [r for r in rules if r.selector.matches(labels)]
-    return Enforcement(any(r.ingress for r in selected), any(r.egress for r in selected))
+    return Enforcement(any(r.default_deny(egress=False) for r in selected),
+                       any(r.default_deny(egress=True) for r in selected))
 
 
 def _peers(pr: PeerRule, identities: Mapping[int, LabelSet]) -> set[int]:

@@ -398,3 +398,16 @@ def test_copy_is_independent() -> None:
     assert twin.add(rules_of(B)) == 2 and twin.rules[-1].id == 2
     assert (repo.revision, len(repo.rules)) == (1, 1)
     assert twin.store is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("yes", "enableDefaultDeny must be an object"),
+        ({"ingres": False}, "unknown field 'ingres'"),
+        ({"ingress": "no"}, "enableDefaultDeny.ingress must be true or false"),
+    ],
+)
+def test_enable_default_deny_is_validated(value: object, message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        parse_rules([{"endpointSelector": {}, "enableDefaultDeny": value}])

@@ -311,16 +311,27 @@ def test_a_wildcard_deny_beats_a_specific_allow() -> None:
 
 
 @pytest.mark.parametrize("section", ["ingressDeny", "egressDeny"])
-def test_a_deny_only_rule_does_not_turn_default_deny_on(section: str) -> None:
-    """docs/policy.md: deny-only rules do not turn default deny on (Cilium's do, unless enableDefaultDeny
-    says otherwise); the deny still applies."""
+def test_a_deny_only_rule_turns_default_deny_on_as_in_cilium(section: str) -> None:
+    """Cilium: a rule with only deny entries in a direction still puts it into default deny."""
     entries = comp([{"endpointSelector": WEB_SEL, section: [{"fromEntities" if section == "ingressDeny"
                                                              else "toEntities": ["world"]}]}])
     egress = section == "egressDeny"
+    open_other = OPEN_EGRESS if not egress else OPEN_INGRESS
+    assert entries == {anykey(ids.WORLD, egress=egress): DENY1, **open_other}
+    assert not decide(entries, WEB, egress, ids.WORLD, TCP, 80).allowed
+    assert not decide(entries, WEB, egress, DB, TCP, 80).allowed  # default deny now
+    assert decide(entries, WEB, not egress, ids.WORLD, TCP, 80).allowed
+
+
+@pytest.mark.parametrize("section", ["ingressDeny", "egressDeny"])
+def test_enable_default_deny_false_keeps_a_deny_only_rule_open(section: str) -> None:
+    egress = section == "egressDeny"
+    direction = "egress" if egress else "ingress"
+    entries = comp([{"endpointSelector": WEB_SEL, "enableDefaultDeny": {direction: False},
+                     section: [{"fromEntities" if not egress else "toEntities": ["world"]}]}])
     assert entries == {anykey(ids.WORLD, egress=egress): DENY1, **OPEN_INGRESS, **OPEN_EGRESS}
     assert not decide(entries, WEB, egress, ids.WORLD, TCP, 80).allowed
     assert decide(entries, WEB, egress, DB, TCP, 80).allowed
-    assert decide(entries, WEB, not egress, ids.WORLD, TCP, 80).allowed
 
 
 # -- enforcement modes and init ---------------------------------------------------------------
@@ -335,7 +346,11 @@ RULES = [{"endpointSelector": WEB_SEL, "ingress": [{"fromEndpoints": [DB_SEL]}]}
         ("default", RULES, WEB, True, False),
         ("default", RULES, DB, False, False),  # not selected
         ("default", [{"endpointSelector": WEB_SEL, "egress": [{}]}], WEB, False, True),
-        ("default", [{"endpointSelector": WEB_SEL, "ingressDeny": [{}], "egressDeny": [{}]}], WEB, False, False),
+        ("default", [{"endpointSelector": WEB_SEL, "ingressDeny": [{}], "egressDeny": [{}]}], WEB, True, True),
+        ("default", [{"endpointSelector": WEB_SEL, "ingressDeny": [{}], "egressDeny": [{}],
+                      "enableDefaultDeny": {"ingress": False, "egress": False}}], WEB, False, False),
+        ("default", [{"endpointSelector": WEB_SEL, "ingress": [{}], "enableDefaultDeny": {"ingress": False}}],
+         WEB, False, False),
         ("always", [], WEB, True, True),
         ("always", [], ids.INIT, True, True),
         ("never", RULES, WEB, False, False),
