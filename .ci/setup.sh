@@ -38,6 +38,9 @@ if [ ! -e "$kdir/build" ]; then
   echo "setup: linked $kdir/build -> $hdr"
 fi
 
+# cnitool, the libcni reference client, for the CNI tests (Debian ships libcni, not the tool)
+bash .ci/build-cnitool.sh
+
 # The venv sees Debian's BCC binding through --system-site-packages.
 if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv --system-site-packages .venv
