@@ -23,6 +23,7 @@ from datapath.policy import parse_rules
 from plugin.api import views
 from plugin.monitor import EventHub
 from plugin.service import Agent
+from plugin.timing import add_server_timing
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class _Tracers:
 def create_app(agent: Agent, hub: EventHub, info: Callable[[], dict[str, Any]]) -> Flask:
     app = Flask("cellgate.api")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    add_server_timing(app)
     tracers = _Tracers(agent)
 
     @app.errorhandler(CellgateError)

@@ -19,6 +19,7 @@ from datapath.errors import CellgateError, InvalidRequest
 from ipam.allocator import GLOBAL_SPACE, LOCAL_SPACE, PoolRequest
 from plugin.docker import messages as m
 from plugin.service import Agent
+from plugin.timing import add_server_timing
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ def _reply(payload: Any, status: int = 200) -> Response:
 def create_app(agent: Agent) -> Flask:
     app = Flask("cellgate.docker")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    add_server_timing(app)
 
     def route(path: str) -> Callable[[Callable[[dict[str, Any]], Any]], Callable[[], Response]]:
         def register(handler: Callable[[dict[str, Any]], Any]) -> Callable[[], Response]:
