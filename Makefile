@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: setup run demo test test-unit test-kernel test-e2e lint typecheck clean
+.PHONY: setup run demo test test-unit test-kernel test-e2e lint typecheck clean install-cni
 
 setup:            ## apt packages, kernel headers link, .venv with cellgate installed (idempotent)
 	@bash .ci/setup.sh
@@ -26,6 +26,9 @@ test-kernel: setup
 
 test-e2e: setup
 	$(PYTEST) tests/e2e -q
+
+install-cni: setup  ## the cellgate-cni plugin into /opt/cni/bin (CNI_BIN_DIR=... to change)
+	$(VENV)/bin/cellgate install-cni --dir $(or $(CNI_BIN_DIR),/opt/cni/bin)
 
 lint: setup
 	$(VENV)/bin/ruff check .
