@@ -59,6 +59,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"Policy:       {st['policy']['enforcement']} enforcement, revision {st['policy']['revision']}, "
         f"{st['policy']['rules']} rules, {st['policy']['entries']} map entries, "
         f"{st['policy']['identities']} identities",
+        f"Docker:       {st['docker']['host']} "
+        f"({'following events' if st['docker']['following'] else 'NOT connected: labels unknown'})",
         f"Drops:        {drops} packets",
     ]
     if st["counters"]:

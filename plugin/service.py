@@ -225,7 +225,12 @@ class Agent:
                 self.ipam.bind_endpoint(addr.ip, endpoint_id)
             if labels is not None:
                 ep = self._with_identity(ep, labels, label_source)
-            self._ep_store.put(ep.id, ep.to_doc())
+            try:
+                self._ep_store.put(ep.id, ep.to_doc())
+            except CellgateError:
+                if self.policy.identities.release(ep.id):
+                    self.policy.sync(self.endpoints.values())
+                raise
             self.endpoints[ep.id] = ep
             try:
                 self._converge(plan.keys(plan.endpoint_objects(ep, self.settings)))
