@@ -16,7 +16,8 @@ started_dockerd="" started_agent=""
 cleanup() {
   set +e
   say "Cleaning up"
-  docker rm -f cgdemo-a cgdemo-b >/dev/null 2>&1
+  $CG policy delete --labels name=l4-backend-80 >/dev/null 2>&1
+  docker rm -f cgdemo-a cgdemo-b cgdemo-c >/dev/null 2>&1
   docker network rm "$NET" >/dev/null 2>&1
   docker rmi "$IMAGE" >/dev/null 2>&1
   if [ -n "$started_agent" ]; then
@@ -72,9 +73,9 @@ show docker network create -d cellgate --ipam-driver cellgate "$NET"
 show docker network inspect -f '{{range .IPAM.Config}}subnet {{.Subnet}} gateway {{.Gateway}}{{end}}' "$NET"
 
 say "Two containers"
-show docker run -d --name cgdemo-a --network "$NET" "$IMAGE" sleep 3600
-show docker run -d --name cgdemo-b --network "$NET" "$IMAGE" \
-  sh -c 'while true; do echo "hello from $(hostname) over TCP" | nc -l -p 8080; done'
+show docker run -d --name cgdemo-a --network "$NET" -l app=frontend "$IMAGE" sleep 3600
+show docker run -d --name cgdemo-b --network "$NET" -l app=backend "$IMAGE" \
+  sh -c 'for p in 80 8080; do (while true; do echo "hello from $(hostname) on $p" | nc -l -p $p; done) & done; wait'
 A=$(docker inspect -f "{{(index .NetworkSettings.Networks \"$NET\").IPAddress}}" cgdemo-a)
 B=$(docker inspect -f "{{(index .NetworkSettings.Networks \"$NET\").IPAddress}}" cgdemo-b)
 echo "cgdemo-a is $A, cgdemo-b is $B"
@@ -89,6 +90,22 @@ say "Host to container"
 show ping -c 2 -W 1 "$B"
 show nc -w 2 "$B" 8080 </dev/null
 
+say "Identity policy: the backend accepts TCP/80 from the frontend only"
+show docker run -d --name cgdemo-c --network "$NET" -l app=other "$IMAGE" sleep 3600
+wait_for 10 sh -c "$CG endpoint list | grep -q app=other"
+show cat examples/policies/l4.yaml
+show $CG policy import examples/policies/l4.yaml
+printf '$ docker exec cgdemo-a nc -w 2 %s 80     # frontend -> backend:80\n' "$B"
+docker exec cgdemo-a nc -w 2 "$B" 80 || echo "(no answer)"
+printf '$ docker exec cgdemo-c nc -w 1 %s 80     # other -> backend:80\n' "$B"
+$CG monitor --type drop --count 1 --timeout 10 2>/dev/null &
+mon=$!
+wait_for 10 sh -c "$CG status -o json | grep -q '\"subscribers\": [1-9]'"
+docker exec cgdemo-c nc -w 1 "$B" 80 || echo "(no answer: dropped by policy, as the monitor shows)"
+wait "$mon" || true
+show $CG policy trace --src app=other --dst app=backend --dport 80/tcp
+
 say "What cellgate knows"
 show $CG endpoint list
+show $CG identity list
 show $CG status
