@@ -32,7 +32,7 @@ static __always_inline int cg_ipv4_from_ep(struct __sk_buff *skb, const struct c
 	if (!cg_mac_eq(eth->h_dest, ep->host_mac))
 		return -DROP_INVALID_DMAC;
 
-	ret = cg_flow_ipv4(skb, &ip, &f);
+	ret = cg_flow_ipv4(skb, &ip, &f, 1);
 	if (ret < 0)
 		return ret;
 	dst = cg_lookup_ip(4, &ip.daddr);
@@ -60,7 +60,7 @@ static __always_inline int cg_ipv4_to_ep(struct __sk_buff *skb, const struct cg_
 
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0 || ip.version != 4 || ip.ihl < 5)
 		return -DROP_INVALID;
-	ret = cg_flow_ipv4(skb, &ip, &f);
+	ret = cg_flow_ipv4(skb, &ip, &f, 0);
 	if (ret < 0)
 		return ret;
 	ctx->src_identity = cg_peer_identity(4, (const __u8 *)&ip.saddr);

@@ -148,7 +148,7 @@ static __always_inline int cg_ipv6_from_ep(struct __sk_buff *skb, const struct c
 	if (!cg_mac_eq(eth->h_dest, ep->host_mac))
 		return -DROP_INVALID_DMAC;
 
-	ret = cg_flow_ipv6(skb, &ip6, &f);
+	ret = cg_flow_ipv6(skb, &ip6, &f, 1);
 	if (ret < 0)
 		return ret;
 	dst = cg_lookup_ip(6, ip6.daddr.in6_u.u6_addr8);
@@ -188,7 +188,7 @@ static __always_inline int cg_ipv6_to_ep(struct __sk_buff *skb, const struct cg_
 			return TC_ACT_OK;
 		}
 	}
-	ret = cg_flow_ipv6(skb, &ip6, &f);
+	ret = cg_flow_ipv6(skb, &ip6, &f, 0);
 	if (ret < 0)
 		return ret;
 	ctx->src_identity = cg_peer_identity(6, ip6.saddr.in6_u.u6_addr8);

@@ -3,7 +3,9 @@
  *
  * Every read goes through bpf_skb_load_bytes, so a short or odd packet yields an error,
  * never an out-of-bounds access. ICMP errors carry the tuple of the flow they report
- * (`related`), taken from the quoted inner header.
+ * (`related`), taken from the quoted inner header, when the error travels back to the
+ * sender of the quoted packet (and, when an endpoint sends it, comes from that packet's
+ * receiver); any other error is an ICMP packet of its own that policy judges.
  */
 #pragma once
 
@@ -98,8 +100,10 @@ static __always_inline int cg_ipv6_l4(struct __sk_buff *skb, __u32 *off, __u8 *n
 	return -DROP_INVALID;
 }
 
-/* For an ICMP error: the tuple of the quoted packet, which is the flow it is about. */
-static __always_inline int cg_parse_quoted(struct __sk_buff *skb, __u32 off, struct cg_flow *f)
+/* For an ICMP error: the tuple of the quoted packet, which is the flow it is about.
+ * `from_ep`: an endpoint sent the error, so it must be the quoted packet's receiver; a
+ * router in the host stack may report on any packet, but only back to its sender. */
+static __always_inline int cg_parse_quoted(struct __sk_buff *skb, __u32 off, struct cg_flow *f, int from_ep)
 {
 	__u8 proto;
 
@@ -108,6 +112,11 @@ static __always_inline int cg_parse_quoted(struct __sk_buff *skb, __u32 off, str
 
 		if (bpf_skb_load_bytes(skb, off, &inner, sizeof(inner)) < 0 || inner.ihl < 5)
 			return -DROP_INVALID;
+		if (inner.saddr != *(const __u32 *)f->daddr ||
+		    (from_ep && inner.daddr != *(const __u32 *)f->saddr)) {
+			f->related = 0;   /* not about a flow of these two */
+			return 0;
+		}
 		__builtin_memset(f->saddr, 0, 16);
 		__builtin_memset(f->daddr, 0, 16);
 		__builtin_memcpy(f->saddr, &inner.saddr, 4);
@@ -119,6 +128,11 @@ static __always_inline int cg_parse_quoted(struct __sk_buff *skb, __u32 off, str
 
 		if (bpf_skb_load_bytes(skb, off, &inner, sizeof(inner)) < 0)
 			return -DROP_INVALID;
+		if (!cg_ip6_eq(inner.saddr.in6_u.u6_addr8, f->daddr) ||
+		    (from_ep && !cg_ip6_eq(inner.daddr.in6_u.u6_addr8, f->saddr))) {
+			f->related = 0;
+			return 0;
+		}
 		__builtin_memcpy(f->saddr, inner.saddr.in6_u.u6_addr8, 16);
 		__builtin_memcpy(f->daddr, inner.daddr.in6_u.u6_addr8, 16);
 		proto = inner.nexthdr;
@@ -152,7 +166,8 @@ static __always_inline int cg_parse_quoted(struct __sk_buff *skb, __u32 off, str
 	return 0;
 }
 
-static __always_inline int cg_flow_ipv4(struct __sk_buff *skb, const struct iphdr *ip, struct cg_flow *f)
+static __always_inline int cg_flow_ipv4(struct __sk_buff *skb, const struct iphdr *ip, struct cg_flow *f,
+					int from_ep)
 {
 	__u32 off = ETH_HLEN + ip->ihl * 4;
 	int ret;
@@ -168,10 +183,11 @@ static __always_inline int cg_flow_ipv4(struct __sk_buff *skb, const struct iphd
 	ret = cg_parse_ports(skb, off, f);
 	if (ret < 0 || !f->related)
 		return ret;
-	return cg_parse_quoted(skb, off + 8, f);
+	return cg_parse_quoted(skb, off + 8, f, from_ep);
 }
 
-static __always_inline int cg_flow_ipv6(struct __sk_buff *skb, const struct ipv6hdr *ip6, struct cg_flow *f)
+static __always_inline int cg_flow_ipv6(struct __sk_buff *skb, const struct ipv6hdr *ip6, struct cg_flow *f,
+					int from_ep)
 {
 	__u32 off = ETH_HLEN + sizeof(struct ipv6hdr);
 	__u8 nexthdr = ip6->nexthdr;
@@ -189,5 +205,5 @@ static __always_inline int cg_flow_ipv6(struct __sk_buff *skb, const struct ipv6
 	ret = cg_parse_ports(skb, off, f);
 	if (ret < 0 || !f->related)
 		return ret;
-	return cg_parse_quoted(skb, off + 8, f);
+	return cg_parse_quoted(skb, off + 8, f, from_ep);
 }

@@ -1,7 +1,9 @@
 """Fixtures of the kernel tier: one compiled datapath per test instance, and endpoints in netns.
 
 Everything created here has a unique `cg…` name and is deleted by exact name in teardown,
-whether the test passed or not; nothing else on the machine is touched.
+whether the test passed or not; nothing else on the machine is touched. Endpoints start
+with the init identity, which an empty policy map denies; every instance therefore starts
+with the entries an agent without rules writes (allow-all for init, see `open_policy`).
 """
 
 from __future__ import annotations
@@ -13,14 +15,18 @@ import random
 import secrets
 import socket
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from datapath import identity as ids
 from datapath import naming, plan
+from datapath.labels import Label, LabelSet
 from datapath.model import Endpoint, Network
+from datapath.policy import Repository, Rule, parse_rules
+from datapath.policymap import Entries, PolicyKey, PolicyValue, compile_all
 
 from .helpers import EventLog, is_root, link_exists, run
 
@@ -83,6 +89,11 @@ def subnets() -> Subnets:
 # -- instances ----------------------------------------------------------------------------
 
 
+def open_policy() -> Entries:
+    """What an agent with no rules writes in default mode: allow-all both ways for init."""
+    return compile_all({ids.INIT: ids.RESERVED_LABELS[ids.INIT]}, [], ids.RESERVED_LABELS)
+
+
 @dataclass
 class Instance:
     """One cellgate instance under test: its compiled datapath, kernel port and network."""
@@ -115,7 +126,9 @@ class Instance:
         objs = plan.network_objects(self.network, self.settings())
         self.converge(objs, plan.keys(objs))
 
-    def new_endpoint(self, ipv4: bool = True, ipv6: bool = True, sandbox: str | None = None) -> Endpoint:
+    def new_endpoint(
+        self, ipv4: bool = True, ipv6: bool = True, sandbox: str | None = None, identity: int = ids.INIT
+    ) -> Endpoint:
         eid = secrets.token_hex(32)
         host = next(self._hosts)
         gw4, gw6 = self.gateway(4), self.gateway(6)
@@ -131,6 +144,7 @@ class Instance:
             gateway4=gw4.ip if ipv4 else None,
             gateway6=gw6.ip if ipv6 else None,
             sandbox=sandbox if sandbox is not None else f"/var/run/netns/cgtest-{eid[:12]}",
+            identity=identity,
         )
 
     def remove_everything(self) -> None:
@@ -165,6 +179,8 @@ def instances(subnets: Subnets) -> Iterator[Callable[[str], Instance]]:
         )
         inst = Instance(name, pin_dir, dp, KernelExecutor(name, dp), network, EventLog(dp))
         made[tag] = inst
+        inst.kernel.policy_update(open_policy(), [])
+        assert inst.kernel.policy_entries() == open_policy()
         return inst
 
     yield get
@@ -192,6 +208,80 @@ def dpi(instances: Callable[[str], Instance]) -> Instance:
     inst = instances("d")
     inst.ensure_network()
     return inst
+
+
+# -- policy -------------------------------------------------------------------------------
+
+
+@dataclass
+class Policy:
+    """The agent's policy loop in miniature, on one instance: rules and identities in,
+    compile_all out, written with policy_update (additions first, removals last)."""
+
+    inst: Instance
+    repo: Repository = field(default_factory=Repository)
+    identities: dict[int, LabelSet] = field(default_factory=lambda: dict(ids.RESERVED_LABELS))
+    subjects: dict[int, LabelSet] = field(default_factory=lambda: {ids.INIT: ids.RESERVED_LABELS[ids.INIT]})
+    _rng: random.Random = field(default_factory=lambda: random.Random(secrets.randbits(32)))
+
+    def identity(self, app: str, subject: bool = True) -> int:
+        """A fresh allocated identity for `container:app=<app>`; a subject unless told otherwise."""
+        number = self._rng.randrange(ids.FIRST_ALLOCATED, ids.LAST_ALLOCATED + 1)
+        while number in self.identities:
+            number = self._rng.randrange(ids.FIRST_ALLOCATED, ids.LAST_ALLOCATED + 1)
+        labels: LabelSet = frozenset({Label("container", "app", app)})
+        self.identities[number] = labels
+        if subject:
+            self.subjects[number] = labels
+        return number
+
+    def add_rules(self, data: Any) -> list[Rule]:
+        """Parse and add rules (ids are assigned in order, from 1); returns them with their ids."""
+        new = parse_rules(data)
+        self.repo.add(new)
+        return self.repo.rules[-len(new) :]
+
+    def rule_id(self, description: str) -> int:
+        return next(r.id for r in self.repo.rules if r.description == description)
+
+    def compile(self) -> Entries:
+        return compile_all(self.subjects, self.repo.rules, self.identities)
+
+    def sync(self, delete: bool = True) -> tuple[dict[PolicyKey, PolicyValue], list[PolicyKey]]:
+        """Make the kernel's policy map hold the compile output; returns what was written/removed."""
+        return self.write(self.compile(), delete)
+
+    def write(self, want: Entries, delete: bool = True) -> tuple[dict[PolicyKey, PolicyValue], list[PolicyKey]]:
+        have = self.inst.kernel.policy_entries()
+        upserts = {k: v for k, v in want.items() if have.get(k) != v}
+        deletes = [k for k in have if k not in want] if delete else []
+        if upserts or deletes:
+            self.inst.kernel.policy_update(upserts, deletes)
+        return upserts, deletes
+
+    @property
+    def entries(self) -> Entries:
+        """What the kernel holds now."""
+        return self.inst.kernel.policy_entries()
+
+
+@contextlib.contextmanager
+def policy_session(inst: Instance) -> Iterator[Policy]:
+    """A Policy on `inst`; afterwards the instance is back to the open baseline: policy map,
+    tracing off, default conntrack timeouts and no ipcache entries."""
+    policy = Policy(inst)
+    try:
+        yield policy
+    finally:
+        with contextlib.ExitStack() as stack:  # every step runs even if an earlier one raised
+            stack.callback(policy.write, open_policy())
+            stack.callback(inst.kernel.set_config, False, {})
+            stack.callback(drop_ipcache, inst)
+
+
+def drop_ipcache(inst: Instance) -> None:
+    ipcache = {o for o in inst.kernel.observe() if isinstance(o, plan.IpcacheEntry)}
+    inst.converge(set(), plan.keys(ipcache))
 
 
 # -- endpoints in namespaces --------------------------------------------------------------
@@ -222,6 +312,12 @@ class Guest:
     def objects(self) -> set[plan.KernelObject]:
         return plan.endpoint_objects(self.ep, self.inst.settings())
 
+    def set_identity(self, identity: int) -> plan.Plan:
+        """Switch the endpoint (and address) entries to `identity`, as the agent does on labels."""
+        self.ep = replace(self.ep, identity=identity)
+        objs = self.objects()
+        return self.inst.converge(objs, plan.keys(objs))
+
 
 def _move_into_netns(ep: Endpoint, ns: str) -> None:
     run("ip", "netns", "add", ns)
@@ -250,9 +346,15 @@ def guests(dpi: Instance) -> Iterator[Callable[..., Guest]]:
 def guest_factory(inst: Instance) -> Iterator[Callable[..., Guest]]:
     made: list[Guest] = []
 
-    def make(ipv4: bool = True, ipv6: bool = True, sandbox: str | None = None, skip: tuple[type, ...] = ()) -> Guest:
+    def make(
+        ipv4: bool = True,
+        ipv6: bool = True,
+        sandbox: str | None = None,
+        skip: tuple[type, ...] = (),
+        identity: int = ids.INIT,
+    ) -> Guest:
         inst.ensure_network()
-        ep = inst.new_endpoint(ipv4, ipv6, sandbox)
+        ep = inst.new_endpoint(ipv4, ipv6, sandbox, identity)
         guest = Guest(inst, ep, "cgns" + ep.id[:12])
         made.append(guest)
         objs = {o for o in plan.endpoint_objects(ep, inst.settings()) if not isinstance(o, skip)}

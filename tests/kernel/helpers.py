@@ -2,6 +2,7 @@
 
 Standard library only (plus datapath.events). Frames are built by hand and sent with
 AF_PACKET from inside a namespace, so the tier needs no packet-crafting dependency.
+TCP servers, clients and probe loops are small Python scripts run in a namespace.
 """
 
 from __future__ import annotations
@@ -81,6 +82,13 @@ def ping(ns: str | None, dst: Any, count: int = 1, timeout: float = 2.0) -> str:
     return proc.stdout
 
 
+def ping_fails(ns: str | None, dst: Any, wait: float = 0.5) -> bool:
+    """One echo from `ns` (None: the host) that gets no answer within `wait` seconds."""
+    args = ["ping", "-n", "-c", "1", "-W", str(wait), str(dst)]
+    proc = in_ns(ns, *args, check=False) if ns else run(*args, check=False)
+    return proc.returncode != 0
+
+
 def ttls(ping_output: str) -> set[int]:
     return {int(t) for t in re.findall(r"ttl=(\d+)", ping_output)}
 
@@ -137,6 +145,15 @@ def ipv6_frame(
     return ethernet(dst_mac, src_mac, ETH_P_IPV6, header + payload)
 
 
+def ipv4_packet(src: Any, dst: Any, proto: int, payload: bytes) -> bytes:
+    """An IPv4 header (DF, TTL 64, checksum filled in) followed by `payload`."""
+    src, dst = ipaddress.IPv4Address(src), ipaddress.IPv4Address(dst)
+    header = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0x1234, 0x4000, 64, proto, 0, src.packed, dst.packed
+    )
+    return header[:10] + struct.pack("!H", _csum(header)) + header[12:] + payload
+
+
 def udp_frame(src_mac: str, dst_mac: str, src: Any, dst: Any, dport: int, payload: bytes, sport: int = 40000) -> bytes:
     """An Ethernet frame carrying a UDP datagram over IPv4 or IPv6, checksums filled in."""
     src, dst = ipaddress.ip_address(src), ipaddress.ip_address(dst)
@@ -144,9 +161,16 @@ def udp_frame(src_mac: str, dst_mac: str, src: Any, dst: Any, dport: int, payloa
     udp = struct.pack("!HHHH", sport, dport, length, 0) + payload
     if src.version == 6:
         return ipv6_frame(src_mac, dst_mac, src, dst, 17, udp, csum_at=6)
-    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0x1234, 0x4000, 64, 17, 0, src.packed, dst.packed)
-    header = header[:10] + struct.pack("!H", _csum(header)) + header[12:]
-    return ethernet(dst_mac, src_mac, ETH_P_IP, header + udp)
+    return ethernet(dst_mac, src_mac, ETH_P_IP, ipv4_packet(src, dst, 17, udp))
+
+
+def icmp4_error_frame(
+    src_mac: str, dst_mac: str, src: Any, dst: Any, icmp_type: int, code: int, quoted: bytes
+) -> bytes:
+    """An ICMPv4 error (e.g. type 3 code 3, port unreachable) quoting the packet `quoted`."""
+    body = struct.pack("!BBHI", icmp_type, code, 0, 0) + quoted
+    body = body[:2] + struct.pack("!H", _csum(body)) + body[4:]
+    return ethernet(dst_mac, src_mac, ETH_P_IP, ipv4_packet(src, dst, 1, body))
 
 
 def arp_frame(src_mac: str, dst_mac: str, op: int, sha: str, sip: Any, tha: str, tip: Any) -> bytes:
@@ -368,6 +392,287 @@ def attached_prog_ids(dev: str, direction: str) -> list[int]:
     """Ids of the BPF programs in the tc filters of `dev` (`ingress` or `egress`)."""
     out = run("tc", "filter", "show", "dev", dev, direction).stdout
     return [int(i) for i in re.findall(r"\bid (\d+)", out)]
+
+
+# -- TCP servers, clients and probe loops in a namespace -------------------------------------
+
+_SERVE = """
+import socket, sys, threading
+addresses, ports = sys.argv[1].split(","), [int(p) for p in sys.argv[2:]]
+
+def handle(conn, port):
+    with conn:
+        conn.settimeout(30)
+        try:
+            conn.sendall(b"cg %d\\n" % port)
+            for line in conn.makefile("rb"):
+                conn.sendall(b"echo " + line)
+        except OSError:
+            pass
+
+def serve(sock, port):
+    while True:
+        conn, _ = sock.accept()
+        threading.Thread(target=handle, args=(conn, port), daemon=True).start()
+
+for address in addresses:
+    for port in ports:
+        sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+        sock.listen(128)
+        threading.Thread(target=serve, args=(sock, port), daemon=True).start()
+print("ready", flush=True)
+sys.stdin.read()  # serves until the test closes stdin
+"""
+
+
+class TcpServer:
+    """Accepts on every (address, port) in `ns`; greets with `cg <port>` and echoes lines back."""
+
+    def __init__(self, ns: str, addresses: Iterable[Any], ports: Iterable[int]) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                PYTHON,
+                "-c",
+                _SERVE,
+                ",".join(str(a) for a in addresses),
+                *(str(p) for p in ports),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 10)
+        line = self.proc.stdout.readline() if ready else ""
+        if line.strip() != "ready":
+            self.close()
+            raise AssertionError(f"TCP server in {ns} did not start: {line!r}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr, self.proc.stdin):
+            if stream is not None and not stream.closed:
+                stream.close()
+
+    def __enter__(self) -> TcpServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_TCP_TRY = """
+import socket, sys
+dst, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+try:
+    with socket.create_connection((dst, port), timeout=timeout) as s:
+        s.sendall(b"hello\\n")
+        data = b""
+        while data.count(b"\\n") < 2:
+            chunk = s.recv(256)
+            if not chunk:
+                break
+            data += chunk
+    print("ok" if data == b"cg %d\\necho hello\\n" % port else "garbled %r" % data)
+except socket.timeout:
+    print("timeout")
+except ConnectionRefusedError:
+    print("refused")
+except OSError as exc:
+    print("error", exc)
+"""
+
+
+def tcp_try(ns: str, dst: Any, port: int, timeout: float) -> str:
+    """One TCP exchange with a TcpServer from `ns`: "ok", "timeout", "refused" or an error."""
+    return in_ns(ns, PYTHON, "-c", _TCP_TRY, str(dst), str(port), str(timeout), timeout=timeout + 10).stdout.strip()
+
+
+_TCP_PROBE = """
+import socket, sys, time
+dst, port, interval, timeout, limit = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), \\
+    float(sys.argv[5])
+end = time.monotonic() + limit
+while time.monotonic() < end:
+    start = time.monotonic()
+    try:
+        with socket.create_connection((dst, port), timeout=timeout) as s:
+            ok = s.recv(64).startswith(b"cg ")
+    except OSError:
+        ok = False
+    print("%.6f %.6f %s" % (start, time.monotonic(), "ok" if ok else "fail"), flush=True)
+    time.sleep(max(0.0, start + interval - time.monotonic()))  # the probe's pace
+"""
+
+
+class TcpProbe:
+    """A loop of TCP connections to a TcpServer, one every `interval`, each logged with its
+    start and end (CLOCK_MONOTONIC, comparable with time.monotonic() here) and outcome."""
+
+    def __init__(
+        self, ns: str, dst: Any, port: int, interval: float = 0.05, timeout: float = 0.2, limit: float = 60.0
+    ) -> None:
+        self._out = tempfile.NamedTemporaryFile(prefix="cgtcpprobe", suffix=".txt")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                PYTHON,
+                "-c",
+                _TCP_PROBE,
+                str(dst),
+                str(port),
+                str(interval),
+                str(timeout),
+                str(limit),
+            ],
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def results(self) -> list[tuple[float, float, bool]]:
+        """(start, end, succeeded) of every finished attempt."""
+        out = []
+        for line in Path(self._out.name).read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[2] in ("ok", "fail"):
+                out.append((float(parts[0]), float(parts[1]), parts[2] == "ok"))
+        return out
+
+    def wait(
+        self,
+        predicate: Callable[[list[tuple[float, float, bool]]], bool],
+        timeout: float = 10.0,
+        what: str = "probe results",
+    ) -> list[tuple[float, float, bool]]:
+        def check() -> list[tuple[float, float, bool]] | None:
+            assert self.proc.poll() is None, f"probe exited early:\n{Path(self._out.name).read_text()[-2000:]}"
+            results = self.results()
+            return results if predicate(results) else None
+
+        return wait_until(check, timeout, what)
+
+    def stop(self) -> list[tuple[float, float, bool]]:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=5)
+        return self.results()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._out.close()
+
+    def __enter__(self) -> TcpProbe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_STREAM = """
+import socket, sys, time
+dst, port, interval = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.create_connection((dst, port), timeout=3)
+s.settimeout(0.5)
+f = s.makefile("rb")
+f.readline()
+print("connected", s.getsockname()[1], flush=True)
+end = time.monotonic() + 60
+n = 0
+while time.monotonic() < end:
+    n += 1
+    try:
+        s.sendall(b"msg %d\\n" % n)
+        line = f.readline()
+    except OSError as exc:
+        print("fail", n, exc, flush=True)
+        break
+    if line != b"echo msg %d\\n" % n:
+        print("fail", n, repr(line), flush=True)
+        break
+    print("ok", n, flush=True)
+    time.sleep(interval)  # the stream's pace
+"""
+
+
+class TcpStream:
+    """One long-lived TCP connection to a TcpServer exchanging a line every `interval`;
+    it stops at the first exchange that fails."""
+
+    def __init__(self, ns: str, dst: Any, port: int, interval: float = 0.05) -> None:
+        self._out = tempfile.NamedTemporaryFile(prefix="cgstream", suffix=".txt")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, PYTHON, "-c", _STREAM, str(dst), str(port), str(interval)],
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def output(self) -> str:
+        return Path(self._out.name).read_text()
+
+    def sport(self) -> int:
+        found = re.search(r"^connected (\d+)$", self.output(), re.M)
+        assert found, f"the stream never connected:\n{self.output()}"
+        return int(found.group(1))
+
+    def exchanges(self) -> int:
+        return len(re.findall(r"^ok \d+$", self.output(), re.M))
+
+    def failed(self) -> str | None:
+        found = re.search(r"^fail .*$", self.output(), re.M)
+        return found.group(0) if found else None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._out.close()
+
+    def __enter__(self) -> TcpStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_UDP_ASK = """
+import socket, sys
+dst, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(timeout)
+s.connect((dst, port))
+s.send(b"cg-udp")
+try:
+    print("answer %r" % s.recv(100))
+except ConnectionRefusedError:
+    print("refused")
+except socket.timeout:
+    print("timeout")
+"""
+
+
+def udp_ask(ns: str, dst: Any, port: int, timeout: float = 3.0) -> str:
+    """Send one datagram from a connected UDP socket in `ns`: "refused" when an ICMP port
+    unreachable comes back, "timeout" when nothing does."""
+    return in_ns(ns, PYTHON, "-c", _UDP_ASK, str(dst), str(port), str(timeout), timeout=timeout + 10).stdout.strip()
 
 
 def udp_send_from_host(dst: Any, port: int, payload: bytes) -> None:

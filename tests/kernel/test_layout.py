@@ -28,6 +28,13 @@ C_NAMES = {
     layout.CgIpKey: "cg_ip_key",
     layout.CgMetric: "cg_metric",
     layout.CgEvent: "cg_event",
+    layout.CgPolicyKey: "cg_policy_key",
+    layout.CgPolicyValue: "cg_policy_value",
+    layout.CgIpcacheKey: "cg_ipcache_key",
+    layout.CgIpcacheValue: "cg_ipcache_value",
+    layout.CgCtKey: "cg_ct_key",
+    layout.CgCtValue: "cg_ct_value",
+    layout.CgConfig: "cg_config",
 }
 
 

@@ -1,7 +1,8 @@
 """Agent restart under traffic: a new Datapath and executor take over the pinned state without a gap.
 
 The instance here is private to this module so that `observe()` with no keys sees exactly
-what these tests built.
+what these tests built. Policy survives a restart too: a denied path never opens and an
+allowed path never closes while the new agent loads and re-syncs (reliability.md S6).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,12 +19,14 @@ import pytest
 from datapath import plan
 from datapath.plan import Programs
 
-from .conftest import Guest, Instance, guest_factory
+from .conftest import Guest, Instance, Policy, guest_factory, policy_session
 from .helpers import (
     VERDICT,
     EventLog,
     PingProbe,
     TcMonitor,
+    TcpProbe,
+    TcpServer,
     attached_prog_ids,
     counter_delta,
     prog_id,
@@ -33,6 +37,7 @@ from .helpers import (
 pytestmark = pytest.mark.kernel
 
 DROP_INVALID_SIP = VERDICT["DROP_INVALID_SIP"]
+DROP_POLICY, DROP_POLICY_DENY = VERDICT["DROP_POLICY"], VERDICT["DROP_POLICY_DENY"]
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +51,12 @@ def rsi(instances: Callable[[str], Instance]) -> Instance:
 def pair(rsi: Instance) -> Iterator[tuple[Guest, Guest]]:
     with guest_factory(rsi) as make:
         yield make(), make()
+
+
+@pytest.fixture
+def policy(rsi: Instance) -> Iterator[Policy]:
+    with policy_session(rsi) as session:
+        yield session
 
 
 @contextlib.contextmanager
@@ -160,3 +171,70 @@ def test_new_program_revision_is_swapped_in_without_a_gap(rsi: Instance, pair: t
         for g in pair:
             assert attached_prog_ids(g.ep.host_ifname, "ingress") == [prog_id(dp.programs["cg_from_container"].fd)]
             assert attached_prog_ids(g.ep.host_ifname, "egress") == [prog_id(dp.programs["cg_to_container"].fd)]
+
+
+def test_restart_keeps_a_denied_path_denied_and_an_allowed_path_open(rsi: Instance, policy: Policy) -> None:
+    a_id, b_id = policy.identity("a"), policy.identity("b")
+    from_a = [{"matchLabels": {"app": "a"}}]
+    policy.add_rules(
+        [
+            {
+                "description": "b-deny-80",
+                "endpointSelector": {"matchLabels": {"app": "b"}},
+                "ingressDeny": [{"fromEndpoints": from_a, "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]}],
+            },
+            {
+                "description": "b-allow-81",
+                "endpointSelector": {"matchLabels": {"app": "b"}},
+                "ingress": [{"fromEndpoints": from_a, "toPorts": [{"ports": [{"port": "81", "protocol": "TCP"}]}]}],
+            },
+        ]
+    )
+    policy.sync()
+    compiled = policy.compile()
+    deny_rule = policy.rule_id("b-deny-80")
+
+    with guest_factory(rsi) as make:
+        a, b = make(identity=a_id), make(identity=b_id)
+        since = rsi.events.mark()
+        # 0.8 s for the allowed probe: a dropped SYN is only retransmitted after 1 s, so it fails.
+        with (
+            TcpServer(b.ns, [b.ip4], [80, 81]),
+            TcpProbe(a.ns, b.ip4, 80, timeout=0.2) as denied,
+            TcpProbe(a.ns, b.ip4, 81, timeout=0.8) as allowed,
+        ):
+            for probe in (denied, allowed):
+                probe.wait(lambda r: len(r) >= 5, what="probes before the restart")
+            started = time.monotonic()
+            with restarted_agent(rsi) as (dp, kernel):
+                # What a starting agent does: read what the pinned map holds, write the compile output.
+                held = kernel.policy_entries()
+                upserts = {k: v for k, v in compiled.items() if held.get(k) != v}
+                deletes = [k for k in held if k not in compiled]
+                kernel.policy_update(upserts, deletes)
+                desired = plan.desired_state([rsi.network], [a.ep, b.ep], plan.Settings(rsi.name, False, dp.revision))
+                change = plan.diff(desired, kernel.observe())
+                kernel.apply(change)
+                finished = time.monotonic()
+                for probe in (denied, allowed):
+                    probe.wait(lambda r: sum(start > finished for start, _, _ in r) >= 5, what="probes after it")
+                after = kernel.policy_entries()
+            results = {80: denied.stop(), 81: allowed.stop()}
+
+    assert held == compiled and not upserts and not deletes  # the pinned map came through intact
+    assert after == compiled
+    assert not change, change.describe()
+    through = [r for r in results[80] if r[2]]
+    refused = [r for r in results[81] if not r[2]]
+    assert through == [], f"the denied port let connections through: {through}"
+    assert refused == [], f"the allowed port refused connections: {refused}"
+    for port, attempts in results.items():  # both probes covered the restart window
+        assert any(start < started for start, _, _ in attempts), port
+        assert any(end > started and start < finished for start, end, _ in attempts), port
+        assert any(start > finished for start, _, _ in attempts), port
+    seen = rsi.events.since(since)
+    deny_drops = [e for e in seen if e["type"] == "drop" and e.get("dport") == 80]
+    assert deny_drops and {(e["code"], e["rule"], e["src_identity"]) for e in deny_drops} == {
+        (DROP_POLICY_DENY, deny_rule, a_id)
+    }
+    assert not [e for e in seen if e["code"] in (DROP_POLICY, DROP_POLICY_DENY) and e.get("dport") == 81]
