@@ -122,9 +122,9 @@ class Identities:
                 self._by_number[ident.number] = ident
                 self._by_labels[canonical(labels)] = ident
                 log.info("identity %d allocated for %s", ident.number, ", ".join(str(x) for x in sorted(labels)))
-            elif owner not in ident.owners:
-                updated = Identity(ident.number, ident.labels, ident.owners | {owner})
-                self._store.put(str(ident.number), updated.to_doc())
+            else:
+                # Holders are not persisted one by one: a restart rebuilds them from the endpoints
+                # (sync_owners). Only the number's birth and death are written.
                 ident.owners.add(owner)
             return ident.number
 
@@ -142,9 +142,7 @@ class Identities:
                     freed.append(ident.number)
                     log.info("identity %d released", ident.number)
                 else:
-                    updated = Identity(ident.number, ident.labels, ident.owners - {owner})
-                    self._store.put(str(ident.number), updated.to_doc())
-                    ident.owners.discard(owner)
+                    ident.owners.discard(owner)  # see acquire: holders are rebuilt on restart
         return freed
 
     def release_one(self, owner: str, number: int) -> bool:
@@ -159,8 +157,6 @@ class Identities:
                 del self._by_labels[canonical(ident.labels)]
                 log.info("identity %d released", number)
                 return True
-            updated = Identity(ident.number, ident.labels, ident.owners - {owner})
-            self._store.put(str(number), updated.to_doc())
             ident.owners.discard(owner)
             return False
 

@@ -253,8 +253,9 @@ class Ipam:
     # -- addresses --------------------------------------------------------------------------
 
     def request_address(
-        self, pid: str, address: Address | None, options: Mapping[str, str]
+        self, pid: str, address: Address | None, options: Mapping[str, str], owner: str = ""
     ) -> tuple[Pool, Allocation]:
+        """Reserve an address; `owner` binds it to its endpoint in the same write (CNI knows it up front)."""
         with self._lock:
             pool = self.pool(pid)
             now = self._clock()
@@ -278,6 +279,9 @@ class Ipam:
                 if retry is not None and address in (None, retry.address):
                     return pool, retry
                 new, alloc = pool.allocate(address, KIND_ENDPOINT, mac, now)
+                if owner:
+                    new = new.bind(alloc.address, owner)
+                    alloc = new.allocations[alloc.address]
             self._save(new)
             log.info("address %s allocated in %s (%s)", alloc.address, pid, alloc.kind)
             return new, alloc

@@ -174,8 +174,14 @@ class Agent:
         origin: str = "docker",
         labels: dict[str, str] | None = None,
         label_source: str = "container",
+        attachment: tuple[str, str] = ("", ""),
+        sandbox: str = "",
     ) -> Endpoint:
-        """Create (or return the identical existing) endpoint with its veth and datapath state."""
+        """Create (or return the identical existing) endpoint with its veth and datapath state.
+
+        `attachment` (CNI container ID and interface) and `sandbox` are known up front on the
+        CNI path, so the endpoint is written once, complete.
+        """
         if ipv4 is None and ipv6 is None:
             raise InvalidRequest("an endpoint needs an IPv4 or IPv6 address")
         with self._lock:
@@ -206,11 +212,15 @@ class Agent:
                 gateway6=gw6,  # type: ignore[arg-type]
                 created=self._clock(),
                 origin=origin,
+                container_id=attachment[0],
+                ifname=attachment[1],
+                sandbox=sandbox,
             )
             existing = self.endpoints.get(endpoint_id)
             if existing is not None:
                 same = replace(ep, sandbox="", labels=existing.labels, identity=existing.identity,
-                               labels_known=existing.labels_known, created=existing.created)
+                               labels_known=existing.labels_known, created=existing.created,
+                               container_id=existing.container_id, ifname=existing.ifname)
                 if replace(existing, sandbox="") != same:
                     raise Conflict(f"endpoint {endpoint_id[:12]} exists with other settings")
                 self._converge(plan.keys(plan.endpoint_objects(existing, self.settings)))

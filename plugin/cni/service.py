@@ -153,13 +153,12 @@ class CniService:
                 v4 = next((a for a in addresses if a.version == 4), None)
                 v6 = next((a for a in addresses if a.version == 6), None)
                 ep = agent.create_endpoint(net.id, eid, v4, v6, mac=req.mac, origin="cni", labels=req.labels,
-                                           label_source=req.label_source)  # type: ignore[arg-type]
-                ep = agent.note_attachment(eid, att.container_id, att.ifname)
+                                           label_source=req.label_source,  # type: ignore[arg-type]
+                                           attachment=(att.container_id, att.ifname), sandbox=att.netns)
                 failpoints.hit("cni.add.before_attach")
                 gateways = [g for g in (ep.gateway4, ep.gateway6) if g is not None]
                 self.netns.attach(att.netns, ep.peer_ifname, att.ifname, ep.addresses, gateways)
                 failpoints.hit("cni.add.after_attach")
-                agent.join(net.id, eid, att.netns)
             except CellgateError:
                 self._undo(eid, net, allocated, att)
                 raise
@@ -199,7 +198,7 @@ class CniService:
             if pool is None:
                 raise NotFound(f"no address pool for {gw.network}")
             wanted = next((ip for ip in req.ips if ip in gw.network), None)
-            _, alloc = self.agent.request_address(pool.id, wanted, {})
+            _, alloc = self.agent.ipam.request_address(pool.id, wanted, {}, owner=req.attachment.endpoint_id)
             allocated.append((pool.id, alloc.address))
             out.append(pool.prefixed(alloc.address))
         unplaced = [ip for ip in req.ips if not any(ip in g.network for g in net.gateways)]
