@@ -37,38 +37,61 @@ static __always_inline int cg_is_icmp_error(__u8 proto, __u8 type)
 	return type >= 1 && type <= 4; /* ICMPv6 unreachable, too big, time exceeded, param problem */
 }
 
-/* Ports (or ICMP identifier/type) of the L4 header at `off`. */
-static __always_inline int cg_parse_ports(struct __sk_buff *skb, __u32 off, struct cg_flow *f)
+static __always_inline int cg_icmp_echo(__u8 proto, __u8 type, int request)
 {
-	if (f->proto == IPPROTO_TCP || f->proto == IPPROTO_UDP || f->proto == IPPROTO_SCTP) {
+	if (proto == IPPROTO_ICMP)
+		return type == (request ? 8 : 0);
+	return type == (request ? 128 : 129);
+}
+
+/* Conntrack ports of the L4 header at `off`: TCP, UDP and SCTP ports, or the ICMP echo
+ * identifier (the source port of a request, the destination port of its reply). */
+static __always_inline int cg_l4_ports(struct __sk_buff *skb, __u32 off, __u8 proto, __be16 *sport,
+				       __be16 *dport, __u8 *icmp_type)
+{
+	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP) {
 		__be16 ports[2];
 
 		if (bpf_skb_load_bytes(skb, off, ports, sizeof(ports)) < 0)
 			return -DROP_INVALID;
-		f->sport = ports[0];
-		f->dport = ports[1];
-		f->policy_port = ports[1];
-		if (f->proto == IPPROTO_TCP && bpf_skb_load_bytes(skb, off + 13, &f->tcp_flags, 1) < 0)
-			return -DROP_INVALID;
-	} else if (f->proto == IPPROTO_ICMP || f->proto == IPPROTO_ICMPV6) {
+		*sport = ports[0];
+		*dport = ports[1];
+	} else if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) {
 		struct {
 			__u8 type;
 			__u8 code;
 			__be16 csum;
 			__be16 id;
-			__be16 seq;
 		} icmp;
 
 		if (bpf_skb_load_bytes(skb, off, &icmp, sizeof(icmp)) < 0)
 			return -DROP_INVALID;
-		f->policy_port = bpf_htons(icmp.type);
-		if ((f->proto == IPPROTO_ICMP && icmp.type == 8) || (f->proto == IPPROTO_ICMPV6 && icmp.type == 128))
-			f->sport = icmp.id;            /* echo request */
-		else if ((f->proto == IPPROTO_ICMP && icmp.type == 0) || (f->proto == IPPROTO_ICMPV6 && icmp.type == 129))
-			f->dport = icmp.id;            /* echo reply */
-		else if (cg_is_icmp_error(f->proto, icmp.type))
-			f->related = 1;
+		*icmp_type = icmp.type;
+		if (cg_icmp_echo(proto, icmp.type, 1))
+			*sport = icmp.id;
+		else if (cg_icmp_echo(proto, icmp.type, 0))
+			*dport = icmp.id;
 	}
+	return 0;
+}
+
+/* Ports of the packet's own L4 header, plus what policy sees (port or ICMP type). */
+static __always_inline int cg_parse_ports(struct __sk_buff *skb, __u32 off, struct cg_flow *f)
+{
+	__u8 type = 0;
+	int ret = cg_l4_ports(skb, off, f->proto, &f->sport, &f->dport, &type);
+
+	if (ret < 0)
+		return ret;
+	if (f->proto == IPPROTO_ICMP || f->proto == IPPROTO_ICMPV6) {
+		f->policy_port = bpf_htons(type);
+		if (cg_is_icmp_error(f->proto, type))
+			f->related = 1;
+		return 0;
+	}
+	f->policy_port = f->dport;
+	if (f->proto == IPPROTO_TCP && bpf_skb_load_bytes(skb, off + 13, &f->tcp_flags, 1) < 0)
+		return -DROP_INVALID;
 	return 0;
 }
 
@@ -138,32 +161,12 @@ static __always_inline int cg_parse_quoted(struct __sk_buff *skb, __u32 off, str
 		proto = inner.nexthdr;
 		off += sizeof(inner);
 	}
+	__u8 type = 0;
+
 	f->sport = 0;
 	f->dport = 0;
 	f->ct_proto = proto;
-	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP) {
-		__be16 ports[2];
-
-		if (bpf_skb_load_bytes(skb, off, ports, sizeof(ports)) < 0)
-			return -DROP_INVALID;
-		f->sport = ports[0];
-		f->dport = ports[1];
-	} else if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) {
-		struct {
-			__u8 type;
-			__u8 code;
-			__be16 csum;
-			__be16 id;
-		} icmp;
-
-		if (bpf_skb_load_bytes(skb, off, &icmp, sizeof(icmp)) < 0)
-			return -DROP_INVALID;
-		if (icmp.type == 8 || icmp.type == 128)
-			f->sport = icmp.id;
-		else if (icmp.type == 0 || icmp.type == 129)
-			f->dport = icmp.id;
-	}
-	return 0;
+	return cg_l4_ports(skb, off, proto, &f->sport, &f->dport, &type);
 }
 
 static __always_inline int cg_flow_ipv4(struct __sk_buff *skb, const struct iphdr *ip, struct cg_flow *f,
