@@ -304,7 +304,30 @@ def counter_delta(before: dict[int, tuple[int, int]], after: dict[int, tuple[int
 # -- probes -------------------------------------------------------------------------------
 
 
-class PingProbe:
+class _Logged:
+    """A background command in a namespace whose output goes to a temporary file."""
+
+    def __init__(self, cmd: list[str], prefix: str) -> None:
+        self._out = tempfile.NamedTemporaryFile(prefix=prefix, suffix=".txt")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return Path(self._out.name).read_text()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._out.close()
+
+    def __enter__(self) -> _Logged:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PingProbe(_Logged):
     """A fast background ping whose replies are counted by sequence number.
 
     Loss shows up as a gap in the replied sequence numbers, so stopping the probe with
@@ -312,15 +335,8 @@ class PingProbe:
     """
 
     def __init__(self, ns: str, dst: Any, interval: float = 0.01) -> None:
-        self._out = tempfile.NamedTemporaryFile(prefix="cgprobe", suffix=".txt")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, "ping", "-n", "-i", str(interval), "-W", "1", str(dst)],
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-        )
-
-    def output(self) -> str:
-        return Path(self._out.name).read_text()
+        super().__init__(["ip", "netns", "exec", ns, "ping", "-n", "-i", str(interval), "-W", "1", str(dst)],
+                         "cgprobe")
 
     def replies(self) -> list[int]:
         return sorted({int(s) for s in re.findall(r"icmp_seq=(\d+) ttl=", self.output())})
@@ -335,12 +351,6 @@ class PingProbe:
             self.proc.wait(timeout=5)
         got = self.replies()
         return sorted(set(range(1, max(got, default=0) + 1)) - set(got))
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._out.close()
 
 
 class TcMonitor:
@@ -519,37 +529,20 @@ while time.monotonic() < end:
 """
 
 
-class TcpProbe:
+class TcpProbe(_Logged):
     """A loop of TCP connections to a TcpServer, one every `interval`, each logged with its
     start and end (CLOCK_MONOTONIC, comparable with time.monotonic() here) and outcome."""
 
     def __init__(
         self, ns: str, dst: Any, port: int, interval: float = 0.05, timeout: float = 0.2, limit: float = 60.0
     ) -> None:
-        self._out = tempfile.NamedTemporaryFile(prefix="cgtcpprobe", suffix=".txt")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                PYTHON,
-                "-c",
-                _TCP_PROBE,
-                str(dst),
-                str(port),
-                str(interval),
-                str(timeout),
-                str(limit),
-            ],
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-        )
+        super().__init__(["ip", "netns", "exec", ns, PYTHON, "-c", _TCP_PROBE, str(dst), str(port), str(interval),
+                          str(timeout), str(limit)], "cgtcpprobe")
 
     def results(self) -> list[tuple[float, float, bool]]:
         """(start, end, succeeded) of every finished attempt."""
         out = []
-        for line in Path(self._out.name).read_text().splitlines():
+        for line in self.output().splitlines():
             parts = line.split()
             if len(parts) == 3 and parts[2] in ("ok", "fail"):
                 out.append((float(parts[0]), float(parts[1]), parts[2] == "ok"))
@@ -562,7 +555,7 @@ class TcpProbe:
         what: str = "probe results",
     ) -> list[tuple[float, float, bool]]:
         def check() -> list[tuple[float, float, bool]] | None:
-            assert self.proc.poll() is None, f"probe exited early:\n{Path(self._out.name).read_text()[-2000:]}"
+            assert self.proc.poll() is None, f"probe exited early:\n{self.output()[-2000:]}"
             results = self.results()
             return results if predicate(results) else None
 
@@ -573,18 +566,6 @@ class TcpProbe:
             self.proc.terminate()
             self.proc.wait(timeout=5)
         return self.results()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._out.close()
-
-    def __enter__(self) -> TcpProbe:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 _STREAM = """
@@ -613,20 +594,13 @@ while time.monotonic() < end:
 """
 
 
-class TcpStream:
+class TcpStream(_Logged):
     """One long-lived TCP connection to a TcpServer exchanging a line every `interval`;
     it stops at the first exchange that fails."""
 
     def __init__(self, ns: str, dst: Any, port: int, interval: float = 0.05) -> None:
-        self._out = tempfile.NamedTemporaryFile(prefix="cgstream", suffix=".txt")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, PYTHON, "-c", _STREAM, str(dst), str(port), str(interval)],
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-        )
-
-    def output(self) -> str:
-        return Path(self._out.name).read_text()
+        super().__init__(["ip", "netns", "exec", ns, PYTHON, "-c", _STREAM, str(dst), str(port), str(interval)],
+                         "cgstream")
 
     def sport(self) -> int:
         found = re.search(r"^connected (\d+)$", self.output(), re.M)
@@ -639,18 +613,6 @@ class TcpStream:
     def failed(self) -> str | None:
         found = re.search(r"^fail .*$", self.output(), re.M)
         return found.group(0) if found else None
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._out.close()
-
-    def __enter__(self) -> TcpStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 _UDP_ASK = """
