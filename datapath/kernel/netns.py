@@ -60,6 +60,13 @@ def open_netns(path: str) -> Iterator[int]:
         os.close(fd)
 
 
+def refuse_own(fd: int, path: str) -> None:
+    """A container namespace is never our own (the host's): libcni's skel refuses it too."""
+    target, own = os.fstat(fd), os.stat("/proc/self/ns/net")
+    if (target.st_dev, target.st_ino) == (own.st_dev, own.st_ino):
+        raise InvalidRequest(f"{path!r} is the host's own network namespace, not a container's")
+
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -118,8 +125,8 @@ class NetnsOps:
                 ipr.close()
 
     def check(self, path: str) -> None:
-        with open_netns(path):
-            pass
+        with open_netns(path) as fd:
+            refuse_own(fd, path)
 
     def interface(self, path: str, ifname: str) -> InterfaceState | None:
         with self._inside(path) as ipr:
@@ -134,6 +141,7 @@ class NetnsOps:
             if not index:
                 raise KernelError(f"interface {peer} is missing")
             with open_netns(path) as fd:
+                refuse_own(fd, path)
                 host.link("set", index=index[0], net_ns_fd=fd)
                 ipr = IPRoute(use_socket=netlink_socket_in(fd))
                 try:

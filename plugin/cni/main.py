@@ -127,16 +127,19 @@ def check_config(conf: dict[str, Any]) -> str:
             raise CniError(UNSUPPORTED_FIELD, f"unsupported field {key!r} = {json.dumps(conf[key])[:100]}",
                            "cellgate does its own IPAM: remove 'ipam' and use subnet/ipv6Subnet" if key == "ipam"
                            else "")
-    for key in ("subnet", "ipv6Subnet"):
+    for key in ("subnet", "ipv6Subnet"):  # a known field with a bad value: code 2, naming key and value
         if conf.get(key) is not None:
+            family = 4 if key == "subnet" else 6
+            shown = f"{key} = {json.dumps(conf[key])[:100]}"
             try:
                 net = ipaddress.ip_network(str(conf[key]))
             except ValueError as exc:
-                raise CniError(INVALID_CONFIG, f"{key}: {exc}") from None
-            if net.version != (4 if key == "subnet" else 6):
-                raise CniError(INVALID_CONFIG, f"{key} must be an IPv{4 if key == 'subnet' else 6} subnet")
+                raise CniError(UNSUPPORTED_FIELD, f"unsupported value {shown}: {exc}") from None
+            if net.version != family:
+                raise CniError(UNSUPPORTED_FIELD, f"unsupported value {shown}: not an IPv{family} subnet")
     if conf.get("ipv6") is not None and not isinstance(conf["ipv6"], bool):
-        raise CniError(INVALID_CONFIG, "ipv6 must be true or false")
+        raise CniError(UNSUPPORTED_FIELD, f"unsupported value ipv6 = {json.dumps(conf['ipv6'])[:100]}: "
+                                          "must be true or false")
     return version
 
 
@@ -240,6 +243,11 @@ def run(env: dict[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | None, 
         "netns": env.get("CNI_NETNS", ""),
     }
     if command == "ADD":
+        if cni_args.get("IP"):
+            try:
+                ipaddress.ip_address(cni_args["IP"].split("/")[0])
+            except ValueError:
+                raise CniError(INVALID_ENV, f"CNI_ARGS: IP {cni_args['IP'][:60]!r} is not an IP address") from None
         labels, source = labels_from(conf, cni_args)
         runtime = conf.get("runtimeConfig") or {}
         ips = runtime.get("ips") if isinstance(runtime, dict) else None
@@ -285,9 +293,12 @@ def main(env: dict[str, str] | None = None, stdin: IO[bytes] | None = None, stdo
     try:
         raw = stdin.read(1 << 20)
         try:
-            asked = json.loads(raw).get("cniVersion") if raw.strip() else None
+            conf = json.loads(raw) if raw.strip() else None
+            asked = conf.get("cniVersion") if isinstance(conf, dict) else None
+            if isinstance(conf, dict) and not asked and env.get("CNI_COMMAND") != "VERSION":
+                asked = DEFAULT_VERSION  # errors, like results, speak the configuration's version
             version = asked if isinstance(asked, str) and asked in SUPPORTED else version
-        except (ValueError, AttributeError, RecursionError):
+        except (ValueError, RecursionError):
             pass
         code, out, version = run(env, raw)
     except CniError as exc:
