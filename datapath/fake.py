@@ -114,11 +114,15 @@ class FakeNetns:
         return self.spaces[path].get(ifname)
 
     def attach(self, path: str, peer: str, ifname: str, addresses: Sequence[IPInterface],
-               gateways: Sequence[IPAddress]) -> None:
+               gateways: Sequence[IPAddress]) -> list[IPAddress]:
         self.check(path)
         if self.fail_attach:
             raise KernelError("injected attach failure")
-        self.spaces[path][ifname] = {"peer": peer, "addresses": tuple(addresses), "gateways": tuple(gateways)}
+        taken = {g.version for iface in self.spaces[path].values() for g in iface["routed"]}
+        routed = [g for g in gateways if g.version not in taken]
+        self.spaces[path][ifname] = {"peer": peer, "addresses": tuple(addresses), "gateways": tuple(gateways),
+                                     "routed": tuple(routed)}
+        return routed
 
     def detach(self, path: str, ifname: str) -> None:
         if path in self.spaces:

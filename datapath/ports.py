@@ -74,8 +74,9 @@ class Netns(Protocol):
         ...
 
     def attach(self, path: str, peer: str, ifname: str, addresses: Sequence[IPInterface],
-               gateways: Sequence[IPAddress]) -> None:
-        """Move `peer` into the namespace as `ifname` with its addresses and default routes."""
+               gateways: Sequence[IPAddress]) -> list[IPAddress]:
+        """Move `peer` into the namespace as `ifname` with its addresses and default routes;
+        returns the gateways a default route was installed for."""
         ...
 
     def detach(self, path: str, ifname: str) -> None:

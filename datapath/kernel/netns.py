@@ -133,8 +133,11 @@ class NetnsOps:
             return _state(ipr, ifname)
 
     def attach(self, path: str, peer: str, ifname: str, addresses: Sequence[IPInterface],
-               gateways: Sequence[IPAddress]) -> None:
-        """Move `peer` into the namespace as `ifname`, address it, and route via the gateways."""
+               gateways: Sequence[IPAddress]) -> list[IPAddress]:
+        """Move `peer` into the namespace as `ifname`, address it, and route via the gateways.
+
+        Returns the gateways a default route was installed for (a namespace that already has a
+        default route, from another network, keeps it)."""
         host = self._host_ipr()
         try:
             index = host.link_lookup(ifname=peer)
@@ -145,7 +148,7 @@ class NetnsOps:
                 host.link("set", index=index[0], net_ns_fd=fd)
                 ipr = IPRoute(use_socket=netlink_socket_in(fd))
                 try:
-                    self._configure(ipr, peer, ifname, addresses, gateways)
+                    return self._configure(ipr, peer, ifname, addresses, gateways)
                 finally:
                     ipr.close()
         except NetlinkError as exc:
@@ -153,7 +156,7 @@ class NetnsOps:
 
     @staticmethod
     def _configure(ipr: IPRoute, peer: str, ifname: str, addresses: Sequence[IPInterface],
-                   gateways: Sequence[IPAddress]) -> None:
+                   gateways: Sequence[IPAddress]) -> list[IPAddress]:
         index = ipr.link_lookup(ifname=peer)[0]
         if peer != ifname:
             ipr.link("set", index=index, ifname=ifname)
@@ -161,11 +164,14 @@ class NetnsOps:
             flags = IFA_F_NODAD if addr.version == 6 else 0
             ipr.addr("add", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen, flags=flags)
         ipr.link("set", index=index, state="up")
+        routed = []
         for gw in gateways:
             family = 2 if gw.version == 4 else 10
             if any(r["dst_len"] == 0 for r in ipr.get_routes(family=family, table=254)):
                 continue  # the namespace already has a default route (another network)
             ipr.route("add", dst="default", gateway=str(gw), oif=index, family=family)
+            routed.append(gw)
+        return routed
 
     def detach(self, path: str, ifname: str) -> None:
         """Remove `ifname` from the namespace if it is still there (best effort)."""

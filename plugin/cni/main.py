@@ -271,9 +271,12 @@ def run(env: dict[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | None, 
         _call(conf, env, "/v1/cni/check", body)
         return 0, None, version
     if command == "GC":
-        valid = conf.get("cni.dev/valid-attachments", conf.get("cni.dev/attachments")) or []
-        if not isinstance(valid, list):
-            raise CniError(INVALID_CONFIG, "cni.dev/valid-attachments must be a list")
+        valid: list[Any] = []
+        for key in ("cni.dev/valid-attachments", "cni.dev/attachments"):  # libcni sends both (spec typo)
+            listed = conf.get(key) or []
+            if not isinstance(listed, list):
+                raise CniError(INVALID_CONFIG, f"{key} must be a list")
+            valid.extend(listed)
         body["valid"] = [{"container_id": str(a.get("containerID", "")), "ifname": str(a.get("ifname", ""))}
                          for a in valid if isinstance(a, dict)]
         _call(conf, env, "/v1/cni/gc", body)

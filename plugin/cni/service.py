@@ -157,14 +157,14 @@ class CniService:
                                            attachment=(att.container_id, att.ifname), sandbox=att.netns)
                 failpoints.hit("cni.add.before_attach")
                 gateways = [g for g in (ep.gateway4, ep.gateway6) if g is not None]
-                self.netns.attach(att.netns, ep.peer_ifname, att.ifname, ep.addresses, gateways)
+                routed = self.netns.attach(att.netns, ep.peer_ifname, att.ifname, ep.addresses, gateways)
                 failpoints.hit("cni.add.after_attach")
             except CellgateError:
                 self._undo(eid, net, allocated, att)
                 raise
             log.info("CNI %s/%s on %s: %s", att.container_id[:12], att.ifname, att.network,
                      ", ".join(str(a) for a in ep.addresses))
-            return self._result(ep, att)
+            return self._result(ep, att, routed)
 
     def _network(self, name: str, req: AddRequest) -> Network:
         agent = self.agent
@@ -222,13 +222,14 @@ class CniService:
         self.agent.ipam.release_owner(eid)
 
     @staticmethod
-    def _result(ep: Endpoint, att: Attachment) -> dict[str, Any]:
+    def _result(ep: Endpoint, att: Attachment, routed: Sequence[Any]) -> dict[str, Any]:
+        """The result in 1.x form; routes only for what was really installed."""
         ips, routes = [], []
         for addr, gw in ((ep.ipv4, ep.gateway4), (ep.ipv6, ep.gateway6)):
             if addr is None:
                 continue
             ips.append({"address": str(addr), "gateway": str(gw) if gw else "", "interface": 0})
-            if gw is not None:
+            if gw is not None and gw in routed:
                 routes.append({"dst": "0.0.0.0/0" if addr.version == 4 else "::/0", "gw": str(gw)})
         return {
             "interfaces": [{"name": att.ifname, "mac": ep.mac, "sandbox": att.netns}],
