@@ -22,7 +22,8 @@ def test_cli_tables_and_json_agree(scene: Scene, agent: Agent) -> None:
     ip = scene.ip(c, net)
     (ep,) = agent.endpoints()
     table = agent.cli("endpoint", "list").stdout
-    assert table.splitlines()[0].split() == ["ENDPOINT", "NETWORK", "INTERFACE", "IPV4", "IPV6", "MAC", "STATE"]
+    assert table.splitlines()[0].split() == ["ENDPOINT", "NETWORK", "INTERFACE", "IPV4", "IPV6", "IDENTITY", "STATE",
+                                            "LABELS"]
     assert ep["id"][:12] in table and ip in table
     for ident in (ep["id"], ep["id"][:8], ep["interface"], ip):
         assert agent.json("endpoint", "get", ident)["id"] == ep["id"]
