@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: setup run demo test test-unit test-kernel test-e2e lint typecheck clean install-cni
+.PHONY: setup run demo test test-unit test-kernel test-e2e lint typecheck clean bench bench-quick bench-micro bench-deps install-cni
 
 setup:            ## apt packages, kernel headers link, .venv with cellgate installed (idempotent)
 	@bash .ci/setup.sh
@@ -29,6 +29,32 @@ test-e2e: setup
 
 install-cni: setup  ## the cellgate-cni plugin into /opt/cni/bin (CNI_BIN_DIR=... to change)
 	$(VENV)/bin/cellgate install-cni --dir $(or $(CNI_BIN_DIR),/opt/cni/bin)
+
+# Benchmarks (root; every run makes and removes its own cgb… namespaces, links, containers, chains
+# and agents). Results: bench/results/$(BENCH_RUN).{json,md,png}. See bench/README.md.
+BENCH_RUN := $(or $(BENCH_RUN),$(shell date +%Y%m%dT%H%M%S))
+BENCH := $(PY) -m bench
+
+bench-deps: setup
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(VENV)/bin/pip install -q --disable-pip-version-check -e '.[bench]'
+
+bench: bench-deps  ## every tier; about 20 min in chunks, each command < 10 min
+	$(BENCH) micro --run $(BENCH_RUN)
+	$(BENCH) control --run $(BENCH_RUN)
+	$(BENCH) datapath --run $(BENCH_RUN) --rounds 2 --chunk 0
+	$(BENCH) datapath --run $(BENCH_RUN) --rounds 2 --chunk 1
+	$(BENCH) datapath --run $(BENCH_RUN) --rounds 2 --chunk 2
+	$(BENCH) report --run $(BENCH_RUN) --latest
+
+bench-quick: bench-deps  ## one short round of every tier (< 3 min), for development
+	$(BENCH) micro --run $(BENCH_RUN) --quick
+	$(BENCH) control --run $(BENCH_RUN) --quick
+	$(BENCH) datapath --run $(BENCH_RUN) --quick
+	$(BENCH) report --run $(BENCH_RUN)
+
+bench-micro: bench-deps  ## BPF_PROG_TEST_RUN of the real programs (< 1 min; CI runs it)
+	$(BENCH) micro --run $(BENCH_RUN)
+	$(BENCH) report --run $(BENCH_RUN)
 
 lint: setup
 	$(VENV)/bin/ruff check .

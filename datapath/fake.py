@@ -91,8 +91,9 @@ class FakeKernel:
     def ct_gc(self, now_ns: int) -> int:
         return 0
 
-    def set_config(self, trace: bool, timeouts: dict[str, float]) -> None:
+    def set_config(self, trace: bool, timeouts: dict[str, float], verdicts: bool = True) -> None:
         self.config = (trace, dict(timeouts))
+        self.verdicts = verdicts
 
 
 class FakeNetns:

@@ -267,13 +267,38 @@ def desired_state(
     endpoints: Iterable[Endpoint],
     settings: Settings,
     host_addresses: Iterable[IPAddress] = (),
+    scope: set[Key] | None = None,
 ) -> set[KernelObject]:
+    """Every object the kernel should hold; with `scope`, at least those whose key is in it.
+
+    A scope skips the endpoints that cannot own a key in it, so converging one endpoint
+    costs the same with 1 or 1,000 others (the caller still filters by key).
+    """
     objs: set[KernelObject] = host_objects(host_addresses)
     for net in networks:
         objs |= network_objects(net, settings)
+    if scope is not None:
+        endpoints = [ep for ep in endpoints if _may_own(ep, scope)]
     for ep in endpoints:
         objs |= endpoint_objects(ep, settings)
     return objs
+
+
+_BY_DEVICE = ("veth", "endpoint-entry", "programs", "neighbour")
+
+
+def _may_own(ep: Endpoint, scope: set[Key]) -> bool:
+    """Whether endpoint_objects(ep) can have a key in `scope`: each of its keys names its host
+    device, its address (address-entry) or its host route (route)."""
+    if any((kind, ep.host_ifname) in scope for kind in _BY_DEVICE[:3]):
+        return True
+    for addr in ep.addresses:
+        ip = str(addr.ip)
+        if ("address-entry", ip) in scope or ("neighbour", ep.host_ifname, ip) in scope:
+            return True
+        if ("route", str(ipaddress.ip_network(addr.ip))) in scope:
+            return True
+    return False
 
 
 def keys(objs: Iterable[KernelObject]) -> set[Key]:

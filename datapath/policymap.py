@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from datapath import identity as ids
 from datapath.labels import LabelSet
-from datapath.policy import PeerRule, PortRange, Rule
+from datapath.policy import PeerRule, PortRange, Rule, Selector
 
 ENFORCEMENT_MODES = ("default", "always", "never")
 
@@ -98,8 +98,38 @@ class Enforcement:
     egress: bool
 
 
-def enforcement(labels_number: int, labels: LabelSet, rules: Iterable[Rule], mode: str) -> Enforcement:
-    """Whether a subject is default-deny in each direction."""
+class LabelIndex:
+    """Identities (or subjects) by label `key=value`, source ignored: a pre-filter for selectors.
+
+    `matching` returns exactly the numbers whose labels the selector matches, in O(candidates)
+    instead of O(all): an `In` requirement can only hold for labels carrying one of its values,
+    so the smallest such candidate set is checked with `Selector.matches`, which decides.
+    """
+
+    def __init__(self, items: Mapping[int, LabelSet]) -> None:
+        self.items = items
+        self._by_pair: dict[tuple[str, str], set[int]] = {}
+        for number, labels in items.items():
+            for lb in labels:
+                self._by_pair.setdefault((lb.key, lb.value), set()).add(number)
+
+    def matching(self, selector: Selector) -> list[int]:
+        best: set[int] | None = None
+        for req in selector.requirements:
+            if req.operator != "In":
+                continue
+            found: set[int] = set()
+            for value in req.values:
+                found |= self._by_pair.get((req.key, value), set())
+            if best is None or len(found) < len(best):
+                best = found
+        candidates = self.items if best is None else best
+        return [n for n in candidates if selector.matches(self.items[n])]
+
+
+def enforcement(labels_number: int, labels: LabelSet, rules: Iterable[Rule], mode: str,
+                selected: list[Rule] | None = None) -> Enforcement:
+    """Whether a subject is default-deny in each direction (`selected`: its rules, if known)."""
     if mode == "never":
         return Enforcement(False, False)
     if mode == "always":
@@ -107,17 +137,21 @@ def enforcement(labels_number: int, labels: LabelSet, rules: Iterable[Rule], mod
     rules = list(rules)
     if labels_number == ids.INIT and rules:
         return Enforcement(True, True)  # labels not known yet: closed until they are
-    selected = [r for r in rules if r.selector.matches(labels)]
+    if selected is None:
+        selected = [r for r in rules if r.selector.matches(labels)]
     return Enforcement(any(r.default_deny(egress=False) for r in selected),
                        any(r.default_deny(egress=True) for r in selected))
 
 
-def _peers(pr: PeerRule, identities: Mapping[int, LabelSet]) -> set[int]:
+def _peers(pr: PeerRule, identities: Mapping[int, LabelSet], index: LabelIndex | None = None) -> set[int]:
     peers: set[int] = set()
     for sel in pr.endpoints:
         if sel.wildcard:
             return {ids.ANY}
-        peers.update(n for n, labels in identities.items() if sel.matches(labels))
+        if index is not None:
+            peers.update(index.matching(sel))
+        else:
+            peers.update(n for n, labels in identities.items() if sel.matches(labels))
     for entity in pr.entities:
         if entity == "all":
             return {ids.ANY}
@@ -151,26 +185,34 @@ def compile_subject(
     rules: list[Rule],
     identities: Mapping[int, LabelSet],
     mode: str = "default",
+    selected: list[Rule] | None = None,
+    index: LabelIndex | None = None,
 ) -> Entries:
-    """Every policy-map entry for one subject identity."""
+    """Every policy-map entry for one subject identity.
+
+    `selected` (the rules that select the subject, in repository order) and `index` (of
+    `identities`) are what compile_all precomputes once for every subject; alone, this
+    function works them out itself.
+    """
     entries: Entries = {}
-    enf = enforcement(subject, labels, rules, mode)
+    if selected is None:
+        selected = [r for r in rules if r.selector.matches(labels)]
+    enf = enforcement(subject, labels, rules, mode, selected)
     if mode == "never":
         for egress in (False, True):
             entries[PolicyKey(subject, egress, ids.ANY, 0, 0, 0, True)] = PolicyValue(False, 0)
         return entries
-    selected = [r for r in rules if r.selector.matches(labels)]
     for egress, enforced in ((False, enf.ingress), (True, enf.egress)):
         if not enforced:
             entries[PolicyKey(subject, egress, ids.ANY, 0, 0, 0, True)] = PolicyValue(False, 0)
         denies: Entries = {}
         for rule in selected:
             for pr in rule.egress if egress else rule.ingress:
-                for peer in _peers(pr, identities):
+                for peer in _peers(pr, identities, index):
                     for key in _keys(subject, egress, peer, pr.ports):
                         entries.setdefault(key, PolicyValue(False, rule.id))
             for pr in rule.egress_deny if egress else rule.ingress_deny:
-                for peer in _peers(pr, identities):
+                for peer in _peers(pr, identities, index):
                     for key in _keys(subject, egress, peer, pr.ports):
                         denies.setdefault(key, PolicyValue(True, rule.id))
             requires = [s for pr in (rule.egress if egress else rule.ingress) for s in pr.requires]
@@ -207,9 +249,18 @@ def compile_all(
     identities: Mapping[int, LabelSet],
     mode: str = "default",
 ) -> Entries:
+    """Every entry for every subject. Each rule's selector is matched against the subjects
+    once, through a label index, rather than every rule against every subject."""
     entries: Entries = {}
+    by_subject: dict[int, list[int]] = {n: [] for n in subjects}
+    subject_index = LabelIndex(subjects)
+    for position, rule in enumerate(rules):
+        for number in subject_index.matching(rule.selector):
+            by_subject[number].append(position)
+    peer_index = LabelIndex(identities)
     for number, labels in subjects.items():
-        entries.update(compile_subject(number, labels, rules, identities, mode))
+        selected = [rules[i] for i in by_subject[number]]
+        entries.update(compile_subject(number, labels, rules, identities, mode, selected, peer_index))
     return entries
 
 

@@ -51,8 +51,9 @@ class Kernel(Protocol):
         """Remove conntrack entries that expired before `now_ns` (monotonic clock)."""
         ...
 
-    def set_config(self, trace: bool, timeouts: dict[str, float]) -> None:
-        """Runtime switches of the datapath: trace events and conntrack timeouts (seconds)."""
+    def set_config(self, trace: bool, timeouts: dict[str, float], verdicts: bool = True) -> None:
+        """Runtime switches of the datapath: trace events, events of allowed new flows, and
+        conntrack timeouts (seconds)."""
         ...
 
 

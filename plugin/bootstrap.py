@@ -95,7 +95,7 @@ class Runtime:
             JsonDir(cfg.state_dir / "networks"), JsonDir(cfg.state_dir / "endpoints"),
             self.ipam, self.kernel, settings, policy=policy,
         )
-        self.kernel.set_config(False, self.agent.timeouts)
+        self.kernel.set_config(False, self.agent.timeouts, verdicts=False)  # until a monitor asks
         self.restore = self.agent.restore()
         self.watcher = DockerWatcher(self.agent, cfg.docker_host, cfg.docker_resync)
         if cfg.cni_bin_dir:

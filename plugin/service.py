@@ -77,6 +77,8 @@ class Agent:
         self.host_addresses: list[IPAddress] = []
         self.policy = policy or PolicyState(Identities(MemoryStore()), Repository(), kernel)
         self.timeouts: dict[str, float] = {}  # conntrack timeouts in seconds; empty = datapath defaults
+        self._trace = False  # trace events of forwarded packets (while a trace monitor runs)
+        self._verdicts = False  # events of allowed new flows (while a verdict monitor runs)
         self.started = clock()
         for _, doc in networks.load():
             try:
@@ -93,14 +95,14 @@ class Agent:
 
     # -- kernel helpers ---------------------------------------------------------------------
 
-    def _desired(self) -> set[KernelObject]:
+    def _desired(self, scope: set[plan.Key] | None = None) -> set[KernelObject]:
         return plan.desired_state(self.networks.values(), self.endpoints.values(), self.settings,
-                                  self.host_addresses)
+                                  self.host_addresses, scope)
 
     def _converge(self, scope: Iterable[plan.Key]) -> None:
         """Make the kernel match the desired state for the keys in `scope`."""
         scope = set(scope)
-        desired = {o for o in self._desired() if o.key in scope}
+        desired = {o for o in self._desired(scope) if o.key in scope}
         actual = self.kernel.observe(scope)
         change = plan.diff(desired, actual, scope)
         if change:
@@ -544,7 +546,14 @@ class Agent:
 
     def set_trace(self, on: bool) -> None:
         with self._lock:
-            self.kernel.set_config(on, self.timeouts)
+            self._trace = on
+            self.kernel.set_config(on, self.timeouts, self._verdicts)
+
+    def set_verdicts(self, on: bool) -> None:
+        """Events for allowed new flows: only while a monitor listens for them (each costs a decode)."""
+        with self._lock:
+            self._verdicts = on
+            self.kernel.set_config(self._trace, self.timeouts, on)
 
     # -- views ------------------------------------------------------------------------------
 

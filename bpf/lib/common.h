@@ -101,6 +101,7 @@
 
 /* cg_config flags. */
 #define CG_CFG_TRACE       0x1
+#define CG_CFG_QUIET       0x2   /* no events for allowed new flows: no monitor listens */
 
 static __always_inline int cg_mac_eq(const __u8 *a, const __u8 *b)
 {

@@ -129,6 +129,16 @@ static __always_inline int cg_tracing(void)
 	return cfg && (cfg->flags & CG_CFG_TRACE);
 }
 
+/* Verdict events of allowed new flows cost the agent a decode each (10k/s under a connection
+ * storm); the agent sets CG_CFG_QUIET while no monitor asks for them. Denials always report. */
+static __always_inline int cg_verdicts_wanted(void)
+{
+	__u32 zero = 0;
+	struct cg_config *cfg = cg_config.lookup(&zero);
+
+	return !cfg || !(cfg->flags & CG_CFG_QUIET);
+}
+
 /* A packet forwarded with verdict `code`; reported only while tracing is on. */
 static __always_inline void cg_forwarded(struct __sk_buff *skb, const struct cg_ctx *ctx, __u8 code)
 {

@@ -128,7 +128,7 @@ static __always_inline int cg_policy_flow(struct __sk_buff *skb, struct cg_ctx *
 		ret = cg_ct_create(f, skb, ctx->src_identity, ctx->dst_identity, rule);
 		if (ret < 0)
 			return ret;
-		if (!f->frag)
+		if (!f->frag && cg_verdicts_wanted())
 			cg_notify(skb, ctx, CG_EVENT_VERDICT, CG_OK_POLICY);
 	}
 	return 0;

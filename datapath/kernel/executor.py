@@ -54,6 +54,7 @@ FROM, TO = "cg_from_container", "cg_to_container"
 HOST_DEVICE_KINDS = ("dummy", "ifb")
 BATCH = 4096
 RTM_F_FIB_MATCH = 0x2000
+CFG_TRACE, CFG_QUIET = 0x1, 0x2  # struct cg_config flags (bpf/lib/common.h)
 _MISSING = object()
 
 
@@ -361,11 +362,14 @@ class KernelExecutor:
                 keys = (layout.CgPolicyKey * len(chunk))(*(layout.policy_key(k) for k, _ in chunk))
                 values = (layout.CgPolicyValue * len(chunk))(*(layout.policy_value(v) for _, v in chunk))
                 dp.policy.items_update_batch(keys, values)
-            gone = list(deletes)
+            gone = [layout.policy_key(k) for k in deletes]
             for start in range(0, len(gone), BATCH):
                 chunk = gone[start:start + BATCH]
-                for key in chunk:  # the LPM trie has no batch delete
-                    dp.policy.pop(layout.policy_key(key), None)
+                try:  # all-or-nothing per key: a key that is already gone fails the batch
+                    dp.policy.items_delete_batch((layout.CgPolicyKey * len(chunk))(*chunk))
+                except Exception:  # BCC raises bare Exception; one by one instead
+                    for key in chunk:
+                        dp.policy.pop(key, None)
         except Exception as exc:  # BCC raises bare Exception on syscall errors
             raise KernelError(f"policy map update failed: {exc}") from exc
 
@@ -391,10 +395,10 @@ class KernelExecutor:
             dp.ct.pop(key, None)
         return len(doomed)
 
-    def set_config(self, trace: bool, timeouts: dict[str, float]) -> None:
+    def set_config(self, trace: bool, timeouts: dict[str, float], verdicts: bool = True) -> None:
         dp = self._need_dp()
         cfg = layout.CgConfig()
-        cfg.flags = 1 if trace else 0
+        cfg.flags = (CFG_TRACE if trace else 0) | (0 if verdicts else CFG_QUIET)
         for name, seconds in timeouts.items():
             setattr(cfg, f"{name}_timeout_ns", int(seconds * 1e9))
         dp.config[ctypes.c_uint32(0)] = cfg

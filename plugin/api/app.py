@@ -62,10 +62,10 @@ def _labels_arg(text: str) -> list[Label] | None:
 
 
 class _Tracers:
-    """Trace events cost; the datapath emits them only while a monitor asks for them."""
+    """Some events cost; the datapath emits them only while a monitor asks for them."""
 
-    def __init__(self, agent: Agent) -> None:
-        self._agent = agent
+    def __init__(self, switch: Callable[[bool], None]) -> None:
+        self._switch = switch
         self._count = 0
         self._lock = threading.Lock()
 
@@ -73,20 +73,21 @@ class _Tracers:
         with self._lock:
             self._count += 1
             if self._count == 1:
-                self._agent.set_trace(True)
+                self._switch(True)
 
     def stop(self) -> None:
         with self._lock:
             self._count -= 1
             if self._count == 0:
-                self._agent.set_trace(False)
+                self._switch(False)
 
 
 def create_app(agent: Agent, hub: EventHub, info: Callable[[], dict[str, Any]]) -> Flask:
     app = Flask("cellgate.api")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     add_server_timing(app)
-    tracers = _Tracers(agent)
+    tracers = _Tracers(agent.set_trace)
+    verdicts = _Tracers(agent.set_verdicts)  # allowed new flows: every monitor but drop-only ones
 
     @app.errorhandler(CellgateError)
     def cellgate_error(exc: CellgateError) -> Response:
@@ -301,6 +302,8 @@ def create_app(agent: Agent, hub: EventHub, info: Callable[[], dict[str, Any]]) 
         def generate() -> Iterator[str]:
             if wanted == "trace":
                 tracers.start()
+            if wanted in ("", "verdict"):
+                verdicts.start()
             try:
                 yield json.dumps({"type": "hello", "time": time.time()}) + "\n"
                 for ev in hub.stream(accept):
@@ -308,6 +311,8 @@ def create_app(agent: Agent, hub: EventHub, info: Callable[[], dict[str, Any]]) 
             finally:
                 if wanted == "trace":
                     tracers.stop()
+                if wanted in ("", "verdict"):
+                    verdicts.stop()
 
         return Response(generate(), mimetype="application/x-ndjson")
 
