@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.bpfsys import ProgTester
 from bench.common import Cleanup, log, machine, new_tag, summary
+from datapath.kernel.bpfsys import ProgTester
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 REPEAT = 200  # per call; TTL 255 stays above 1
@@ -143,6 +143,7 @@ class Maps:
     def syn_lifetime(self, ns: int) -> None:
         cfg = self.layout.CgConfig()
         cfg.syn_timeout_ns = ns
+        cfg.policy_rev = 1  # as after the agent's first policy write: established flows cache verdicts
         self.dp.config[ctypes.c_uint32(0)] = cfg
 
     def grow(self, total: int) -> None:

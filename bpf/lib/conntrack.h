@@ -110,7 +110,8 @@ static __always_inline int cg_ct_lookup(const struct cg_flow *f, struct cg_ct_va
 }
 
 static __always_inline int cg_ct_create(const struct cg_flow *f, struct __sk_buff *skb,
-					__u32 src_identity, __u32 dst_identity, __u32 rule)
+					__u32 src_identity, __u32 dst_identity, __u32 rule,
+					__u32 policy_rev, __u8 policy_sides)
 {
 	struct cg_ct_key key;
 	struct cg_ct_value ct = {};
@@ -122,6 +123,8 @@ static __always_inline int cg_ct_create(const struct cg_flow *f, struct __sk_buf
 	ct.src_identity = src_identity;
 	ct.dst_identity = dst_identity;
 	ct.rule = rule;
+	ct.policy_rev = policy_rev;
+	ct.policy_sides = policy_sides;
 	ct.packets = 1;
 	ct.bytes = skb->len;
 	if (f->tcp_flags & TCP_FLAG_RST)

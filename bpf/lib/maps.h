@@ -86,7 +86,10 @@ struct cg_ct_value {
 	__u32 dst_identity;
 	__u32 rule;         /* rule that allowed the flow */
 	__u8  flags;        /* CG_CT_F_* */
-	__u8  pad[3];
+	__u8  policy_sides; /* CG_CT_SIDE_*: the sides whose allow verdict is cached */
+	__u8  pad[2];
+	__u32 policy_rev;   /* cg_config.policy_rev that verdict was decided at; 0 = none */
+	__u32 pad2;
 };
 
 #define CG_CT_F_REPLIED   0x1  /* a packet went back: the flow is established */
@@ -94,10 +97,13 @@ struct cg_ct_value {
 #define CG_CT_F_FIN_REV   0x4
 #define CG_CT_F_RST       0x8
 
+#define CG_CT_SIDE_EGRESS  0x1  /* the sender's egress policy */
+#define CG_CT_SIDE_INGRESS 0x2  /* the receiver's ingress policy */
+
 /* Runtime switches and timeouts the agent can change without a rebuild. */
 struct cg_config {
 	__u32 flags;              /* CG_CFG_* */
-	__u32 pad;
+	__u32 policy_rev;         /* bumped after every change of cg_policy; 0 = no verdict caching */
 	__u64 tcp_timeout_ns;     /* established TCP */
 	__u64 syn_timeout_ns;     /* TCP before the first reply */
 	__u64 close_timeout_ns;   /* TCP after FIN both ways or RST */

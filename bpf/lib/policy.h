@@ -83,24 +83,53 @@ static __always_inline int cg_policy_decide(__u32 subject, __u8 egress, __u32 pe
 	return -DROP_POLICY;
 }
 
+/* The policy map's revision, read before any lookup of a decision that may be cached: the
+ * agent bumps it after its writes, so a verdict taken while they were under way is stored
+ * with the older number and decided again on the flow's next packet. */
+static __always_inline __u32 cg_policy_revision(void)
+{
+	__u32 zero = 0;
+	struct cg_config *cfg = cg_config.lookup(&zero);
+
+	return cfg ? cfg->policy_rev : 0;
+}
+
+/* Whether an established flow's cached allow verdict still holds for this packet: the
+ * policy map has not changed since, both parties keep the identities it was decided for,
+ * and it covered every side this packet needs. */
+static __always_inline int cg_ct_verdict_holds(const struct cg_ct_value *ct, const struct cg_ctx *ctx,
+					       __u32 rev, __u8 sides)
+{
+	return rev && ct->policy_rev == rev && (ct->policy_sides & sides) == sides &&
+	       ct->src_identity == ctx->src_identity && ct->dst_identity == ctx->dst_identity;
+}
+
 /* Conntrack plus both sides of policy for one packet.
  *
  * `src_subject` / `dst_subject` say whether the sender's egress and the receiver's
  * ingress apply (only local endpoints have policy). Replies and related ICMP of a
- * tracked flow pass; new and established flows are checked on every packet, so a
- * revoked rule stops a live flow on its next packet (and forgets it).
+ * tracked flow pass. A new flow is decided in the policy map; an established one reuses
+ * the verdict cached in its conntrack entry while that holds (cg_ct_verdict_holds) and is
+ * decided again otherwise, so a revoked rule stops a live flow on its next packet (and
+ * forgets it).
  */
 static __always_inline int cg_policy_flow(struct __sk_buff *skb, struct cg_ctx *ctx, const struct cg_flow *f,
 					  int src_subject, int dst_subject)
 {
 	struct cg_ct_value *ct;
-	__u32 rule = 0;
+	__u8 sides = (src_subject ? CG_CT_SIDE_EGRESS : 0) | (dst_subject ? CG_CT_SIDE_INGRESS : 0);
+	__u32 rule = 0, rev;
 	int state, ret = 0;
 
 	state = cg_ct_lookup(f, &ct, skb);
 	ctx->ct_state = state;
 	if (state == CT_REPLY || state == CT_RELATED)
 		return 0;
+	rev = cg_policy_revision();
+	if (state == CT_ESTABLISHED && ct && cg_ct_verdict_holds(ct, ctx, rev, sides)) {
+		ctx->rule = ct->rule;
+		return 0;
+	}
 	if (src_subject) {
 		ret = cg_policy_decide(ctx->src_identity, 1, ctx->dst_identity, f, &rule);
 		ctx->side = 1;
@@ -124,8 +153,16 @@ static __always_inline int cg_policy_flow(struct __sk_buff *skb, struct cg_ctx *
 			cg_notify(skb, ctx, CG_EVENT_VERDICT, -ret);
 		return ret;
 	}
+	if (state == CT_ESTABLISHED && ct) {
+		/* Allowed again, under the current policy and identities: cache that. */
+		ct->src_identity = ctx->src_identity;
+		ct->dst_identity = ctx->dst_identity;
+		ct->rule = rule;
+		ct->policy_sides = sides;
+		ct->policy_rev = rev;
+	}
 	if (state == CT_NEW) {
-		ret = cg_ct_create(f, skb, ctx->src_identity, ctx->dst_identity, rule);
+		ret = cg_ct_create(f, skb, ctx->src_identity, ctx->dst_identity, rule, rev, sides);
 		if (ret < 0)
 			return ret;
 		if (!f->frag && cg_verdicts_wanted())

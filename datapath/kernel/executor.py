@@ -7,6 +7,7 @@ neighbours on our links, entries in our pinned maps and rules in our iptables ch
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import ipaddress
@@ -22,9 +23,10 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from datapath import naming
-from datapath.errors import KernelError
+from datapath.errors import InvalidRequest, KernelError
 from datapath.kernel import layout
 from datapath.kernel.loader import Datapath
+from datapath.kernel.netns import open_netns, refuse_own
 from datapath.plan import (
     AddressEntry,
     EndpointEntry,
@@ -74,6 +76,8 @@ class KernelExecutor:
         self._lock = threading.Lock()
         self._cache: dict[tuple[Any, ...], Any] = {}  # lookups shared within one observe()
         self._caching = False
+        self._config_lock = threading.Lock()
+        self._config: layout.CgConfig | None = None  # what cg_config holds, once we wrote it
 
     def close(self) -> None:
         self.ipr.close()
@@ -355,14 +359,14 @@ class KernelExecutor:
     def policy_update(self, upserts: dict[PolicyKey, PolicyValue], deletes: Iterable[PolicyKey]) -> None:
         """Write and remove policy entries, in batches; upserts first, so nothing opens up."""
         dp = self._need_dp()
+        items = list(upserts.items())
+        gone = [layout.policy_key(k) for k in deletes]
         try:
-            items = list(upserts.items())
             for start in range(0, len(items), BATCH):
                 chunk = items[start:start + BATCH]
                 keys = (layout.CgPolicyKey * len(chunk))(*(layout.policy_key(k) for k, _ in chunk))
                 values = (layout.CgPolicyValue * len(chunk))(*(layout.policy_value(v) for _, v in chunk))
                 dp.policy.items_update_batch(keys, values)
-            gone = [layout.policy_key(k) for k in deletes]
             for start in range(0, len(gone), BATCH):
                 chunk = gone[start:start + BATCH]
                 try:  # all-or-nothing per key: a key that is already gone fails the batch
@@ -372,6 +376,9 @@ class KernelExecutor:
                         dp.policy.pop(key, None)
         except Exception as exc:  # BCC raises bare Exception on syscall errors
             raise KernelError(f"policy map update failed: {exc}") from exc
+        finally:
+            if items or gone:
+                self._write_config(bump=True)  # after the writes: cached verdicts decide again
 
     # -- conntrack and config ---------------------------------------------------------------
 
@@ -396,12 +403,38 @@ class KernelExecutor:
         return len(doomed)
 
     def set_config(self, trace: bool, timeouts: dict[str, float], verdicts: bool = True) -> None:
-        dp = self._need_dp()
         cfg = layout.CgConfig()
         cfg.flags = (CFG_TRACE if trace else 0) | (0 if verdicts else CFG_QUIET)
         for name, seconds in timeouts.items():
             setattr(cfg, f"{name}_timeout_ns", int(seconds * 1e9))
-        dp.config[ctypes.c_uint32(0)] = cfg
+        self._write_config(cfg)
+
+    def policy_revision(self) -> int:
+        with self._config_lock:
+            return int(self._current_config().policy_rev)
+
+    def _current_config(self) -> layout.CgConfig:
+        if self._config is None:
+            try:
+                raw = self._need_dp().config[ctypes.c_uint32(0)]
+            except KeyError:
+                return layout.CgConfig()
+            return layout.CgConfig.from_buffer_copy(bytes(raw))
+        return self._config
+
+    def _write_config(self, cfg: layout.CgConfig | None = None, bump: bool = False) -> None:
+        """Write cg_config, keeping the policy revision, which moves forward (never to 0) when
+        the policy map changed, and on this executor's first write: a predecessor may have died
+        between changing the map and bumping it, so verdicts cached before are all decided again."""
+        dp = self._need_dp()
+        with self._config_lock:
+            current = self._current_config()
+            new = layout.CgConfig.from_buffer_copy(bytes(cfg if cfg is not None else current))
+            new.policy_rev = current.policy_rev
+            if bump or self._config is None:
+                new.policy_rev = current.policy_rev % 0xFFFFFFFF + 1
+            dp.config[ctypes.c_uint32(0)] = new
+            self._config = new
 
     # -- apply ------------------------------------------------------------------------------
 
@@ -539,15 +572,31 @@ class KernelExecutor:
     def _add_veth(self, obj: Veth) -> None:
         if self._link(obj.name) is not None:
             raise KernelError(f"link {obj.name} exists and is not owned by cellgate instance {self.instance}")
-        self.ipr.link(
-            "add", ifname=obj.name, kind="veth", address=obj.mac,
-            peer={"ifname": obj.peer, "address": obj.peer_mac},
-        )
+        with contextlib.ExitStack() as stack:
+            peer = {"ifname": obj.peer, "address": obj.peer_mac}
+            if obj.netns:
+                fd = self._container_netns(stack, obj.netns)
+                if fd is not None:
+                    peer = {"ifname": obj.netns_ifname, "address": obj.peer_mac, "net_ns_fd": fd}
+            self.ipr.link("add", ifname=obj.name, kind="veth", address=obj.mac, peer=peer)
         self._forget_link(obj.name)
         index = self._link(obj.name)["index"]
         _sysctl(f"net/ipv6/conf/{obj.name}/accept_ra", "0")
         self.ipr.link("set", index=index, ifalias=obj.tag, state="up")
         self._forget_link(obj.name)
+
+    @staticmethod
+    def _container_netns(stack: contextlib.ExitStack, path: str) -> int | None:
+        """A descriptor of the container namespace the peer should be born in, or None when it
+        is gone (or is ours): then the peer waits in the host namespace under its own name,
+        as for Docker, whose Join moves it."""
+        try:
+            fd = stack.enter_context(open_netns(path))
+            refuse_own(fd, path)
+        except InvalidRequest as exc:
+            log.warning("creating the veth peer in the host namespace: %s", exc)
+            return None
+        return fd
 
     def _add_blackhole_device(self, name: str) -> None:
         """A device that holds addresses and silently discards what is routed to it.

@@ -89,14 +89,17 @@ class CgCtValue(ctypes.Structure):
         ("dst_identity", ctypes.c_uint32),
         ("rule", ctypes.c_uint32),
         ("flags", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 3),
+        ("policy_sides", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
+        ("policy_rev", ctypes.c_uint32),
+        ("pad2", ctypes.c_uint32),
     ]
 
 
 class CgConfig(ctypes.Structure):
     _fields_ = [
         ("flags", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("policy_rev", ctypes.c_uint32),
         ("tcp_timeout_ns", ctypes.c_uint64),
         ("syn_timeout_ns", ctypes.c_uint64),
         ("close_timeout_ns", ctypes.c_uint64),

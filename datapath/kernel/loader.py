@@ -84,6 +84,7 @@ class Datapath:
             ) from exc
         self.pin_dir = pin_dir
         ensure_bpffs(pin_dir)
+        drop_stale_pins(pin_dir)
         source = expand_source(BPF_SRC / MAIN)
         cflags = [f'-DCG_PIN_DIR="{pin_dir}"', f"-DCG_MAX_ENDPOINTS={max_endpoints}"]
         self.revision = hashlib.sha256((source + "\0" + " ".join(cflags)).encode()).hexdigest()[:16]
@@ -165,6 +166,33 @@ def release_compiler_memory() -> None:
             continue
         start, end = (int(x, 16) for x in parts[0].split("-"))
         libc.madvise(start, end - start, MADV_PAGEOUT)
+
+
+def drop_stale_pins(pin_dir: Path) -> list[str]:
+    """Unpin maps whose key or value size is not what this source declares (left by an older
+    cellgate): BCC would reuse them as they are and the verifier refuse the programs. The
+    agent rebuilds every map from its state on restore; only conntrack entries are lost, so
+    live flows are decided again as new. Programs still attached keep the old maps until
+    restore replaces them."""
+    from datapath.kernel import layout
+    from datapath.kernel.bpfsys import pinned_map_shape
+
+    dropped = []
+    for name, (key, value) in layout.MIRRORS.items():
+        path = pin_dir / name
+        if not path.exists():
+            continue
+        try:
+            shape = pinned_map_shape(str(path))
+        except OSError as exc:
+            log.warning("cannot inspect the pinned map %s: %s", path, exc)
+            continue
+        if (shape.key_size, shape.value_size) != (ctypes.sizeof(key), ctypes.sizeof(value)):
+            log.warning("pinned map %s has %d/%d-byte keys/values, this datapath %d/%d: replacing it",
+                        name, shape.key_size, shape.value_size, ctypes.sizeof(key), ctypes.sizeof(value))
+            path.unlink()
+            dropped.append(name)
+    return dropped
 
 
 def remove_pins(pin_dir: Path) -> list[str]:

@@ -134,21 +134,22 @@ class NetnsOps:
 
     def attach(self, path: str, peer: str, ifname: str, addresses: Sequence[IPInterface],
                gateways: Sequence[IPAddress]) -> list[IPAddress]:
-        """Move `peer` into the namespace as `ifname`, address it, and route via the gateways.
+        """Bring `peer` into the namespace as `ifname`, address it, and route via the gateways.
 
+        The peer is usually born there already under `ifname` (the executor creates it in
+        the namespace the endpoint names); one left in the host namespace is moved in.
         Returns the gateways a default route was installed for (a namespace that already has a
         default route, from another network, keeps it)."""
         host = self._host_ipr()
         try:
-            index = host.link_lookup(ifname=peer)
-            if not index:
-                raise KernelError(f"interface {peer} is missing")
             with open_netns(path) as fd:
                 refuse_own(fd, path)
-                host.link("set", index=index[0], net_ns_fd=fd)
+                outside = host.link_lookup(ifname=peer)
+                if outside:
+                    host.link("set", index=outside[0], net_ns_fd=fd)
                 ipr = IPRoute(use_socket=netlink_socket_in(fd))
                 try:
-                    return self._configure(ipr, peer, ifname, addresses, gateways)
+                    return self._configure(ipr, peer if outside else ifname, ifname, addresses, gateways)
                 finally:
                     ipr.close()
         except NetlinkError as exc:
@@ -157,7 +158,10 @@ class NetnsOps:
     @staticmethod
     def _configure(ipr: IPRoute, peer: str, ifname: str, addresses: Sequence[IPInterface],
                    gateways: Sequence[IPAddress]) -> list[IPAddress]:
-        index = ipr.link_lookup(ifname=peer)[0]
+        found = ipr.link_lookup(ifname=peer)
+        if not found:
+            raise KernelError(f"interface {peer} is missing")
+        index = found[0]
         if peer != ifname:
             ipr.link("set", index=index, ifname=ifname)
         for addr in addresses:

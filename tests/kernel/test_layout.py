@@ -7,8 +7,10 @@ Two independent checks: the Key/Leaf types BCC derives from the compiled datapat
 from __future__ import annotations
 
 import ctypes
+import json
 import secrets
 import struct
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,8 @@ import pytest
 
 from datapath import events
 from datapath.kernel import layout
-from datapath.kernel.loader import BPF_SRC, expand_source, remove_pins
+from datapath.kernel.bpfsys import pinned_map_shape
+from datapath.kernel.loader import BPF_SRC, Datapath, drop_stale_pins, expand_source, remove_pins
 
 from .conftest import BPF_ROOT, Instance
 
@@ -119,3 +122,35 @@ def test_mirrors_match_the_c_structs_compiled_from_maps_h(
     with pytest.raises(Exception, match="Failed to compile"):
         _compile_maps_h(check_pin_dir, _static_asserts(layout.CgEvent, wrong="sport"))
     assert "offsetof cg_event.sport" in capfd.readouterr().err
+
+
+def _map_id(path: Path) -> int:
+    shown = subprocess.run(["bpftool", "-j", "map", "show", "pinned", str(path)], check=True,
+                           capture_output=True, text=True).stdout
+    return int(json.loads(shown)["id"])
+
+
+def _pin_map(path: Path, kind: str, key: int, value: int) -> int:
+    """A map pinned at `path` by bpftool; returns its id."""
+    subprocess.run(["bpftool", "map", "create", str(path), "type", kind, "key", str(key), "value", str(value),
+                    "entries", "16", "name", path.name[:15]], check=True, capture_output=True)
+    return _map_id(path)
+
+
+def test_a_datapath_starts_over_maps_pinned_with_an_older_layout(check_pin_dir: Path) -> None:
+    """An upgrade that grows a map's value: the stale pin is replaced, a current one kept."""
+    check_pin_dir.mkdir(mode=0o700)
+    ct_key, ct_value = (ctypes.sizeof(t) for t in layout.MIRRORS["cg_ct"])
+    _pin_map(check_pin_dir / "cg_ct", "lru_hash", ct_key, ct_value - 8)  # the value before this layout
+    kept = _pin_map(check_pin_dir / "cg_endpoints", "hash", 4, ctypes.sizeof(layout.CgEndpoint))
+
+    assert drop_stale_pins(check_pin_dir) == ["cg_ct"]
+    assert not (check_pin_dir / "cg_ct").exists() and (check_pin_dir / "cg_endpoints").exists()
+
+    _pin_map(check_pin_dir / "cg_ct", "lru_hash", ct_key, ct_value - 8)
+    dp = Datapath(check_pin_dir, max_endpoints=16)  # the verifier would refuse the programs on the old cg_ct
+    try:
+        assert pinned_map_shape(str(check_pin_dir / "cg_ct")).value_size == ct_value
+        assert _map_id(check_pin_dir / "cg_endpoints") == kept, "a map of the current layout is reused"
+    finally:
+        dp.close()

@@ -51,6 +51,7 @@ CG_OK_LOCAL, CG_OK_POLICY = VERDICT["CG_OK_LOCAL"], VERDICT["CG_OK_POLICY"]
 DROP_POLICY, DROP_POLICY_DENY = VERDICT["DROP_POLICY"], VERDICT["DROP_POLICY_DENY"]
 ICMP, TCP, UDP, ICMPV6 = 1, 6, 17, 58
 CG_CT_F_REPLIED = 0x1
+CG_CT_SIDE_BOTH = 0x3  # CG_CT_SIDE_EGRESS | CG_CT_SIDE_INGRESS (bpf/lib/maps.h)
 DENIED_WAIT = 0.5  # a connection the policy drops never completes; this only bounds the attempt
 ALLOWED_WAIT = 3.0
 
@@ -376,6 +377,9 @@ def test_revoking_the_allow_cuts_a_live_tcp_stream(pi: Instance, policy: Policy,
         assert (live.src_identity, live.dst_identity, live.rule) == (a_id, b_id, rule)
         assert predict(policy.entries, a_id, b_id, TCP, port) == Expected(CG_OK_POLICY, rule, "ingress")
         assert live.packets >= 10 and live.flags & CG_CT_F_REPLIED
+        # The stream runs on the verdict cached in its entry, at the map's current revision...
+        revision = pi.kernel.policy_revision()
+        assert revision > 0 and (live.policy_rev, live.policy_sides) == (revision, CG_CT_SIDE_BOTH)
         key = decide(policy.entries, b_id, False, a_id, TCP, port).key
         assert key == PolicyKey(b_id, False, a_id, TCP, port, 16)
         since = pi.events.mark()
@@ -385,9 +389,40 @@ def test_revoking_the_allow_cuts_a_live_tcp_stream(pi: Instance, policy: Policy,
         failure = wait_until(stream.failed, what="the stream's next exchange to fail")
 
         assert stream.exchanges() <= done + 1, f"exchanges kept working after the revoke ({failure})"
+        assert pi.kernel.policy_revision() > revision  # ...which the removal moved on
     cut = event(pi, since, type="drop", src_identity=a_id, sport=sport, dport=port, ct_state="established")
     assert decided(cut) == predict(policy.entries, a_id, b_id, TCP, port) == Expected(DROP_POLICY, 0, "ingress")
     assert ct_entry(pi, a.ip4, b.ip4, sport, port, TCP) is None  # forgotten when the first packet was dropped
+
+
+def test_a_party_changing_identity_is_decided_again_without_a_policy_change(
+    pi: Instance, policy: Policy, endpoints: Endpoints
+) -> None:
+    """The cached verdict names the identities it was decided for: new labels on the sender
+    (no policy-map write, so no new revision) stop its live stream on the next packet."""
+    a_id, b_id, other_id = policy.identity("a"), policy.identity("b"), policy.identity("c")
+    port = free_port()
+    policy.add_rules([port_rule("b-from-a", "b", "a", [port])])
+    policy.sync()
+    a, b = endpoints(identity=a_id), endpoints(identity=b_id)
+
+    with TcpServer(b.ns, [b.ip4], [port]), TcpStream(a.ns, b.ip4, port) as stream:
+        wait_until(lambda: stream.exchanges() >= 5, what="5 exchanges on the stream")
+        sport = stream.sport()
+        live = ct_entry(pi, a.ip4, b.ip4, sport, port, TCP)
+        assert live is not None and live.policy_rev == pi.kernel.policy_revision() > 0
+        revision = pi.kernel.policy_revision()
+        since = pi.events.mark()
+
+        a.set_identity(other_id)
+        done = stream.exchanges()
+        failure = wait_until(stream.failed, what="the stream's next exchange to fail")
+
+        assert stream.exchanges() <= done + 1, f"exchanges kept working after the identity change ({failure})"
+        assert pi.kernel.policy_revision() == revision, "no policy write was needed to stop it"
+    cut = event(pi, since, type="drop", src_identity=other_id, sport=sport, dport=port, ct_state="established")
+    assert decided(cut) == predict(policy.entries, other_id, b_id, TCP, port)
+    assert decided(cut).code == DROP_POLICY
 
 
 # -- a new endpoint is closed until its policy is in force (S7) ------------------------------------

@@ -1,4 +1,5 @@
-"""The bpf(2) syscall through ctypes: BPF_PROG_TEST_RUN, which BCC does not wrap.
+"""The bpf(2) syscall through ctypes, for what BCC does not wrap: the sizes of a pinned map
+(the loader's layout check) and BPF_PROG_TEST_RUN (the micro benchmark).
 
 Standard library only. x86-64 and arm64 syscall numbers; root (CAP_BPF + CAP_NET_ADMIN).
 """
@@ -11,8 +12,52 @@ import platform
 from dataclasses import dataclass
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
-BPF_PROG_TEST_RUN = 10
+BPF_OBJ_GET, BPF_PROG_TEST_RUN, BPF_OBJ_GET_INFO_BY_FD = 7, 10, 15
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _bpf(cmd: int, attr: ctypes.Structure, what: str) -> int:
+    ret = int(_libc.syscall(_SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr)))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+class _ObjGetAttr(ctypes.Structure):
+    _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32), ("file_flags", ctypes.c_uint32)]
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
+
+
+class _MapInfo(ctypes.Structure):  # the head of struct bpf_map_info
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32)]
+
+
+@dataclass(frozen=True)
+class MapShape:
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+
+
+def pinned_map_shape(path: str) -> MapShape:
+    """Type and sizes of the map pinned at `path` (OSError if there is none)."""
+    raw = os.fsencode(path) + b"\0"
+    name = ctypes.create_string_buffer(raw, len(raw))
+    get = _ObjGetAttr(pathname=ctypes.addressof(name))
+    fd = _bpf(BPF_OBJ_GET, get, f"BPF_OBJ_GET {path}")
+    try:
+        info = _MapInfo()
+        attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+        _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, f"BPF_OBJ_GET_INFO_BY_FD {path}")
+        return MapShape(info.type, info.key_size, info.value_size, info.max_entries)
+    finally:
+        os.close(fd)
 
 
 class _TestAttr(ctypes.Structure):
@@ -60,7 +105,5 @@ class ProgTester:
         attr.data_in = ctypes.addressof(self._in)
         attr.data_size_in = len(packet)
         attr.repeat = repeat
-        if _libc.syscall(_SYS_BPF, BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr)) < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
+        _bpf(BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
         return TestRun(attr.retval, attr.duration)
