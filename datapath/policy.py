@@ -8,13 +8,15 @@ failed import leaves the repository as it was. Input is already-decoded JSON/YAM
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import json
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from datapath.errors import InvalidRequest, NotFound
+from datapath.errors import InvalidRequest, NotFound, StateError
 from datapath.labels import ANY, Label, LabelSet
 from ipam.store import DocumentStore
 
@@ -47,7 +49,13 @@ class Requirement:
 @dataclass(frozen=True)
 class Selector:
     requirements: tuple[Requirement, ...] = ()
-    text: str = "{}"  # canonical JSON of what the user wrote, for traces and errors
+    raw: Any = field(default=None, compare=False, repr=False)  # the decoded JSON the user wrote
+
+    @functools.cached_property
+    def text(self) -> str:
+        """Canonical JSON of what the user wrote, for traces and errors (made when first shown:
+        encoding every selector of a 1k-rule import costs more than parsing it)."""
+        return json.dumps(self.raw or {}, sort_keys=True, separators=(",", ":"))
 
     def matches(self, labels: LabelSet) -> bool:
         return all(r.matches(labels) for r in self.requirements)
@@ -92,7 +100,7 @@ def parse_selector(raw: Any, where: str) -> Selector:
             raise InvalidRequest(f"{w}.values: {op} takes no values")
         label = _selector_key(expr["key"], w)
         reqs.append(Requirement(label.source, label.key, op, tuple(values)))
-    return Selector(tuple(reqs), json.dumps(raw, sort_keys=True, separators=(",", ":")))
+    return Selector(tuple(reqs), raw)
 
 
 def _selector_key(text: str, where: str) -> Label:
@@ -154,7 +162,7 @@ class Rule:
     egress_deny: tuple[PeerRule, ...] = ()
     labels: tuple[Label, ...] = ()
     description: str = ""
-    raw: str = ""  # canonical JSON of the rule as given
+    spec: Any = field(default=None, compare=False, repr=False)  # the rule as given (decoded JSON)
     id: int = 0  # assigned by the repository
     enable_default_deny: tuple[bool | None, bool | None] = (None, None)  # (ingress, egress); None = as Cilium
 
@@ -164,6 +172,18 @@ class Rule:
         explicit = self.enable_default_deny[1 if egress else 0]
         has_rules = bool(self.egress or self.egress_deny) if egress else bool(self.ingress or self.ingress_deny)
         return has_rules if explicit is None else explicit and has_rules
+
+    def numbered(self, number: int) -> Rule:
+        """This rule under the repository's id: a shallow copy (dataclasses.replace re-runs
+        __init__ and took a third of a 1k-rule import)."""
+        twin = copy.copy(self)
+        object.__setattr__(twin, "id", number)
+        return twin
+
+    @functools.cached_property
+    def raw(self) -> str:
+        """Canonical JSON of the rule as given (made on demand: only unlabelled rules need it)."""
+        return json.dumps(self.spec or {}, sort_keys=True, separators=(",", ":"))
 
     @property
     def name(self) -> str:
@@ -204,8 +224,10 @@ def _parse_crd(doc: dict[str, Any], index: int) -> list[Rule]:
     out = []
     for j, spec in enumerate(specs):
         rule = parse_rule(spec, f"{where} spec {j}")
-        if name and not rule.labels:
-            rule = Rule(**{**rule.__dict__, "labels": (Label("unspec", "name", str(name)),)})
+        if name and not rule.labels:  # named by the object: the stored spec carries it too
+            label = {"key": "name", "value": str(name), "source": "unspec"}
+            rule = dataclasses.replace(rule, labels=(Label("unspec", "name", str(name)),),
+                                       spec={**spec, "labels": [label]})
         out.append(rule)
     return out
 
@@ -248,7 +270,7 @@ def parse_rule(raw: Any, where: str) -> Rule:
         egress_deny=parts["egressDeny"],
         labels=_rule_labels(raw.get("labels"), where),
         description=description,
-        raw=json.dumps(raw, sort_keys=True, separators=(",", ":")),
+        spec=raw,
         enable_default_deny=default_deny,
     )
 
@@ -384,6 +406,16 @@ def _closest(key: str, allowed: Sequence[str]) -> str | None:
 # -- repository ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Change:
+    """Rules a repository would hold after an add or delete, planned on revision `base`."""
+
+    rules: list[Rule]
+    next_id: int
+    base: int
+    removed: int  # rules in force that the change drops (replaced or deleted)
+
+
 @dataclass
 class Repository:
     """The rules in force, with a revision that grows on every change. Persisted whole."""
@@ -406,40 +438,44 @@ class Repository:
             self._next_id = int(doc.get("next_id", 1))
             rules = []
             for item in doc.get("rules", []):
-                rule = parse_rule(json.loads(item["raw"]), f"stored rule {item['id']}")
-                rules.append(Rule(**{**rule.__dict__, "id": int(item["id"])}))
+                spec = item["spec"] if "spec" in item else json.loads(item["raw"])  # "raw" (a JSON string): version 1
+                rules.append(parse_rule(spec, f"stored rule {item['id']}").numbered(int(item["id"])))
             self.rules = rules
 
     def _persist(self, rules: list[Rule], revision: int, next_id: int) -> None:
         if self.store is not None:
             self.store.put(self.KEY, {
-                "version": 1, "kind": "policy", "revision": revision, "next_id": next_id,
-                "rules": [{"id": r.id, "raw": r.raw} for r in rules],
+                "version": 2, "kind": "policy", "revision": revision, "next_id": next_id,
+                "rules": [{"id": r.id, "spec": r.spec} for r in rules],
             })
 
     def snapshot(self) -> tuple[int, list[Rule]]:
         with self._lock:
             return self.revision, list(self.rules)
 
-    def add(self, new: Iterable[Rule]) -> int:
-        """Add rules; a rule with the same labels as an existing one replaces it, and an
-        identical unlabelled rule is not added twice. Returns the new revision."""
+    def plan_add(self, new: Iterable[Rule]) -> Change:
+        """The rules after adding `new`: a rule with the same labels as one in force replaces
+        it, and an identical unlabelled rule is not added twice. Changes nothing yet."""
         with self._lock:
             new = list(new)
             # Only rules already in force are replaced: rules of one import never replace each
             # other (several rules may share labels, e.g. the specs of one CRD).
             replaced = {rule.labels for rule in new if rule.labels}
             rules = [r for r in self.rules if r.labels not in replaced]
+            unlabelled = {r.raw for r in rules if not r.labels}
             next_id = self._next_id
             for rule in new:
-                if not rule.labels and any(r.raw == rule.raw for r in rules):
-                    continue
-                rules.append(Rule(**{**rule.__dict__, "id": next_id}))
+                if not rule.labels:
+                    if rule.raw in unlabelled:
+                        continue
+                    unlabelled.add(rule.raw)
+                rules.append(rule.numbered(next_id))
                 next_id += 1
-            return self._commit(rules, next_id)
+            return Change(rules, next_id, self.revision, len(self.rules) + len(new) - len(rules))
 
-    def delete(self, labels: Sequence[Label] | None) -> tuple[int, int]:
-        """Delete rules whose labels include all of `labels` (None: every rule); (revision, count)."""
+    def plan_delete(self, labels: Sequence[Label] | None) -> Change:
+        """The rules after deleting those whose labels include all of `labels` (None: every
+        rule); NotFound if none has them. Changes nothing yet."""
         if labels is not None and not labels:
             raise InvalidRequest("give at least one label to delete by (deleting every rule is explicit)")
         with self._lock:
@@ -451,7 +487,26 @@ class Repository:
             removed = len(self.rules) - len(keep)
             if labels is not None and removed == 0:
                 raise NotFound("no rule has labels " + ", ".join(f"{lb.key}={lb.value}" for lb in labels))
-            return self._commit(keep, self._next_id), removed
+            return Change(keep, self._next_id, self.revision, removed)
+
+    def commit(self, change: Change) -> int:
+        """Persist and adopt a planned change; returns the new revision."""
+        with self._lock:
+            if change.base != self.revision:
+                raise StateError(f"policy changed meanwhile (revision {self.revision}, "
+                                 f"planned on {change.base}); try again")
+            revision = self.revision + 1
+            self._persist(change.rules, revision, change.next_id)
+            self.rules, self.revision, self._next_id = change.rules, revision, change.next_id
+            return revision
+
+    def add(self, new: Iterable[Rule]) -> int:
+        return self.commit(self.plan_add(new))
+
+    def delete(self, labels: Sequence[Label] | None) -> tuple[int, int]:
+        """Delete rules by labels (see plan_delete); returns (revision, rules removed)."""
+        change = self.plan_delete(labels)
+        return self.commit(change), change.removed
 
     def select(self, labels: Sequence[Label] | None) -> list[Rule]:
         with self._lock:
@@ -459,16 +514,6 @@ class Repository:
                 return list(self.rules)
             wanted = set(labels)
             return [r for r in self.rules if wanted <= _label_match_set(r.labels, wanted)]
-
-    def _commit(self, rules: list[Rule], next_id: int) -> int:
-        revision = self.revision + 1
-        self._persist(rules, revision, next_id)
-        self.rules, self.revision, self._next_id = rules, revision, next_id
-        return revision
-
-    def copy(self) -> Repository:
-        with self._lock:
-            return Repository(None, copy.copy(self.rules), self.revision, self._next_id)
 
 
 def _label_match_set(rule_labels: Iterable[Label], wanted: set[Label]) -> set[Label]:

@@ -16,7 +16,7 @@ from datapath.errors import InvalidRequest
 from datapath.identity import Identities
 from datapath.labels import Label, LabelSet
 from datapath.model import Endpoint
-from datapath.policy import Repository, Rule
+from datapath.policy import Change, Repository, Rule
 from datapath.policymap import ENFORCEMENT_MODES, Entries, PolicyKey, PolicyValue, compile_all, enforcement
 from datapath.ports import Kernel
 from datapath.trace import Party, TraceResult, trace
@@ -93,30 +93,27 @@ class PolicyState:
 
     def import_rules(self, rules: Sequence[Rule], endpoints: Sequence[Endpoint]) -> int:
         """Add rules and enforce them; on a kernel error the repository keeps its old rules."""
-        candidate = self.repository.copy()
-        candidate.add(rules)
-        try:
-            self.sync(endpoints, candidate.rules)
-            revision = self.repository.add(rules)
-        except Exception:
-            self.sync(endpoints)  # put back what the old rules say
-            raise
-        self.realized_revision = revision
+        change = self.repository.plan_add(rules)
+        revision = self._enforce(change, endpoints)
         log.info("policy revision %d: %d rules imported", revision, len(rules))
         return revision
 
     def delete_rules(self, labels: Sequence[Label] | None, endpoints: Sequence[Endpoint]) -> tuple[int, int]:
-        candidate = self.repository.copy()
-        candidate.delete(labels)  # raises NotFound before anything changes
+        change = self.repository.plan_delete(labels)  # raises NotFound before anything changes
+        revision = self._enforce(change, endpoints)
+        log.info("policy revision %d: %d rules deleted", revision, change.removed)
+        return revision, change.removed
+
+    def _enforce(self, change: Change, endpoints: Sequence[Endpoint]) -> int:
+        """The maps first, then the repository; on any error both stay as the old rules say."""
         try:
-            self.sync(endpoints, candidate.rules)
-            revision, count = self.repository.delete(labels)
+            self.sync(endpoints, change.rules)
+            revision = self.repository.commit(change)
         except Exception:
-            self.sync(endpoints)
+            self.sync(endpoints)  # put back what the old rules say
             raise
         self.realized_revision = revision
-        log.info("policy revision %d: %d rules deleted", revision, count)
-        return revision, count
+        return revision
 
     # -- views ------------------------------------------------------------------------------
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 import socket
 from typing import Any
 
@@ -118,7 +117,7 @@ def rule(r: Rule) -> dict[str, Any]:
         "id": r.id,
         "labels": [f"{lb.source}:{lb.key}={lb.value}" for lb in r.labels],
         "description": r.description,
-        "rule": json.loads(r.raw),
+        "rule": r.spec,
     }
 
 

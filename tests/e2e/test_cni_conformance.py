@@ -611,6 +611,28 @@ def test_twenty_parallel_adds_then_dels(cni: Cni) -> None:
     assert agent.json("ipam", "check", "--grace", "0")["ok"]
 
 
+def test_descriptors_grow_only_with_the_request_pool(cni: Cni) -> None:
+    """Each request thread that touched pyroute2 used to leave a netlink socket behind: two
+    descriptors per endpoint, until the agent ran out. Now they are bounded by the pool."""
+    agent = cni.agent
+    assert agent.proc is not None
+    proc = Path(f"/proc/{agent.proc.pid}")
+
+    def fds_and_threads() -> tuple[int, int]:
+        return len(list((proc / "fd").iterdir())), len(list((proc / "task").iterdir()))
+
+    conf = cni.conf("cgfds", "1.0.0")
+    ns = cni.ns.new()
+    cni.add(conf, cni.cid(), ns.path).result()  # the network exists before counting
+    fds, threads = fds_and_threads()
+    for _ in range(30):
+        cid = cni.cid()
+        cni.add(conf, cid, ns.path, ifname="eth1").result()
+        cni.delete(conf, cid, ns.path, ifname="eth1").empty()
+    fds_after, threads_after = fds_and_threads()
+    assert fds_after - fds <= 2 * max(0, threads_after - threads) + 4, (fds, fds_after, threads, threads_after)
+
+
 # -- 18: a second interface -------------------------------------------------------------------
 
 

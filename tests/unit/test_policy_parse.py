@@ -391,13 +391,49 @@ def test_a_store_failure_changes_nothing() -> None:
     assert (repo.revision, shape(repo), json.dumps(store.docs)) == before
 
 
-def test_copy_is_independent() -> None:
-    repo = Repository(MemoryStore())
+def test_a_plan_changes_nothing_until_committed() -> None:
+    store = MemoryStore()
+    repo = Repository(store)
     repo.add(rules_of(A))
-    twin = repo.copy()
-    assert twin.add(rules_of(B)) == 2 and twin.rules[-1].id == 2
-    assert (repo.revision, len(repo.rules)) == (1, 1)
-    assert twin.store is None
+    before = (repo.revision, shape(repo), json.dumps(store.docs))
+    change = repo.plan_add(rules_of(A2, B))
+    assert [r.id for r in change.rules] == [2, 3] and change.removed == 1  # A2 replaces A
+    assert repo.plan_delete(None).rules == []
+    assert (repo.revision, shape(repo), json.dumps(store.docs)) == before
+    assert repo.commit(change) == 2 and [r.name for r in repo.rules] == ["name=a", "name=b,team=x"]
+
+
+def test_a_plan_made_on_an_older_revision_is_refused() -> None:
+    repo = Repository()
+    stale = repo.plan_add(rules_of(A))
+    repo.add(rules_of(B))
+    with pytest.raises(StateError, match="changed meanwhile"):
+        repo.commit(stale)
+    assert [r.name for r in repo.rules] == ["name=b,team=x"]
+
+
+def test_unlabelled_duplicates_are_added_once() -> None:
+    repo = Repository()
+    repo.add(rules_of(PLAIN, PLAIN, A))
+    repo.add(rules_of(PLAIN))
+    assert [r.raw for r in repo.rules].count(json.dumps(PLAIN, sort_keys=True, separators=(",", ":"))) == 1
+    assert len(repo.rules) == 2
+
+
+def test_a_crd_name_label_survives_a_reload() -> None:
+    store = MemoryStore()
+    Repository(store).add(parse_rules(crd(spec=rule(ingress=[{"fromEntities": ["host"]}]))))
+    reborn = Repository(store)
+    assert [r.labels for r in reborn.rules] == [(Label("unspec", "name", "allow-web"),)]
+    assert reborn.delete([Label("any", "name", "allow-web")]) == (2, 1)
+
+
+def test_rules_stored_by_older_agents_load() -> None:
+    store = MemoryStore()
+    store.put("policy", {"version": 1, "kind": "policy", "revision": 7, "next_id": 4,
+                         "rules": [{"id": 3, "raw": json.dumps(A)}]})
+    repo = Repository(store)
+    assert (repo.revision, [(r.id, r.name) for r in repo.rules]) == (7, [(3, "name=a")])
 
 
 @pytest.mark.parametrize(
