@@ -360,20 +360,19 @@ class KernelExecutor:
         """Write and remove policy entries, in batches; upserts first, so nothing opens up."""
         dp = self._need_dp()
         items = list(upserts.items())
-        gone = [layout.policy_key(k) for k in deletes]
+        gone = list(deletes)
         try:
             for start in range(0, len(items), BATCH):
                 chunk = items[start:start + BATCH]
-                keys = (layout.CgPolicyKey * len(chunk))(*(layout.policy_key(k) for k, _ in chunk))
-                values = (layout.CgPolicyValue * len(chunk))(*(layout.policy_value(v) for _, v in chunk))
-                dp.policy.items_update_batch(keys, values)
+                dp.policy.items_update_batch(layout.policy_keys([k for k, _ in chunk]),
+                                             layout.policy_values([v for _, v in chunk]))
             for start in range(0, len(gone), BATCH):
-                chunk = gone[start:start + BATCH]
+                doomed = gone[start:start + BATCH]
                 try:  # all-or-nothing per key: a key that is already gone fails the batch
-                    dp.policy.items_delete_batch((layout.CgPolicyKey * len(chunk))(*chunk))
+                    dp.policy.items_delete_batch(layout.policy_keys(doomed))
                 except Exception:  # BCC raises bare Exception; one by one instead
-                    for key in chunk:
-                        dp.policy.pop(key, None)
+                    for key in doomed:
+                        dp.policy.pop(layout.policy_key(key), None)
         except Exception as exc:  # BCC raises bare Exception on syscall errors
             raise KernelError(f"policy map update failed: {exc}") from exc
         finally:

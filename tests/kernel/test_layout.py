@@ -154,3 +154,16 @@ def test_a_datapath_starts_over_maps_pinned_with_an_older_layout(check_pin_dir: 
         assert _map_id(check_pin_dir / "cg_endpoints") == kept, "a map of the current layout is reused"
     finally:
         dp.close()
+
+
+def test_packed_policy_keys_and_values_read_back_as_written() -> None:
+    from datapath.policymap import PolicyKey, PolicyValue
+
+    keys = [PolicyKey(256, False, 0, 0, 0, 0, any_proto=True), PolicyKey(0x00F00001, True, 7, 6, 8080, 16),
+            PolicyKey(300, False, 0x00E00000, 17, 0x1000, 4), PolicyKey(5, True, 9, 1, 0, 0)]
+    values = [PolicyValue(False, 0), PolicyValue(True, 12), PolicyValue(False, 0xFFFFFFFF), PolicyValue(True, 1)]
+    packed_keys, packed_values = layout.policy_keys(keys), layout.policy_values(values)
+    assert [layout.policy_key_value(k) for k in packed_keys] == keys
+    assert [layout.policy_value_value(v) for v in packed_values] == values
+    assert bytes(packed_keys)[16 + 14:16 + 16] == (8080).to_bytes(2, "big")  # dport in network order
+    assert bytes(packed_keys)[12] == 0 and bytes(packed_keys)[16] == 80 + 16  # egress byte, prefixlen
