@@ -136,6 +136,10 @@ def test_dockerd_live_restore_keeps_containers_and_addresses(scene: Scene, agent
         net = scene.network()
         server, client = scene.server(net), scene.run(net)
         target = scene.ip(server, net)
+        # labels arrive through the Docker events stream, after `docker run` returns
+        net_id = scene.d.inspect(net)["Id"]
+        wait_until(lambda: all(e["labels"] for e in agent.endpoints() if e["network_id"] == net_id),
+                   what="both containers' labels")
         before = snapshot(agent)
         scene.d.restart()
         assert scene.d.inspect(server)["State"]["Running"]
