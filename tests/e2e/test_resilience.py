@@ -17,7 +17,9 @@ pytestmark = pytest.mark.e2e
 
 
 def snapshot(agent: Agent) -> dict[str, Any]:
-    """What the agent holds, minus volatile fields."""
+    """What the agent holds, minus volatile fields, once it knows every joined container's
+    labels (they arrive through the Docker events stream, after `docker run` returns)."""
+    wait_until(lambda: all(e["labels"] for e in agent.endpoints() if e["sandbox"]), what="containers' labels")
     return {
         "endpoints": agent.endpoints(),
         "networks": agent.json("network", "list"),
@@ -136,10 +138,6 @@ def test_dockerd_live_restore_keeps_containers_and_addresses(scene: Scene, agent
         net = scene.network()
         server, client = scene.server(net), scene.run(net)
         target = scene.ip(server, net)
-        # labels arrive through the Docker events stream, after `docker run` returns
-        net_id = scene.d.inspect(net)["Id"]
-        wait_until(lambda: all(e["labels"] for e in agent.endpoints() if e["network_id"] == net_id),
-                   what="both containers' labels")
         before = snapshot(agent)
         scene.d.restart()
         assert scene.d.inspect(server)["State"]["Running"]
