@@ -304,9 +304,10 @@ def test_each_poll_hands_events_to_its_own_sink(dpi: Instance, guests: Guests) -
 
 def test_ipv6_from_an_ipv4_only_endpoint_and_router_advertisements_are_dropped(dpi: Instance, guests: Guests) -> None:
     v4only, dual = guests(ipv6=False), guests()
-    link_local = "fe80::" + secrets.token_hex(2)
+    group = f"{secrets.randbelow(0xF000) + 0x1000:x}"  # four hex digits, as `ip` and events print them
+    link_local = f"fe80::{group}"
     # A router advertisement for a prefix of its own, as a rogue container would announce itself.
-    tag = f"fd63:67ee:{secrets.token_hex(2)}:"
+    tag = f"fd63:67ee:{group}:"
     prefix = ipaddress.IPv6Network(f"{tag}:/64")
     prefix_option = bytes([3, 4, 64, 0xC0]) + (86400).to_bytes(4, "big") * 2 + bytes(4) + prefix.network_address.packed
     ra = bytes([134, 0, 0, 0, 64, 0]) + (1800).to_bytes(2, "big") + bytes(8) + prefix_option
