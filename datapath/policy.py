@@ -461,7 +461,8 @@ class Repository:
             # Only rules already in force are replaced: rules of one import never replace each
             # other (several rules may share labels, e.g. the specs of one CRD).
             replaced = {rule.labels for rule in new if rule.labels}
-            rules = [r for r in self.rules if r.labels not in replaced]
+            kept = [r for r in self.rules if r.labels not in replaced]
+            rules = list(kept)
             unlabelled = {r.raw for r in rules if not r.labels}
             next_id = self._next_id
             for rule in new:
@@ -471,7 +472,7 @@ class Repository:
                     unlabelled.add(rule.raw)
                 rules.append(rule.numbered(next_id))
                 next_id += 1
-            return Change(rules, next_id, self.revision, len(self.rules) + len(new) - len(rules))
+            return Change(rules, next_id, self.revision, len(self.rules) - len(kept))
 
     def plan_delete(self, labels: Sequence[Label] | None) -> Change:
         """The rules after deleting those whose labels include all of `labels` (None: every

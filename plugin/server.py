@@ -91,7 +91,8 @@ class PooledWSGIServer(BaseWSGIServer):
 
 
 class UnixServer:
-    WORKERS = 64
+    WORKERS = 64  # request threads per socket at most
+
     def __init__(self, path: Path, app: Any, name: str) -> None:
         self.path = path
         self.name = name

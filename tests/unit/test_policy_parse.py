@@ -415,6 +415,7 @@ def test_a_plan_made_on_an_older_revision_is_refused() -> None:
 def test_unlabelled_duplicates_are_added_once() -> None:
     repo = Repository()
     repo.add(rules_of(PLAIN, PLAIN, A))
+    assert repo.plan_add(rules_of(PLAIN)).removed == 0  # skipped, and nothing in force dropped
     repo.add(rules_of(PLAIN))
     assert [r.raw for r in repo.rules].count(json.dumps(PLAIN, sort_keys=True, separators=(",", ":"))) == 1
     assert len(repo.rules) == 2
