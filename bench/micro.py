@@ -34,6 +34,7 @@ from typing import Any
 
 from bench.common import Cleanup, log, machine, new_tag, summary
 from datapath.kernel.bpfsys import ProgTester
+from tests.kernel.helpers import ethernet, ipv4_packet
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 REPEAT = 200  # per call; TTL 255 stays above 1
@@ -52,30 +53,14 @@ EXPECT = {"established": TC_ACT_REDIRECT, "reply": TC_ACT_REDIRECT, "new": TC_AC
 # -- packets ---------------------------------------------------------------------------------
 
 
-def _mac(text: str) -> bytes:
-    return bytes(int(x, 16) for x in text.split(":"))
-
-
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def tcp_packet(src: str, dst: str, sport: int, dport: int, flags: int, ttl: int = 255) -> bytes:
-    eth = _mac(MAC2) + _mac(MAC1) + struct.pack("!H", 0x0800)  # to A's host MAC, from A's MAC
     tcp = struct.pack("!HHIIBBHHH", sport, dport, 1, 1 if flags & 0x10 else 0, 5 << 4, flags, 65535, 0, 0)
-    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, ttl, 6, 0,
-                               socket.inet_aton(src), socket.inet_aton(dst)))
-    ip[10:12] = struct.pack("!H", _csum(bytes(ip)))
-    return eth + bytes(ip) + tcp
+    # to A's host MAC, from A's MAC
+    return ethernet(MAC2, MAC1, 0x0800, ipv4_packet(src, dst, 6, tcp, ttl=ttl))
 
 
 def non_ip_packet() -> bytes:
-    return _mac(MAC2) + _mac(MAC1) + struct.pack("!H", 0x88B5) + bytes(46)
+    return ethernet(MAC2, MAC1, 0x88B5, bytes(46))
 
 
 # -- maps ------------------------------------------------------------------------------------

@@ -145,11 +145,11 @@ def ipv6_frame(
     return ethernet(dst_mac, src_mac, ETH_P_IPV6, header + payload)
 
 
-def ipv4_packet(src: Any, dst: Any, proto: int, payload: bytes) -> bytes:
-    """An IPv4 header (DF, TTL 64, checksum filled in) followed by `payload`."""
+def ipv4_packet(src: Any, dst: Any, proto: int, payload: bytes, ttl: int = 64) -> bytes:
+    """An IPv4 header (DF, checksum filled in) followed by `payload`."""
     src, dst = ipaddress.IPv4Address(src), ipaddress.IPv4Address(dst)
     header = struct.pack(
-        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0x1234, 0x4000, 64, proto, 0, src.packed, dst.packed
+        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0x1234, 0x4000, ttl, proto, 0, src.packed, dst.packed
     )
     return header[:10] + struct.pack("!H", _csum(header)) + header[12:] + payload
 
@@ -198,6 +198,16 @@ for frame in sys.argv[2:]:
 """
 
 
+def _await_ready(proc: subprocess.Popen[str], close: Callable[[], None], what: str) -> None:
+    """Wait (10 s at most) for the helper process to print its "ready" line."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 10)
+    line = proc.stdout.readline() if ready else ""
+    if line.strip() != "ready":
+        close()
+        raise AssertionError(f"{what} did not start: {line!r}")
+
+
 def send_frames(ns: str, *frames: bytes, ifname: str = "eth0") -> None:
     """Write raw frames onto `ifname` inside `ns`, as a root process in a container could."""
     in_ns(ns, PYTHON, "-c", _SEND, ifname, *(f.hex() for f in frames))
@@ -239,12 +249,7 @@ class Capture:
             stderr=subprocess.PIPE,
             text=True,
         )
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 10)
-        line = self.proc.stdout.readline() if ready else ""
-        if line.strip() != "ready":
-            self.close()
-            raise AssertionError(f"packet capture in {ns} did not start: {line!r}")
+        _await_ready(self.proc, self.close, f"packet capture in {ns}")
 
     def result(self, timeout: float = 10.0) -> tuple[set[str], bool]:
         """(markers seen, whether the stop marker arrived)."""
@@ -458,12 +463,7 @@ class TcpServer:
             stderr=subprocess.PIPE,
             text=True,
         )
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 10)
-        line = self.proc.stdout.readline() if ready else ""
-        if line.strip() != "ready":
-            self.close()
-            raise AssertionError(f"TCP server in {ns} did not start: {line!r}")
+        _await_ready(self.proc, self.close, f"TCP server in {ns}")
 
     def close(self) -> None:
         if self.proc.poll() is None:
