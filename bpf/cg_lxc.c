@@ -42,9 +42,10 @@ int cg_from_container(struct __sk_buff *skb)
 {
 	__u32 ifindex = skb->ifindex;
 	struct cg_endpoint *ep = cg_endpoints.lookup(&ifindex);
-	struct cg_ctx ctx = { .dir = CG_DIR_FROM_EP };
+	struct cg_ctx ctx = {};
 	int ret;
 
+	cg_ctx_init(&ctx, CG_DIR_FROM_EP);
 	if (!ep)
 		return cg_drop(skb, &ctx, DROP_NO_ENDPOINT);
 	ctx.src_identity = ep->identity;
@@ -73,9 +74,10 @@ int cg_to_container(struct __sk_buff *skb)
 {
 	__u32 ifindex = skb->ifindex;
 	struct cg_endpoint *ep = cg_endpoints.lookup(&ifindex);
-	struct cg_ctx ctx = { .dir = CG_DIR_TO_EP };
+	struct cg_ctx ctx = {};
 	int ret;
 
+	cg_ctx_init(&ctx, CG_DIR_TO_EP);
 	if (!ep)
 		return cg_drop(skb, &ctx, DROP_NO_ENDPOINT);
 	ctx.dst_identity = ep->identity;

@@ -89,11 +89,26 @@ struct cg_ctx {
 	__u32 src_identity;
 	__u32 dst_identity;
 	__u32 rule;
+	__u32 cfg_flags;    /* cg_config.flags, read once per packet (cg_ctx_init) */
+	__u32 policy_rev;   /* cg_config.policy_rev, likewise */
 	__u8  ct_state;
 	__u8  side;         /* 1 = the sender's egress decided, 0 = the receiver's ingress */
 	__u8  dir;          /* CG_DIR_* */
 	__u8  pad;
 };
+
+/* A packet's context, with what it needs of cg_config read once, before any policy lookup:
+ * the agent bumps policy_rev after its map writes, so a verdict decided while they were
+ * under way is cached with the older number and decided again on the flow's next packet. */
+static __always_inline void cg_ctx_init(struct cg_ctx *ctx, __u8 dir)
+{
+	__u32 zero = 0;
+	struct cg_config *cfg = cg_config.lookup(&zero);
+
+	ctx->dir = dir;
+	ctx->cfg_flags = cfg ? cfg->flags : 0;
+	ctx->policy_rev = cfg ? cfg->policy_rev : 0;
+}
 
 static __always_inline void cg_notify(struct __sk_buff *skb, const struct cg_ctx *ctx, __u8 type, __u8 reason)
 {
@@ -121,29 +136,18 @@ static __always_inline int cg_drop(struct __sk_buff *skb, const struct cg_ctx *c
 	return TC_ACT_SHOT;
 }
 
-static __always_inline int cg_tracing(void)
-{
-	__u32 zero = 0;
-	struct cg_config *cfg = cg_config.lookup(&zero);
-
-	return cfg && (cfg->flags & CG_CFG_TRACE);
-}
-
 /* Verdict events of allowed new flows cost the agent a decode each (10k/s under a connection
  * storm); the agent sets CG_CFG_QUIET while no monitor asks for them. Denials always report. */
-static __always_inline int cg_verdicts_wanted(void)
+static __always_inline int cg_verdicts_wanted(const struct cg_ctx *ctx)
 {
-	__u32 zero = 0;
-	struct cg_config *cfg = cg_config.lookup(&zero);
-
-	return !cfg || !(cfg->flags & CG_CFG_QUIET);
+	return !(ctx->cfg_flags & CG_CFG_QUIET);
 }
 
 /* A packet forwarded with verdict `code`; reported only while tracing is on. */
 static __always_inline void cg_forwarded(struct __sk_buff *skb, const struct cg_ctx *ctx, __u8 code)
 {
 	cg_count(skb, code);
-	if (cg_tracing())
+	if (ctx->cfg_flags & CG_CFG_TRACE)
 		cg_notify(skb, ctx, CG_EVENT_TRACE, code);
 }
 

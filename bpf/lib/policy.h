@@ -83,23 +83,14 @@ static __always_inline int cg_policy_decide(__u32 subject, __u8 egress, __u32 pe
 	return -DROP_POLICY;
 }
 
-/* The policy map's revision, read before any lookup of a decision that may be cached: the
- * agent bumps it after its writes, so a verdict taken while they were under way is stored
- * with the older number and decided again on the flow's next packet. */
-static __always_inline __u32 cg_policy_revision(void)
-{
-	__u32 zero = 0;
-	struct cg_config *cfg = cg_config.lookup(&zero);
-
-	return cfg ? cfg->policy_rev : 0;
-}
-
 /* Whether an established flow's cached allow verdict still holds for this packet: the
  * policy map has not changed since, both parties keep the identities it was decided for,
  * and it covered every side this packet needs. */
 static __always_inline int cg_ct_verdict_holds(const struct cg_ct_value *ct, const struct cg_ctx *ctx,
-					       __u32 rev, __u8 sides)
+					       __u8 sides)
 {
+	__u32 rev = ctx->policy_rev;
+
 	return rev && ct->policy_rev == rev && (ct->policy_sides & sides) == sides &&
 	       ct->src_identity == ctx->src_identity && ct->dst_identity == ctx->dst_identity;
 }
@@ -118,15 +109,14 @@ static __always_inline int cg_policy_flow(struct __sk_buff *skb, struct cg_ctx *
 {
 	struct cg_ct_value *ct;
 	__u8 sides = (src_subject ? CG_CT_SIDE_EGRESS : 0) | (dst_subject ? CG_CT_SIDE_INGRESS : 0);
-	__u32 rule = 0, rev;
+	__u32 rule = 0;
 	int state, ret = 0;
 
 	state = cg_ct_lookup(f, &ct, skb);
 	ctx->ct_state = state;
 	if (state == CT_REPLY || state == CT_RELATED)
 		return 0;
-	rev = cg_policy_revision();
-	if (state == CT_ESTABLISHED && ct && cg_ct_verdict_holds(ct, ctx, rev, sides)) {
+	if (state == CT_ESTABLISHED && ct && cg_ct_verdict_holds(ct, ctx, sides)) {
 		ctx->rule = ct->rule;
 		return 0;
 	}
@@ -159,13 +149,13 @@ static __always_inline int cg_policy_flow(struct __sk_buff *skb, struct cg_ctx *
 		ct->dst_identity = ctx->dst_identity;
 		ct->rule = rule;
 		ct->policy_sides = sides;
-		ct->policy_rev = rev;
+		ct->policy_rev = ctx->policy_rev;
 	}
 	if (state == CT_NEW) {
-		ret = cg_ct_create(f, skb, ctx->src_identity, ctx->dst_identity, rule, rev, sides);
+		ret = cg_ct_create(f, skb, ctx->src_identity, ctx->dst_identity, rule, ctx->policy_rev, sides);
 		if (ret < 0)
 			return ret;
-		if (!f->frag && cg_verdicts_wanted())
+		if (!f->frag && cg_verdicts_wanted(ctx))
 			cg_notify(skb, ctx, CG_EVENT_VERDICT, CG_OK_POLICY);
 	}
 	return 0;
