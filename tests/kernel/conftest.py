@@ -122,9 +122,10 @@ class Instance:
         self.kernel.apply(change)
         return change
 
-    def ensure_network(self) -> None:
+    def ensure_network(self) -> Instance:
         objs = plan.network_objects(self.network, self.settings())
         self.converge(objs, plan.keys(objs))
+        return self
 
     def new_endpoint(
         self, ipv4: bool = True, ipv6: bool = True, sandbox: str | None = None, identity: int = ids.INIT
@@ -205,9 +206,7 @@ def teardown_instance(inst: Instance) -> None:
 @pytest.fixture(scope="session")
 def dpi(instances: Callable[[str], Instance]) -> Instance:
     """The instance the datapath and layout tests share."""
-    inst = instances("d")
-    inst.ensure_network()
-    return inst
+    return instances("d").ensure_network()
 
 
 # -- policy -------------------------------------------------------------------------------

@@ -25,9 +25,7 @@ pytestmark = pytest.mark.kernel
 
 @pytest.fixture(scope="module")
 def inst(instances: Callable[[str], Instance]) -> Instance:
-    instance = instances("n")
-    instance.ensure_network()
-    return instance
+    return instances("n").ensure_network()
 
 
 @pytest.fixture

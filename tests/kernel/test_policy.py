@@ -61,9 +61,7 @@ Endpoints = Callable[..., Guest]
 @pytest.fixture(scope="module")
 def pi(instances: Callable[[str], Instance]) -> Instance:
     """An instance of its own: these tests change its policy map, tracing and timeouts."""
-    inst = instances("p")
-    inst.ensure_network()
-    return inst
+    return instances("p").ensure_network()
 
 
 @pytest.fixture

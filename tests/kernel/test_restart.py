@@ -42,9 +42,7 @@ DROP_POLICY, DROP_POLICY_DENY = VERDICT["DROP_POLICY"], VERDICT["DROP_POLICY_DEN
 
 @pytest.fixture(scope="module")
 def rsi(instances: Callable[[str], Instance]) -> Instance:
-    inst = instances("r")
-    inst.ensure_network()
-    return inst
+    return instances("r").ensure_network()
 
 
 @pytest.fixture
