@@ -306,17 +306,6 @@ class Agent:
             log.info("endpoint %s has identity %d (%s)", ep.id[:12], ep.identity, ", ".join(ep.labels) or "no labels")
             return ep
 
-    def note_attachment(self, endpoint_id: str, container_id: str, ifname: str) -> Endpoint:
-        """Remember the runtime's names for an endpoint (CNI: container ID and interface)."""
-        with self._lock:
-            ep = self.endpoint(endpoint_id)
-            if (ep.container_id, ep.ifname) == (container_id, ifname):
-                return ep
-            ep = replace(ep, container_id=container_id, ifname=ifname)
-            self._ep_store.put(ep.id, ep.to_doc())
-            self.endpoints[ep.id] = ep
-            return ep
-
     def check_endpoint(self, ep: Endpoint) -> list[str]:
         """What is missing or wrong in the kernel for an endpoint (empty when all is well)."""
         with self._lock:
