@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from datapath import naming
 from datapath.labels import Label, LabelSet
 
 INIT = 5  # datapath.identity.INIT; the identity of an endpoint whose labels are not known yet
@@ -28,6 +29,11 @@ class Network:
     gateways: tuple[IPInterface, ...]  # gateway address with the subnet's prefix length
     created: float = 0.0
     name: str = ""
+
+    @property
+    def origin(self) -> str:
+        """"cni" for a network a CNI configuration made (its ID derives from its name), else "docker"."""
+        return "cni" if self.name and self.id == naming.cni_network_id(self.name) else "docker"
 
     def gateway_for(self, address: IPInterface) -> IPInterface | None:
         for gw in self.gateways:

@@ -43,6 +43,18 @@ def link_tag(instance: str) -> str:
     return f"cellgate:{instance}:"
 
 
+def link_group(instance: str) -> int:
+    """Link group (IFLA_GROUP) of every link an instance creates, set in the creating request.
+
+    The kernel ignores an alias in RTM_NEWLINK, so a link gets its tag only in a second
+    request; the group marks it ours from the first one, should we die in between. 30 bits
+    of a hash of the name above 2**30: never 0 (the default group) nor a small number an
+    operator would pick, and positive where `ip link` prints it as a signed number.
+    """
+    digest = hashlib.sha256(f"group:{instance}".encode()).digest()
+    return 0x40000000 | (int.from_bytes(digest[:4], "big") & 0x3FFFFFFF)
+
+
 def nat_chain(instance: str) -> str:
     return f"CG-{instance}-NAT"
 
@@ -68,3 +80,8 @@ def container_mac(endpoint_id: str) -> str:
 def endpoint_id_for(*parts: str) -> str:
     """Endpoint ID for runtimes that do not give one (CNI: container ID + interface)."""
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def cni_network_id(name: str) -> str:
+    """Network ID of the CNI network `name`; Docker's IDs are random, so this also tells the two apart."""
+    return hashlib.sha256(f"cni:{name}".encode()).hexdigest()

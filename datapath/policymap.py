@@ -5,18 +5,21 @@ prefix); the datapath looks up the peer's identity and the wildcard peer (0) and
 deny over allow, allow over nothing. `decide` below is that same algorithm, so
 `policy trace` and the tests can predict the datapath exactly.
 
-Wildcards are single entries: "port 80 from anyone" is one key with peer 0, never one
-key per identity. Only selectors that name labels enumerate the identities they match.
+Wildcards are single entries: "port 80 from anyone" (`toPorts` without peers) and the entity
+`all` are one key with peer 0, never one key per identity. Endpoint selectors enumerate the
+identities they match, `{}` too: it means every endpoint, never the host or world, which peer
+0 would also admit.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from datapath import identity as ids
 from datapath.labels import LabelSet
-from datapath.policy import PeerRule, PortRange, Rule, Selector
+from datapath.policy import PeerRule, PortRange, Rule, Selector, namespaces_of
 
 ENFORCEMENT_MODES = ("default", "always", "never")
 
@@ -99,32 +102,46 @@ class Enforcement:
 
 
 class LabelIndex:
-    """Identities (or subjects) by label `key=value`, source ignored: a pre-filter for selectors.
+    """Identities (or subjects) by label `key=value`, source ignored, and by namespace: a
+    pre-filter for selectors.
 
     `matching` returns exactly the numbers whose labels the selector matches, in O(candidates)
     instead of O(all): an `In` requirement can only hold for labels carrying one of its values,
-    so the smallest such candidate set is checked with `Selector.matches`, which decides.
+    so the smallest such candidate set is checked with `Selector.matches`, which decides. The
+    answer for a selector is kept, as every subject of a rule asks for the same peers.
     """
 
     def __init__(self, items: Mapping[int, LabelSet]) -> None:
         self.items = items
         self._by_pair: dict[tuple[str, str], set[int]] = {}
+        self._by_namespace: dict[str, set[int]] = {}
+        self._known: dict[Selector, list[int]] = {}
         for number, labels in items.items():
             for lb in labels:
                 self._by_pair.setdefault((lb.key, lb.value), set()).add(number)
+            for ns in namespaces_of(labels):
+                self._by_namespace.setdefault(ns, set()).add(number)
 
     def matching(self, selector: Selector) -> list[int]:
+        known = self._known.get(selector)  # equal selectors (by their requirements) select alike
+        if known is not None:
+            return known
         best: set[int] | None = None
         for req in selector.requirements:
             if req.operator != "In":
                 continue
             found: set[int] = set()
             for value in req.values:
-                found |= self._by_pair.get((req.key, value), set())
+                if req.namespace:
+                    found |= self._by_namespace.get(value, set())
+                else:
+                    found |= self._by_pair.get((req.key, value), set())
             if best is None or len(found) < len(best):
                 best = found
         candidates = self.items if best is None else best
-        return [n for n in candidates if selector.matches(self.items[n])]
+        out = [n for n in candidates if selector.matches(self.items[n])]
+        self._known[selector] = out
+        return out
 
 
 def enforcement(labels_number: int, labels: LabelSet, rules: Iterable[Rule], mode: str,
@@ -144,10 +161,10 @@ def enforcement(labels_number: int, labels: LabelSet, rules: Iterable[Rule], mod
 
 
 def _peers(pr: PeerRule, identities: Mapping[int, LabelSet], index: LabelIndex | None = None) -> set[int]:
+    if pr.nobody:
+        return set()  # an empty list of peers: nobody (Cilium >= 1.15)
     peers: set[int] = set()
-    for sel in pr.endpoints:
-        if sel.wildcard:
-            return {ids.ANY}
+    for sel in pr.endpoints:  # endpoints only, `{}` included (see Selector.matches)
         if index is not None:
             peers.update(index.matching(sel))
         else:
@@ -165,18 +182,24 @@ def _peers(pr: PeerRule, identities: Mapping[int, LabelSet], index: LabelIndex |
     return peers
 
 
-def _keys(subject: int, egress: bool, peer: int, ports: Iterable[PortRange]) -> list[PolicyKey]:
-    ports = list(ports)
+@functools.lru_cache(maxsize=4096)
+def _blocks(ports: tuple[PortRange, ...]) -> tuple[tuple[int, int, int, bool], ...]:
+    """(protocol, port, prefix bits, any protocol) of the keys that cover `ports`, worked out once
+    for all the peers of an entry."""
     if not ports:
-        return [PolicyKey(subject, egress, peer, 0, 0, 0, any_proto=True)]
-    out = []
+        return ((0, 0, 0, True),)
+    out: list[tuple[int, int, int, bool]] = []
     for pr in ports:
         if pr.protocol == 0:
-            out.append(PolicyKey(subject, egress, peer, 0, 0, 0, any_proto=True))
+            out.append((0, 0, 0, True))
             continue
-        for port, bits in port_prefixes(pr.first, pr.last):
-            out.append(PolicyKey(subject, egress, peer, pr.protocol, port, bits))
-    return out
+        out.extend((pr.protocol, port, bits, False) for port, bits in port_prefixes(pr.first, pr.last))
+    return tuple(out)
+
+
+def _keys(subject: int, egress: bool, peer: int, ports: tuple[PortRange, ...]) -> list[PolicyKey]:
+    return [PolicyKey(subject, egress, peer, proto, port, bits, any_proto)
+            for proto, port, bits, any_proto in _blocks(ports)]
 
 
 def compile_subject(

@@ -58,6 +58,8 @@ def _port_matches(ranges: tuple[PortRange, ...], proto: int, port: int) -> bool:
 
 
 def _peer_matches(pr: PeerRule, peer: Party) -> bool:
+    if pr.nobody:
+        return False
     for sel in pr.endpoints:
         if sel.matches(peer.labels):
             return True
@@ -77,7 +79,9 @@ def _describe(pr: PeerRule, egress: bool) -> str:
         parts.append(f"{word} endpoints " + " | ".join(s.text for s in pr.endpoints))
     if pr.entities:
         parts.append(f"{word} entities {', '.join(pr.entities)}")
-    if not pr.has_l3:
+    if pr.nobody:
+        parts.append(f"{word} no one (an empty list of peers selects nothing)")
+    elif not pr.has_l3:
         parts.append(f"{word} anyone" if pr.ports else "nothing (only turns enforcement on)")
     parts.append("on " + ", ".join(str(r) for r in pr.ports) if pr.ports else "on every port")
     return " ".join(parts)

@@ -24,6 +24,7 @@ from ipam.pool import (
     Allocation,
     Network,
     Pool,
+    check_routable,
     check_subnet,
     pool_id,
 )
@@ -50,6 +51,7 @@ class HostRanges:
 
     def __post_init__(self) -> None:
         for net, prefix in ((self.ipv4, self.ipv4_prefix), (self.ipv6, self.ipv6_prefix)):
+            check_routable(net, "host range")
             if prefix < net.prefixlen:
                 raise InvalidRequest(f"network size /{prefix} is larger than the host range {net}")
             check_subnet(ipaddress.ip_network(f"{net.network_address}/{prefix}"), "network size")
@@ -141,6 +143,10 @@ class Ipam:
     # -- pools ------------------------------------------------------------------------------
 
     def request_pool(self, req: PoolRequest, avoid: Sequence[Network] = ()) -> Pool:
+        if req.space not in (LOCAL_SPACE, GLOBAL_SPACE):
+            raise InvalidRequest(
+                f"unknown address space {req.space[:80]!r} (cellgate's are {LOCAL_SPACE} and {GLOBAL_SPACE})"
+            )
         if req.options:
             raise InvalidRequest(
                 "unsupported IPAM option(s): " + ", ".join(sorted(req.options)) + " (cellgate takes none)"
@@ -179,9 +185,9 @@ class Ipam:
     def _explicit_pool(self, req: PoolRequest, now: float) -> Pool:
         subnet = req.pool
         assert subnet is not None
+        check_subnet(subnet)  # first: Docker takes ::ffff:a.b.c.d/N for IPv4, and the reason to refuse is this
         if subnet.version != (6 if req.v6 else 4):
             raise InvalidRequest(f"subnet {subnet} is not IPv{6 if req.v6 else 4}")
-        check_subnet(subnet)
         subpool = req.subpool
         if subpool is not None and (
             subpool.version != subnet.version or not subpool.subnet_of(subnet)  # type: ignore[arg-type]
@@ -227,6 +233,17 @@ class Ipam:
             self._store.delete(pool.id)
             del self._pools[pid]
             log.info("pool %s released", pid)
+
+    def remove_pool(self, pid: str) -> bool:
+        """Drop a pool whatever its references and allocations (its network is gone for good:
+        the ReleasePool that would have balanced them was lost); True if there was one."""
+        with self._lock:
+            if pid not in self._pools:
+                return False
+            self._store.delete(pid)
+            del self._pools[pid]
+            log.info("pool %s removed", pid)
+            return True
 
     def bind_network(self, network_id: str, subnets: Iterable[Network]) -> list[Pool]:
         """CreateNetwork: mark our pools as used by this network (refusing a second network)."""

@@ -24,6 +24,22 @@ KIND_AUX = "aux"
 # Smallest and largest subnets we accept, by prefix length.
 PREFIX_LIMITS = {4: (8, 30), 6: (32, 126)}
 
+# Ranges no container network may use or overlap: the host would route (and masquerade) them to
+# a container, but they mean something else on every host. Private and shared (100.64.0.0/10)
+# space, documentation and benchmark ranges are ordinary unicast and stay allowed.
+SPECIAL: tuple[tuple[Network, str], ...] = (
+    (ipaddress.IPv4Network("0.0.0.0/8"), "'this network'"),
+    (ipaddress.IPv4Network("127.0.0.0/8"), "loopback"),
+    (ipaddress.IPv4Network("169.254.0.0/16"), "link-local"),
+    (ipaddress.IPv4Network("224.0.0.0/4"), "multicast"),
+    (ipaddress.IPv4Network("240.0.0.0/4"), "reserved, with the limited broadcast address"),
+    (ipaddress.IPv6Network("::/128"), "the unspecified address"),
+    (ipaddress.IPv6Network("::1/128"), "loopback"),
+    (ipaddress.IPv6Network("::ffff:0:0/96"), "IPv4-mapped"),
+    (ipaddress.IPv6Network("fe80::/10"), "link-local"),
+    (ipaddress.IPv6Network("ff00::/8"), "multicast"),
+)
+
 
 def check_subnet(subnet: Network, what: str = "subnet") -> None:
     low, high = PREFIX_LIMITS[subnet.version]
@@ -31,6 +47,28 @@ def check_subnet(subnet: Network, what: str = "subnet") -> None:
         raise InvalidRequest(
             f"{what} {subnet}: IPv{subnet.version} prefix length must be between /{low} and /{high}"
         )
+    check_routable(subnet, what)
+
+
+def check_routable(subnet: Network, what: str = "subnet") -> None:
+    """Refuse a subnet that overlaps a special-purpose range (loopback, multicast, ...)."""
+    for special, meaning in SPECIAL:
+        if special.version == subnet.version and special.overlaps(subnet):
+            raise InvalidRequest(
+                f"{what} {subnet} overlaps {special} ({meaning}), which cannot be a container network"
+            )
+
+
+def host_address_problem(address: Address, subnet: Network) -> str:
+    """Why `address` cannot be an interface's address in `subnet`, or "" when it can."""
+    if address.version != subnet.version or address not in subnet:
+        return f"is not inside {subnet}"
+    if address == subnet.network_address:
+        kind = "subnet-router anycast" if subnet.version == 6 else "network"
+        return f"is the {kind} address of {subnet}"
+    if subnet.version == 4 and address == subnet.broadcast_address:
+        return f"is the broadcast address of {subnet}"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -88,10 +126,8 @@ class Pool:
         return self.subpool if self.subpool is not None else self.subnet
 
     def _usable(self, address: Address) -> bool:
-        """Inside the pool and not the subnet's own or broadcast address."""
-        if address not in self.subnet or address == self.subnet.network_address:
-            return False
-        return not (self.version == 4 and address == self.subnet.broadcast_address)
+        """Inside the pool and not the subnet's own (IPv6: subnet-router anycast) or broadcast address."""
+        return not host_address_problem(address, self.subnet)
 
     def allocate(
         self, requested: Address | None, kind: str, mac: str = "", now: float = 0.0
@@ -101,7 +137,8 @@ class Pool:
             if requested.version != self.version:
                 raise InvalidRequest(f"address {requested} is not IPv{self.version}")
             if not self._usable(requested):
-                raise InvalidRequest(f"address {requested} is not a usable address of pool {self.subnet}")
+                raise InvalidRequest(f"address {requested} is not a usable address of pool {self.subnet}: "
+                                     f"it {host_address_problem(requested, self.subnet)}")
             if kind == KIND_ENDPOINT and requested == self.gateway:
                 raise Conflict(f"address {requested} is the gateway of {self.subnet}")
             if kind == KIND_ENDPOINT and self.subpool is not None and requested not in self.subpool:
@@ -158,7 +195,8 @@ class Pool:
             raise Conflict(f"address {address} is already in use ({current.kind})")
         if current is None:
             if not pool._usable(address):
-                raise InvalidRequest(f"gateway {address} is not a usable address of {self.subnet}")
+                raise InvalidRequest(f"gateway {address} is not a usable address of {self.subnet}: "
+                                     f"it {host_address_problem(address, self.subnet)}")
             pool, _ = pool._with(Allocation(address, KIND_GATEWAY, "", "", now), cursor=pool.cursor)
         return dataclasses.replace(pool, gateway=address)
 

@@ -84,10 +84,11 @@ class Runtime:
         self.cfg = cfg
         self.stop = threading.Event()
         self.started = time.monotonic()
+        # Checked before anything is made: a refused range leaves no state directory or pins behind.
+        ranges = HostRanges(cfg.ipv4_range, cfg.ipv6_range, cfg.ipv4_prefix, cfg.ipv6_prefix)
         self._lock_handle = lock_state(cfg.state_dir)
         self.datapath = Datapath(cfg.bpf_dir)
         self.kernel = KernelExecutor(cfg.name, self.datapath)
-        ranges = HostRanges(cfg.ipv4_range, cfg.ipv6_range, cfg.ipv4_prefix, cfg.ipv6_prefix)
         self.ipam = Ipam(JsonDir(cfg.state_dir / "ipam"), ranges)
         settings = plan.Settings(cfg.name, cfg.masquerade, self.datapath.revision)
         policy = PolicyState(Identities(JsonDir(cfg.state_dir / "identities")),
@@ -99,6 +100,8 @@ class Runtime:
         self.kernel.set_config(False, self.agent.timeouts, verdicts=False)  # until a monitor asks
         self.restore = self.agent.restore()
         self.watcher = DockerWatcher(self.agent, cfg.docker_host, cfg.docker_resync)
+        self.agent.reconcile_grace = cfg.reconcile_grace
+        self.agent.runtime_view = self.watcher.view  # what `ipam check` judges Docker's state by
         if cfg.cni_bin_dir:
             try:
                 path, changed = install_cni(Path(cfg.cni_bin_dir))

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from plugin.api.client import ApiError, Client
 from plugin.config import Config, default_api_socket
@@ -101,8 +102,15 @@ def cmd_endpoint_get(args: argparse.Namespace) -> int:
 
 def cmd_network_list(args: argparse.Namespace) -> int:
     nets = _client(args).get("/v1/networks")
-    rows = [(n["id"][:12], ",".join(n["subnets"]), ",".join(n["gateways"]), n["endpoints"]) for n in nets]
-    _emit(args, nets, _table(rows, ("NETWORK", "SUBNETS", "GATEWAYS", "ENDPOINTS")))
+    rows = [(n["id"][:12], n["name"] or "-", n["origin"], ",".join(n["subnets"]), ",".join(n["gateways"]),
+             n["endpoints"]) for n in nets]
+    _emit(args, nets, _table(rows, ("NETWORK", "NAME", "ORIGIN", "SUBNETS", "GATEWAYS", "ENDPOINTS")))
+    return 0
+
+
+def cmd_network_rm(args: argparse.Namespace) -> int:
+    net = _client(args).call("DELETE", f"/v1/networks/{quote(args.network, safe='')}")
+    _emit(args, net, f"Removed CNI network {net['name']} ({net['id'][:12]}, {', '.join(net['subnets'])})")
     return 0
 
 
@@ -121,6 +129,13 @@ def cmd_ipam_list(args: argparse.Namespace) -> int:
 def cmd_ipam_check(args: argparse.Namespace) -> int:
     report = _client(args).post("/v1/ipam/check", {"release": args.release, "grace": args.grace})
     lines = []
+    stale = report.get("stale") or {}
+    gone = " (removed)" if stale.get("removed") else ""
+    for kind, key in (("network", "networks"), ("endpoint", "endpoints"), ("pool", "pools")):
+        for item in stale.get(key, []):
+            lines.append(f"stale     {kind} {item[kind][:24]:<16} {item['reason']}{gone}")
+    if not str(report.get("docker", "")).startswith(("reachable", "not followed")):
+        lines.append(f"note      Docker is {report.get('docker')}: its networks and endpoints were not judged")
     for leak in report["leaked"]:
         done = " (released)" if args.release else ""
         lines.append(f"leaked    {leak['address']:<24} {leak['pool']}: {leak['reason']}{done}")
@@ -130,9 +145,11 @@ def cmd_ipam_check(args: argparse.Namespace) -> int:
         lines.append(f"duplicate {dup['address']:<24} used by {', '.join(e[:12] for e in dup['endpoints'])}")
     for pool in report["unbound_pools"]:
         lines.append(f"note      pool {pool} is not used by a cellgate network")
-    problems = bool(report["missing"] or report["duplicates"] or (report["leaked"] and not args.release))
-    lines.append("IPAM is consistent with the live endpoints." if report["ok"] else
-                 ("Leaks released." if not problems else "IPAM has problems (see above)."))
+    stale_left = any(stale.get(k) for k in ("networks", "endpoints", "pools")) and not stale.get("removed")
+    problems = bool(report["missing"] or report["duplicates"] or (report["leaked"] and not args.release)
+                    or stale_left)
+    lines.append("IPAM is consistent with the live endpoints and the runtimes." if report["ok"] else
+                 ("Leaks and stale state removed." if not problems else "IPAM has problems (see above)."))
     _emit(args, report, "\n".join(lines))
     return 1 if problems else 0
 
@@ -166,28 +183,21 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 
 def load_policy_file(path: str) -> Any:
-    """JSON or YAML (several YAML documents become a list), from a file or '-' for stdin."""
-    import yaml
+    """JSON or YAML (several YAML documents become a list), from a file or '-' for stdin, bounded
+    and parsed as the agent parses it (plugin.policyfile): InvalidRequest when it is not a policy."""
+    from plugin.policyfile import load
 
-    text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()  # noqa: SIM115
-    try:
-        return json.loads(text)
-    except ValueError:
-        pass
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: neither JSON nor YAML: {exc}") from None
-    return docs[0] if len(docs) == 1 else docs
+    return load(path)[0]
 
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
+    """Offline, and the same verdict and message as `policy import` (both parse through policyfile.load)."""
     from datapath.errors import InvalidRequest
-    from datapath.policy import parse_rules
+    from plugin.policyfile import load
 
     try:
-        rules = parse_rules(load_policy_file(args.file))
-    except (InvalidRequest, ValueError) as exc:
+        _, rules = load(args.file)
+    except InvalidRequest as exc:
         _emit(args, {"valid": False, "error": str(exc)}, f"{args.file}: invalid: {exc}")
         return 1
     _emit(args, {"valid": True, "rules": len(rules)}, f"{args.file}: valid, {len(rules)} rule(s)")
@@ -195,7 +205,11 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_import(args: argparse.Namespace) -> int:
-    out = _client(args).post("/v1/policy", {"rules": load_policy_file(args.file)})
+    """Parsed here first, as `policy check` does (a refusal never reaches the agent), then sent."""
+    from plugin.policyfile import load
+
+    data, _ = load(args.file)
+    out = _client(args).post("/v1/policy", {"rules": data})
     _emit(args, out, f"Revision: {out['revision']}")
     return 0
 
@@ -320,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     net = sub.add_parser("network", help="networks").add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
     net.add_parser("list", parents=[common], help="list networks").set_defaults(func=cmd_network_list)
+    rm = net.add_parser("rm", parents=[common], help="remove a CNI network without attachments (Docker's: "
+                        "docker network rm)")
+    rm.add_argument("network", metavar="NAME|ID")
+    rm.set_defaults(func=cmd_network_rm)
 
     ipam = sub.add_parser("ipam", help="address management").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND")

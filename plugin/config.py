@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import ipaddress
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,7 @@ class Config:
     docker_host: str = "unix:///var/run/docker.sock"
     docker_resync: float = 60.0
     cni_bin_dir: str = "/opt/cni/bin"
+    reconcile_grace: float = 60.0
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,6 +106,10 @@ class Config:
                             help="where to learn container labels [DOCKER_HOST, default unix:///var/run/docker.sock]")
         parser.add_argument("--docker-resync", type=float, default=float(_env("CELLGATE_DOCKER_RESYNC", "60")),
                             help="seconds between full label resyncs with Docker [default 60]")
+        parser.add_argument("--reconcile-grace", type=_seconds,
+                            default=_seconds(_env("CELLGATE_RECONCILE_GRACE", "60")),
+                            help="seconds Docker may be silent about a network, endpoint or address we "
+                                 "hold before reconciliation removes it [CELLGATE_RECONCILE_GRACE, default 60]")
         parser.add_argument("--cni-bin-dir", default=_env("CELLGATE_CNI_BIN_DIR", "/opt/cni/bin"),
                             help="install/update the cellgate-cni plugin here at start ('' = don't) "
                                  "[CELLGATE_CNI_BIN_DIR, default /opt/cni/bin]")
@@ -137,7 +143,19 @@ class Config:
             docker_host=args.docker_host,
             docker_resync=args.docker_resync,
             cni_bin_dir=args.cni_bin_dir,
+            reconcile_grace=args.reconcile_grace,
         )
+
+
+def _seconds(text: str) -> float:
+    """A finite, non-negative number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds >= 0")
+    return value
 
 
 def default_api_socket(name: str = "") -> str:

@@ -1,28 +1,8 @@
-"""Named crash and error points for tests: CELLGATE_FAILPOINTS=name=action[,name=action].
-
-Actions: `error` raises KernelError (the operation fails and must roll back), `exit`
-kills the process on the spot (as SIGKILL would). Unset, every point is a no-op.
-"""
+"""Named crash and error points for tests; the mechanism lives in datapath.failpoints so
+that the kernel adapter can mark its points too. See there for CELLGATE_FAILPOINTS."""
 
 from __future__ import annotations
 
-import logging
-import os
+from datapath.failpoints import hit
 
-from datapath.errors import KernelError
-
-log = logging.getLogger(__name__)
-
-
-def hit(name: str) -> None:
-    spec = os.environ.get("CELLGATE_FAILPOINTS", "")
-    if not spec:
-        return
-    for item in spec.split(","):
-        point, _, action = item.partition("=")
-        if point.strip() != name:
-            continue
-        log.warning("failpoint %s: %s", name, action or "error")
-        if action == "exit":
-            os._exit(137)
-        raise KernelError(f"failpoint {name}")
+__all__ = ["hit"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -26,7 +27,7 @@ from datapath.policy import Repository, Rule
 from datapath.ports import Kernel
 from datapath.trace import Party, TraceResult, parse_dport
 from ipam.allocator import CheckReport, Ipam, PoolRequest
-from ipam.pool import Address, Allocation, Pool
+from ipam.pool import Address, Allocation, Pool, check_routable, host_address_problem
 from ipam.store import DocumentStore, MemoryStore
 from plugin.policy import PolicyState
 
@@ -40,6 +41,39 @@ class JoinInfo:
     interface: str  # name of the container-side veth in the host namespace
     gateway4: ipaddress.IPv4Address | None
     gateway6: ipaddress.IPv6Address | None
+
+
+@dataclass(frozen=True)
+class RuntimeView:
+    """One snapshot of what Docker holds, which reconciliation judges our state against.
+
+    `taken` is our clock when the query was sent: anything we created after
+    `taken - grace` may be a call in flight that Docker has not recorded yet.
+    """
+
+    taken: float
+    networks: frozenset[str]  # IDs of Docker networks whose driver is this agent
+    endpoints: frozenset[str]  # endpoint IDs of every container, in any state
+    addresses: frozenset[IPAddress]  # addresses every container holds, on any network
+    ipam_subnets: frozenset[Any]  # subnets of Docker networks whose IPAM driver is this agent
+
+
+@dataclass
+class StaleReport:
+    """State that nothing can use any more: what Docker (or a CNI runtime) forgot while we
+    were away, and addresses no request can still claim."""
+
+    docker: str = "not asked"  # "reachable", "unreachable: …": Docker state is judged only when reachable
+    networks: list[tuple[str, str]] = field(default_factory=list)  # (network ID, reason)
+    endpoints: list[tuple[str, str]] = field(default_factory=list)  # (endpoint ID, reason)
+    pools: list[tuple[str, str]] = field(default_factory=list)  # (pool ID, reason)
+    addresses: list[tuple[str, Any, str]] = field(default_factory=list)  # (pool ID, address, reason)
+    removed: bool = False
+    recheck_at: float | None = None  # when a young suspect becomes old enough to judge
+
+    @property
+    def empty(self) -> bool:
+        return not (self.networks or self.endpoints or self.pools or self.addresses)
 
 
 @dataclass
@@ -80,6 +114,11 @@ class Agent:
         self._trace = False  # trace events of forwarded packets (while a trace monitor runs)
         self._verdicts = False  # events of allowed new flows (while a verdict monitor runs)
         self.started = clock()
+        # Reconciliation with the runtimes: how old state must be before a runtime's silence
+        # about it means it is gone (Docker retries a lost call for 30 s), and where Docker's
+        # view comes from (the composition root wires the Docker watcher in; None: not judged).
+        self.reconcile_grace = 60.0
+        self.runtime_view: Callable[[], RuntimeView] | None = None
         for _, doc in networks.load():
             try:
                 net = Network.from_doc(doc)
@@ -113,6 +152,11 @@ class Agent:
     def create_network(self, network_id: str, gateways: Sequence[IPInterface], name: str = "") -> Network:
         if not gateways:
             raise InvalidRequest("a network needs at least one subnet with a gateway")
+        for gw in gateways:  # whoever allocated them (our IPAM or another driver)
+            check_routable(gw.network)
+            problem = host_address_problem(gw.ip, gw.network)
+            if problem:
+                raise InvalidRequest(f"gateway {gw} {problem}")
         with self._lock:
             net = Network(network_id, tuple(gateways), self._clock(), name)
             existing = self.networks.get(network_id)
@@ -158,6 +202,16 @@ class Agent:
             self.ipam.unbind_network(network_id)
             log.info("network %s deleted", network_id[:12])
 
+    def drop_network(self, network_id: str) -> list[str]:
+        """Remove a network for good with the pools it was given (no ReleasePool will come:
+        a CNI network, or one Docker forgot); returns the pools removed."""
+        with self._lock:
+            pools = [p.id for p in self.ipam.pools() if p.network_id == network_id]
+            self.delete_network(network_id)
+            for pid in pools:
+                self.ipam.remove_pool(pid)
+            return pools
+
     def network(self, network_id: str) -> Network:
         net = self.networks.get(network_id)
         if net is None:
@@ -195,6 +249,12 @@ class Agent:
                 gw = net.gateway_for(addr)
                 if gw is None:
                     raise InvalidRequest(f"address {addr} is not in a subnet of network {network_id[:12]}")
+                if addr.network != gw.network:
+                    raise InvalidRequest(f"endpoint address {addr} has prefix length /{addr.network.prefixlen}, "
+                                         f"but network {network_id[:12]} is {gw.network}")
+                problem = host_address_problem(addr.ip, gw.network)
+                if problem:
+                    raise InvalidRequest(f"endpoint address {addr} {problem}")
                 if gw.ip == addr.ip:
                     raise Conflict(f"address {addr.ip} is the gateway of network {network_id[:12]}")
                 if addr.version == 4:
@@ -234,6 +294,9 @@ class Agent:
                 if clash:
                     raise Conflict(f"address {clash.pop()} is in use by endpoint {other.id[:12]}")
             for addr in ep.addresses:
+                # An address the ledger does not hold (Docker released it meanwhile, or a direct
+                # caller) is reserved now: an address a live endpoint uses is never handed out.
+                self.ipam.ensure_allocated(addr.ip, endpoint_id)
                 self.ipam.bind_endpoint(addr.ip, endpoint_id)
             if labels is not None:
                 ep = self._with_identity(ep, labels, label_source)
@@ -389,10 +452,35 @@ class Agent:
     ) -> tuple[Pool, Allocation]:
         return self.ipam.request_address(pool_id, address, options)
 
-    def ipam_check(self, release: bool = False, grace: float = 60.0) -> CheckReport:
+    def release_address(self, pool_id: str, address: Address) -> None:
+        """Docker's ReleaseAddress. Docker releases an address only when it is done with it, so
+        an endpoint still holding it is one whose DeleteEndpoint never came (the agent died in
+        CreateEndpoint and Docker's retry arrived with an empty body, or the agent was down):
+        that endpoint goes first, with everything it holds, and the address is free for good."""
         with self._lock:
+            holder = next((e for e in self.endpoints.values() if any(a.ip == address for a in e.addresses)), None)
+            if holder is not None:
+                if holder.origin != "docker":
+                    raise Conflict(f"address {address} belongs to CNI attachment "
+                                   f"{holder.container_id[:12]}/{holder.ifname}, not to Docker")
+                log.warning("Docker released %s of endpoint %s (%s), which it never deleted; removing the endpoint",
+                            address, holder.id[:12], "joined" if holder.sandbox else "never joined")
+                self._remove_endpoint(holder)
+                self.ipam.release_owner(holder.id)
+            self.ipam.release_address(pool_id, address)
+
+    def ipam_check(self, release: bool = False, grace: float = 60.0) -> tuple[CheckReport, StaleReport]:
+        """Allocations against live endpoints, and state the runtimes no longer have; `release`
+        removes both (stale CNI attachments included: the operator asked)."""
+        view, docker = self._docker_view()
+        with self._lock:
+            stale = self.stale(view, grace)
+            stale.docker = docker
+            stale.addresses.clear()  # leaks are the ledger's check's to report and release, below
+            if release:
+                self._remove_stale(stale)
             live = {e.id: [a.ip for a in e.addresses] for e in self.endpoints.values()}
-            return self.ipam.check(live, grace=grace, release=release)
+            return self.ipam.check(live, grace=grace, release=release), stale
 
     # -- restore and reconciliation ---------------------------------------------------------
 
@@ -478,6 +566,119 @@ class Agent:
                 self._converge(before | plan.keys(plan.host_objects(addresses)))
             self.kernel.ct_gc(time.monotonic_ns())
         return report
+
+    # -- reconciliation with the runtimes ---------------------------------------------------
+
+    def _docker_view(self) -> tuple[RuntimeView | None, str]:
+        if self.runtime_view is None:
+            return None, "not followed"
+        try:
+            return self.runtime_view(), "reachable"
+        except Exception as exc:  # any failure to ask means: judge nothing of Docker's
+            return None, f"unreachable ({exc})"
+
+    def stale(self, view: RuntimeView | None, grace: float | None = None, cni: bool = True,
+              sandbox_exists: Callable[[str], bool] = os.path.exists) -> StaleReport:
+        """What no runtime can use any more; decides only (`reconcile` removes).
+
+        Of Docker's state only what is older than `grace` at the time of the snapshot is
+        judged, and nothing at all without a snapshot (Docker unreachable). With `cni`, CNI
+        attachments whose network namespace is gone too (runtimes remove those through CNI
+        GC, the operator through `ipam check --release`; reconciliation never guesses).
+        """
+        grace = self.reconcile_grace if grace is None else grace
+        report = StaleReport(docker="reachable" if view is not None else "not asked")
+        with self._lock:
+            gone: set[str] = set()
+            if view is not None:
+                cutoff = view.taken - grace
+
+                def young(created: float) -> bool:
+                    if created <= cutoff:
+                        return False
+                    due = created + grace
+                    report.recheck_at = due if report.recheck_at is None else min(report.recheck_at, due)
+                    return True
+
+                for net in self.networks.values():
+                    if net.origin == "docker" and net.id not in view.networks and not young(net.created):
+                        gone.add(net.id)
+                        report.networks.append((net.id, "Docker no longer has this network"))
+                for ep in self.endpoints.values():
+                    if ep.origin != "docker":
+                        continue
+                    if ep.network_id in gone:
+                        report.endpoints.append((ep.id, "its network is gone from Docker"))
+                    elif ep.id not in view.endpoints and not young(ep.created):
+                        report.endpoints.append((ep.id, "no Docker container has this endpoint"))
+                docker_nets = {n.id for n in self.networks.values() if n.origin == "docker"} - gone
+                used = {a.ip for e in self.endpoints.values() for a in e.addresses} | set(view.addresses)
+                for pool in self.ipam.pools():
+                    if pool.network_id in gone:
+                        report.pools.append((pool.id, "its network is gone from Docker"))
+                    elif not pool.network_id and pool.subnet not in view.ipam_subnets and not young(pool.created):
+                        report.pools.append((pool.id, "no Docker network uses this pool"))
+                    elif pool.network_id in docker_nets:
+                        for alloc in pool.endpoint_allocations():
+                            if not alloc.owner and alloc.address not in used and not young(alloc.created):
+                                report.addresses.append((pool.id, alloc.address,
+                                                         "no endpoint and no Docker container holds it"))
+            for ep in self.endpoints.values() if cni else ():
+                if ep.origin == "cni" and ep.sandbox and not sandbox_exists(ep.sandbox):
+                    report.endpoints.append((ep.id, f"its network namespace {ep.sandbox} is gone"))
+        return report
+
+    def reconcile(self, view: RuntimeView | None, grace: float | None = None) -> StaleReport:
+        """Remove what Docker forgot while we were away (networks, endpoints, pools, addresses
+        with everything they hold). Called off the request path; without a view, nothing."""
+        if view is None:
+            return StaleReport()
+        report = self.stale(view, grace, cni=False)
+        if not report.empty:
+            self._remove_stale(report)
+        return report
+
+    def _remove_stale(self, report: StaleReport) -> None:
+        """Remove what `report` found, one item per hold of the lock (Docker's calls interleave),
+        each checked again first: what changed since the decision is left alone."""
+        for eid, reason in report.endpoints:
+            with self._lock:
+                ep = self.endpoints.get(eid)
+                if ep is None:
+                    continue
+                try:
+                    self._remove_endpoint(ep)
+                except CellgateError as exc:
+                    log.error("cannot remove stale endpoint %s: %s", eid[:12], exc)
+                    continue
+                freed = self.ipam.release_owner(eid)
+                log.warning("endpoint %s removed: %s; released %s", eid[:12], reason,
+                            ", ".join(str(a) for a in freed) or "nothing")
+        for nid, reason in report.networks:
+            with self._lock:
+                if nid not in self.networks:
+                    continue
+                try:
+                    self.drop_network(nid)
+                except CellgateError as exc:
+                    log.error("cannot remove stale network %s: %s", nid[:12], exc)
+                    continue
+                log.warning("network %s removed: %s", nid[:12], reason)
+        for pid, reason in report.pools:
+            with self._lock:
+                pool = next((p for p in self.ipam.pools() if p.id == pid), None)
+                if pool is not None and (not pool.network_id or pool.network_id not in self.networks):
+                    self.ipam.remove_pool(pid)
+                    log.warning("pool %s removed: %s", pid, reason)
+        for pid, address, reason in report.addresses:
+            with self._lock:
+                found = self.ipam.lookup(address)
+                held = any(a.ip == address for e in self.endpoints.values() for a in e.addresses)
+                if found is None or found[0].id != pid or found[1].owner or held:
+                    continue  # claimed meanwhile
+                self.ipam.release_address(pid, address)
+                log.warning("address %s of %s released: %s", address, pid, reason)
+        report.removed = True
 
     # -- policy -----------------------------------------------------------------------------
 

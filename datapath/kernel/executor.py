@@ -16,13 +16,14 @@ import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from datapath import naming
+from datapath import failpoints, naming
 from datapath.errors import InvalidRequest, KernelError
 from datapath.kernel import layout
 from datapath.kernel.loader import Datapath
@@ -70,6 +71,7 @@ class KernelExecutor:
     def __init__(self, instance: str, datapath: Datapath | None) -> None:
         self.instance = instance
         self.tag = naming.link_tag(instance)
+        self.group = naming.link_group(instance)
         self.dp = datapath
         self.ipr = IPRoute()
         self.iptables = Iptables(instance)
@@ -100,7 +102,12 @@ class KernelExecutor:
 
     def _owned(self, link: Any) -> bool:
         alias = _attr(link, "IFLA_IFALIAS") or ""
-        return alias.startswith(self.tag)
+        if alias:
+            return bool(alias.startswith(self.tag))
+        # Not tagged yet: the kernel ignores an alias in the request that creates a link, so we
+        # tag in a second one. The group, set in the first, marks what we made if we died between.
+        name = str(_attr(link, "IFLA_IFNAME"))
+        return _attr(link, "IFLA_GROUP") == self.group and name.startswith(naming.HOST_PREFIX)
 
     def _index(self, name: str) -> int:
         if name.startswith("@"):
@@ -231,7 +238,7 @@ class KernelExecutor:
         if not self._owned(link):
             return None
         name = str(_attr(link, "IFLA_IFNAME"))
-        alias = str(_attr(link, "IFLA_IFALIAS"))
+        alias = str(_attr(link, "IFLA_IFALIAS") or "")  # empty: created, not tagged yet
         kind = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
         if kind in HOST_DEVICE_KINDS:
             return HostDevice(name, alias)
@@ -466,13 +473,13 @@ class KernelExecutor:
     def _add(self, obj: KernelObject) -> None:
         log.debug("add %s", obj)
         if isinstance(obj, HostDevice):
-            if self._link(obj.name) is not None:
+            link = self._link(obj.name)
+            if link is None:
+                self._add_blackhole_device(obj.name)
+                self._forget_link(obj.name)
+            elif not self._owned(link) or (_attr(link, "IFLA_IFALIAS") or "") not in ("", obj.tag):
                 raise KernelError(f"link {obj.name} exists and is not owned by cellgate instance {self.instance}")
-            self._add_blackhole_device(obj.name)
-            self._forget_link(obj.name)
-            index = self._link(obj.name)["index"]
-            self.ipr.link("set", index=index, ifalias=obj.tag, state="up")
-            self._forget_link(obj.name)
+            self._tag(obj.name, obj.tag)
         elif isinstance(obj, Veth):
             self._add_veth(obj)
         elif isinstance(obj, HostAddress):
@@ -506,6 +513,9 @@ class KernelExecutor:
 
     def _change(self, old: KernelObject, new: KernelObject) -> None:
         log.debug("change %s -> %s", old, new)
+        if isinstance(new, (Veth, HostDevice)) and replace(new, tag="") == old:
+            self._add(new)  # made but not tagged when its creator died: finished in place
+            return
         if isinstance(new, (EndpointEntry, AddressEntry, Programs, Neighbour, Route, IpcacheEntry)):
             if isinstance(new, Route) and isinstance(old, Route) and old.dev != new.dev:
                 self._remove(old)
@@ -569,20 +579,47 @@ class KernelExecutor:
                 raise
 
     def _add_veth(self, obj: Veth) -> None:
-        if self._link(obj.name) is not None:
-            raise KernelError(f"link {obj.name} exists and is not owned by cellgate instance {self.instance}")
+        link = self._link(obj.name)
+        if link is not None:
+            alias = _attr(link, "IFLA_IFALIAS") or ""
+            if self._owned(link) and alias in ("", obj.tag) and _attr(link, "IFLA_ADDRESS") == obj.mac:
+                self._finish_veth(obj)  # exists already, or its create was interrupted before the tag
+                return
+            if self._owned(link):
+                raise KernelError(f"link {obj.name} exists for another endpoint of cellgate instance {self.instance}")
+            if not self._leftover(link, obj):
+                raise KernelError(f"link {obj.name} exists and is not owned by cellgate instance {self.instance}")
+            log.warning("replacing %s: an older agent died between creating and tagging it", obj.name)
+            self.ipr.link("del", index=link["index"])
+            self._forget_link(obj.name)
         with contextlib.ExitStack() as stack:
             peer = {"ifname": obj.peer, "address": obj.peer_mac}
             if obj.netns:
                 fd = self._container_netns(stack, obj.netns)
                 if fd is not None:
                     peer = {"ifname": obj.netns_ifname, "address": obj.peer_mac, "net_ns_fd": fd}
-            self.ipr.link("add", ifname=obj.name, kind="veth", address=obj.mac, peer=peer)
+            self.ipr.link("add", ifname=obj.name, kind="veth", address=obj.mac, group=self.group, peer=peer)
         self._forget_link(obj.name)
-        index = self._link(obj.name)["index"]
-        _sysctl(f"net/ipv6/conf/{obj.name}/accept_ra", "0")
-        self.ipr.link("set", index=index, ifalias=obj.tag, state="up")
-        self._forget_link(obj.name)
+        failpoints.hit("kernel.veth.created")
+        self._finish_veth(obj)
+
+    def _finish_veth(self, obj: Veth) -> None:
+        _sysctl(f"net/ipv6/conf/{obj.name}/accept_ra", "0")  # before it is up; a tagged veth has it
+        self._tag(obj.name, obj.tag)
+
+    def _tag(self, name: str, tag: str) -> None:
+        """The second request after a create: alias and up together, so a tagged link is a finished one."""
+        self.ipr.link("set", index=self._link(name)["index"], ifalias=tag, state="up")
+        self._forget_link(name)
+
+    @staticmethod
+    def _leftover(link: Any, obj: Veth) -> bool:
+        """Whether `link` is what an agent older than link groups left when it died creating `obj`:
+        untagged, in no group, and with the name and MAC derived for this endpoint. The MAC hashes
+        the whole endpoint ID, which only cellgate does; any other MAC means someone else's link."""
+        return (not _attr(link, "IFLA_IFALIAS") and not _attr(link, "IFLA_GROUP")
+                and link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") == "veth"
+                and _attr(link, "IFLA_ADDRESS") == obj.mac)
 
     @staticmethod
     def _container_netns(stack: contextlib.ExitStack, path: str) -> int | None:
@@ -605,7 +642,7 @@ class KernelExecutor:
         """
         for kind in HOST_DEVICE_KINDS:
             try:
-                self.ipr.link("add", ifname=name, kind=kind)
+                self.ipr.link("add", ifname=name, kind=kind, group=self.group)
                 return
             except NetlinkError as exc:
                 if exc.code != errno.EOPNOTSUPP:

@@ -5,6 +5,7 @@ Errors are JSON problems: {"error": "...", "status": N} with a matching HTTP sta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Flask, Response, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, ServiceUnavailable
 
 from datapath.errors import CellgateError, InvalidRequest, NotFound
 from datapath.identity import FIRST_ALLOCATED
@@ -29,6 +30,11 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
 EVENT_TYPES = {"drop", "verdict", "trace"}
+# Long-lived requests each hold one of the socket's request workers (plugin/server.py, 64) for
+# as long as they last; past these bounds they are refused (503), so the other calls always
+# find at least half of the workers free.
+MAX_STREAMS = 16  # monitor streams (and later flow streams) open at once
+MAX_WAITS = 16  # policy waits at once
 
 
 def _json(payload: Any, status: int = 200) -> Response:
@@ -45,7 +51,9 @@ def _body() -> dict[str, Any]:
         return {}
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        raise InvalidRequest("the request body is nested too deeply to be decoded") from None
+    except ValueError as exc:
         raise InvalidRequest(f"malformed JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
@@ -82,12 +90,48 @@ class _Tracers:
                 self._switch(False)
 
 
+class _Slots:
+    """At most `limit` requests of one long-lived kind at a time; past it, 503 at once."""
+
+    def __init__(self, what: str, limit: int) -> None:
+        self._what = what
+        self._limit = limit
+        self._used = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> Callable[[], None]:
+        """A slot, or ServiceUnavailable; returns the function that gives it back (once)."""
+        with self._lock:
+            if self._used >= self._limit:
+                raise ServiceUnavailable(f"{self._limit} {self._what} are open already; try again later")
+            self._used += 1
+        given_back = threading.Event()
+
+        def release() -> None:
+            with self._lock:
+                if not given_back.is_set():
+                    given_back.set()
+                    self._used -= 1
+
+        return release
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        release = self.take()
+        try:
+            yield
+        finally:
+            release()
+
+
 def create_app(agent: Agent, hub: EventHub, info: Callable[[], dict[str, Any]]) -> Flask:
     app = Flask("cellgate.api")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     add_server_timing(app)
     tracers = _Tracers(agent.set_trace)
     verdicts = _Tracers(agent.set_verdicts)  # allowed new flows: every monitor but drop-only ones
+    streams = _Slots("monitor streams", MAX_STREAMS)
+    waits = _Slots("policy waits", MAX_WAITS)
 
     @app.errorhandler(CellgateError)
     def cellgate_error(exc: CellgateError) -> Response:
@@ -180,13 +224,14 @@ def create_app(agent: Agent, hub: EventHub, info: Callable[[], dict[str, Any]]) 
         if not math.isfinite(timeout):  # NaN would never pass the deadline
             raise InvalidRequest("timeout must be a finite number of seconds")
         deadline = time.monotonic() + min(max(timeout, 0.0), 300.0)
-        while agent.policy.realized_revision < revision:
-            if revision > agent.policy.repository.revision:
-                raise InvalidRequest(f"revision {revision} does not exist yet "
-                                     f"(latest is {agent.policy.repository.revision})")
-            if time.monotonic() >= deadline:
-                return _json({"error": f"revision {revision} not enforced yet", "status": 504}, 504)
-            time.sleep(0.05)
+        with waits.held():
+            while agent.policy.realized_revision < revision:
+                if revision > agent.policy.repository.revision:
+                    raise InvalidRequest(f"revision {revision} does not exist yet "
+                                         f"(latest is {agent.policy.repository.revision})")
+                if time.monotonic() >= deadline:
+                    return _json({"error": f"revision {revision} not enforced yet", "status": 504}, 504)
+                time.sleep(0.05)
         return _json({"revision": agent.policy.realized_revision, "endpoints": len(agent.endpoints)})
 
     @app.post("/v1/policy/trace")
@@ -283,7 +328,7 @@ def create_app(agent: Agent, hub: EventHub, info: Callable[[], dict[str, Any]]) 
             raise InvalidRequest("release must be true or false")
         if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not math.isfinite(grace) or grace < 0:
             raise InvalidRequest("grace must be a number of seconds >= 0")
-        return _json(views.check_report(agent.ipam_check(release=release, grace=float(grace))))
+        return _json(views.check_report(*agent.ipam_check(release=release, grace=float(grace))))
 
     @app.get("/v1/monitor")
     def monitor() -> Response:
@@ -299,21 +344,23 @@ def create_app(agent: Agent, hub: EventHub, info: Callable[[], dict[str, Any]]) 
                 return False  # traces only when asked for
             return not endpoint or str(ev.get("endpoint", "")).startswith(endpoint)
 
+        release = streams.take()  # 503 past the bound
+
         def generate() -> Iterator[str]:
-            if wanted == "trace":
-                tracers.start()
-            if wanted in ("", "verdict"):
-                verdicts.start()
-            try:
+            with contextlib.ExitStack() as stack:
+                stack.callback(release)  # however the stream ends (werkzeug may not close it: GC does)
+                if wanted == "trace":
+                    tracers.start()
+                    stack.callback(tracers.stop)
+                if wanted in ("", "verdict"):
+                    verdicts.start()
+                    stack.callback(verdicts.stop)
                 yield json.dumps({"type": "hello", "time": time.time()}) + "\n"
                 for ev in hub.stream(accept):
                     yield "\n" if ev is None else json.dumps(ev) + "\n"
-            finally:
-                if wanted == "trace":
-                    tracers.stop()
-                if wanted in ("", "verdict"):
-                    verdicts.stop()
 
-        return Response(generate(), mimetype="application/x-ndjson")
+        response = Response(generate(), mimetype="application/x-ndjson")
+        response.call_on_close(release)  # a stream closed before it started
+        return response
 
     return app

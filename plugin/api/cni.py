@@ -1,4 +1,5 @@
-"""REST routes the `cellgate-cni` binary calls; errors carry the CNI error code for it."""
+"""REST routes of CNI: the ones the `cellgate-cni` binary calls (errors carry the CNI error code
+for it), and the removal of a CNI network (`cellgate network rm`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from flask import Flask, Response, request
 
 from datapath.errors import InvalidRequest
+from plugin.api import views
 from plugin.cni.service import AddRequest, Attachment, CniService
 
 
@@ -49,6 +51,10 @@ def register(app: Flask, cni: CniService) -> None:
             raise InvalidRequest("send {network, valid: [{container_id, ifname}]}")
         pairs = [(str(v.get("container_id", "")), str(v.get("ifname", ""))) for v in valid if isinstance(v, dict)]
         return _ok({"removed": cni.gc(network, pairs)})
+
+    @app.delete("/v1/networks/<ident>")
+    def network_rm(ident: str) -> Response:
+        return _ok(views.network(cni.remove_network(ident), 0))
 
     @app.post("/v1/cni/status")
     def cni_status() -> Response:

@@ -12,6 +12,7 @@ from datapath.policy import Rule
 from datapath.policymap import PolicyKey, PolicyValue
 from ipam.allocator import CheckReport
 from ipam.pool import Pool
+from plugin.service import StaleReport
 
 
 def endpoint(ep: Endpoint, policy: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -42,6 +43,7 @@ def network(net: Network, endpoints: int) -> dict[str, Any]:
     return {
         "id": net.id,
         "name": net.name,
+        "origin": net.origin,
         "subnets": [str(g.network) for g in net.gateways],
         "gateways": [str(g.ip) for g in net.gateways],
         "endpoints": endpoints,
@@ -65,12 +67,19 @@ def pool(p: Pool) -> dict[str, Any]:
     }
 
 
-def check_report(r: CheckReport) -> dict[str, Any]:
+def check_report(r: CheckReport, stale: StaleReport) -> dict[str, Any]:
     def leak(x: Any) -> dict[str, Any]:
         return {"pool": x.pool_id, "address": str(x.address), "owner": x.owner, "reason": x.reason}
 
     return {
-        "ok": r.ok,
+        "ok": r.ok and stale.empty,
+        "docker": stale.docker,
+        "stale": {
+            "networks": [{"network": n, "reason": why} for n, why in stale.networks],
+            "endpoints": [{"endpoint": e, "reason": why} for e, why in stale.endpoints],
+            "pools": [{"pool": p, "reason": why} for p, why in stale.pools],
+            "removed": stale.removed,
+        },
         "leaked": [leak(x) for x in r.leaked],
         "released": [leak(x) for x in r.released],
         "missing": [{"endpoint": e, "address": str(a)} for e, a in r.missing],
@@ -117,7 +126,7 @@ def rule(r: Rule) -> dict[str, Any]:
         "id": r.id,
         "labels": [f"{lb.source}:{lb.key}={lb.value}" for lb in r.labels],
         "description": r.description,
-        "rule": r.spec,
+        "rule": r.document,  # in its CRD (kind, namespace) if it came from one: imported again, it means the same
     }
 
 

@@ -23,6 +23,7 @@ DEFAULT_VERSION = "0.1.0"  # a configuration without cniVersion is 0.1.0 (libcni
 DEFAULT_SOCKET = "/var/run/cellgate/cellgate.sock"
 
 CONTAINER_ID = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
+MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 KNOWN_ARGS = {"IgnoreUnknown", "K8S_POD_NAME", "K8S_POD_NAMESPACE", "K8S_POD_INFRA_CONTAINER_ID", "K8S_POD_UID",
               "IP", "MAC", "CELLGATE_LABELS"}
 # Keys the runtime or libcni may put next to ours; anything else in our plugin's object is refused.
@@ -41,6 +42,7 @@ INVALID_CONFIG = 7
 TRY_AGAIN = 11
 PLUGIN_NOT_AVAILABLE = 50
 INTERFACE_EXISTS = 100  # plugin-specific: CNI_IFNAME already exists in the namespace
+INTERNAL = 999  # plugin-specific: a bug in the plugin; the message says what failed
 
 
 class CniError(Exception):
@@ -75,6 +77,177 @@ def parse_cni_args(raw: str) -> dict[str, str]:
     return out
 
 
+def _bad(where: str, value: Any, want: str, code: int = INVALID_CONFIG) -> CniError:
+    return CniError(code, f"{where} = {json.dumps(value)[:100]}: {want}")
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _bad(where, value, "must be an object")
+    return value
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise _bad(where, value, "must be a list")
+    return value
+
+
+def _string(obj: dict[str, Any], key: str, where: str, required: bool = False) -> str:
+    value = obj.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise _bad(f"{where}.{key}" if where else key, value, "must be a string" + (" (required)" if required else ""))
+    return value
+
+
+def _strings(obj: dict[str, Any], key: str, where: str) -> list[str]:
+    if obj.get(key) is None:
+        return []
+    items = _list(obj[key], f"{where}.{key}")
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise _bad(f"{where}.{key}[{i}]", item, "must be a string")
+    return items
+
+
+def _address(obj: dict[str, Any], key: str, where: str, required: bool = False, prefix: bool = False) -> None:
+    """A string holding an IP address (`prefix`: with a prefix length, as results write addresses)."""
+    value = _string(obj, key, where, required)
+    if not value:
+        return
+    try:
+        ipaddress.ip_interface(value) if prefix else ipaddress.ip_address(value)
+    except ValueError:
+        raise _bad(f"{where}.{key}", value, "is not an IP address" + (" with a prefix length" if prefix else "")) \
+            from None
+    if prefix and "/" not in value:
+        raise _bad(f"{where}.{key}", value, "needs a prefix length")
+
+
+def check_dns(raw: Any, where: str, lists: tuple[str, ...] = ("nameservers", "search", "options"),
+              domain: bool = True) -> None:
+    if raw is None:
+        return
+    dns = _object(raw, where)
+    for key in lists:
+        _strings(dns, key, where)
+    if domain:
+        _string(dns, "domain", where)
+
+
+def check_runtime_config(raw: Any) -> tuple[list[str], str]:
+    """The addresses and MAC the runtime asks for; every key of the CNI conventions is checked, others ignored."""
+    if raw is None:
+        return [], ""
+    rc = _object(raw, "runtimeConfig")
+    ips = []
+    if rc.get("ips") is not None:
+        for i, item in enumerate(_list(rc["ips"], "runtimeConfig.ips")):
+            if not isinstance(item, str):
+                raise _bad(f"runtimeConfig.ips[{i}]", item, "must be an IP address string")
+            try:
+                ipaddress.ip_interface(item)
+            except ValueError:
+                raise _bad(f"runtimeConfig.ips[{i}]", item, "is not an IP address") from None
+            ips.append(item)
+    mac = rc.get("mac")
+    if mac is not None and (not isinstance(mac, str) or not MAC.match(mac) or int(mac[:2], 16) & 1):
+        raise _bad("runtimeConfig.mac", mac, "must be a unicast MAC address like 02:42:ac:11:00:02")
+    if rc.get("portMappings") is not None:
+        for i, raw_map in enumerate(_list(rc["portMappings"], "runtimeConfig.portMappings")):
+            where = f"runtimeConfig.portMappings[{i}]"
+            mapping = _object(raw_map, where)
+            for key in ("hostPort", "containerPort"):
+                port = mapping.get(key)
+                if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                    raise _bad(f"{where}.{key}", port, "must be a port number from 1 to 65535")
+            protocol = mapping.get("protocol")
+            if protocol is not None and (not isinstance(protocol, str) or protocol.lower() not in ("tcp", "udp",
+                                                                                                 "sctp")):
+                raise _bad(f"{where}.protocol", protocol, "must be tcp, udp or sctp")
+            _address(mapping, "hostIP", where)
+    if rc.get("aliases") is not None:
+        aliases = _object(rc["aliases"], "runtimeConfig.aliases")
+        for network in aliases:
+            _strings(aliases, network, "runtimeConfig.aliases")
+    check_dns(rc.get("dns"), "runtimeConfig.dns", ("servers", "searches", "options"), domain=False)
+    return ips, mac or ""
+
+
+def check_prev_result(raw: Any) -> dict[str, Any] | None:
+    """The previous plugin's result, checked completely: we print it again after our own."""
+    if raw is None:
+        return None
+    prev = _object(raw, "prevResult")
+    ifaces = _list(prev["interfaces"], "prevResult.interfaces") if prev.get("interfaces") is not None else []
+    for i, raw_iface in enumerate(ifaces):
+        where = f"prevResult.interfaces[{i}]"
+        iface = _object(raw_iface, where)
+        _string(iface, "name", where, required=True)
+        _string(iface, "mac", where)
+        _string(iface, "sandbox", where)
+    for i, raw_ip in enumerate(_list(prev["ips"], "prevResult.ips") if prev.get("ips") is not None else []):
+        where = f"prevResult.ips[{i}]"
+        ip = _object(raw_ip, where)
+        _address(ip, "address", where, required=True, prefix=True)
+        _address(ip, "gateway", where)
+        index = ip.get("interface")
+        if index is not None and (isinstance(index, bool) or not isinstance(index, int)
+                                  or not 0 <= index < len(ifaces)):
+            raise _bad(f"{where}.interface", index, f"must index prevResult.interfaces (0 to {len(ifaces) - 1})")
+        if ip.get("version") is not None and ip["version"] not in ("4", "6"):
+            raise _bad(f"{where}.version", ip["version"], 'must be "4" or "6"')
+    check_routes(prev.get("routes"), "prevResult.routes")
+    for key in ("ip4", "ip6"):  # the 0.1/0.2 form
+        if prev.get(key) is not None:
+            old = _object(prev[key], f"prevResult.{key}")
+            _address(old, "ip", f"prevResult.{key}", required=True, prefix=True)
+            _address(old, "gateway", f"prevResult.{key}")
+            check_routes(old.get("routes"), f"prevResult.{key}.routes")
+    check_dns(prev.get("dns"), "prevResult.dns")
+    return prev
+
+
+def check_routes(raw: Any, where: str) -> None:
+    for i, raw_route in enumerate(_list(raw, where) if raw is not None else []):
+        route = _object(raw_route, f"{where}[{i}]")
+        dst = _string(route, "dst", f"{where}[{i}]", required=True)
+        try:
+            ipaddress.ip_network(dst, strict=False)
+        except ValueError:
+            raise _bad(f"{where}[{i}].dst", dst, "is not a CIDR") from None
+        _address(route, "gw", f"{where}[{i}]")
+
+
+def attachments(conf: dict[str, Any]) -> list[dict[str, str]]:
+    """GC's list of attachments to keep, from both keys (libcni sends both: a typo in the spec)."""
+    out = []
+    for key in ("cni.dev/valid-attachments", "cni.dev/attachments"):
+        for i, raw in enumerate(_list(conf[key], key) if conf.get(key) is not None else []):
+            entry = _object(raw, f"{key}[{i}]")
+            out.append({"container_id": _string(entry, "containerID", f"{key}[{i}]", required=True),
+                        "ifname": _string(entry, "ifname", f"{key}[{i}]", required=True)})
+    return out
+
+
+def check_static(conf: dict[str, Any]) -> None:
+    """The rest of the configuration's shape (all but DEL, which reads none of it)."""
+    _string(conf, "type", "")
+    _strings(conf, "cniVersions", "cniVersions")
+    for key in ("disableCheck", "disableGC"):
+        if conf.get(key) is not None and not isinstance(conf[key], bool):
+            raise _bad(key, conf[key], "must be true or false")
+    if conf.get("capabilities") is not None:
+        caps = _object(conf["capabilities"], "capabilities")
+        for name, on in caps.items():
+            if not isinstance(on, bool):
+                raise _bad(f"capabilities.{name}", on, "must be true or false")
+    check_dns(conf.get("dns"), "dns")
+    attachments(conf)
+
+
 def parse_label_list(raw: Any, where: str) -> dict[str, str]:
     if raw is None:
         return {}
@@ -93,17 +266,17 @@ def parse_label_list(raw: Any, where: str) -> dict[str, str]:
 
 def labels_from(conf: dict[str, Any], cni_args: dict[str, str]) -> tuple[dict[str, str], str]:
     """Workload labels and their source, from whatever the runtime passes."""
-    args = conf.get("args") or {}
-    if not isinstance(args, dict):
-        raise CniError(INVALID_CONFIG, "args must be an object")
+    args = _object(conf["args"], "args") if conf.get("args") is not None else {}
     mesos = args.get("org.apache.mesos")
     if mesos is not None:
-        info = (mesos.get("network_info") or {}) if isinstance(mesos, dict) else {}
-        labels = (info.get("labels") or {}) if isinstance(info, dict) else {}
-        return parse_label_list(labels.get("labels") if isinstance(labels, dict) else None,
-                                "args.org.apache.mesos.network_info.labels.labels"), "mesos"
-    out = parse_label_list((args.get("cni") or {}).get("labels") if isinstance(args.get("cni"), dict) else None,
-                           "args.cni.labels")
+        where = "args.org.apache.mesos"
+        info = _object(mesos, where).get("network_info")
+        info = _object(info, f"{where}.network_info") if info is not None else {}
+        labels = info.get("labels")
+        labels = _object(labels, f"{where}.network_info.labels") if labels is not None else {}
+        return parse_label_list(labels.get("labels"), f"{where}.network_info.labels.labels"), "mesos"
+    cni = _object(args["cni"], "args.cni") if args.get("cni") is not None else {}
+    out = parse_label_list(cni.get("labels"), "args.cni.labels")
     if cni_args.get("K8S_POD_NAMESPACE"):
         out["io.kubernetes.pod.namespace"] = cni_args["K8S_POD_NAMESPACE"]
     for pair in filter(None, cni_args.get("CELLGATE_LABELS", "").split(",")):
@@ -131,8 +304,10 @@ def check_config(conf: dict[str, Any]) -> str:
         if conf.get(key) is not None:
             family = 4 if key == "subnet" else 6
             shown = f"{key} = {json.dumps(conf[key])[:100]}"
+            if not isinstance(conf[key], str):
+                raise CniError(UNSUPPORTED_FIELD, f"unsupported value {shown}: must be a CIDR string")
             try:
-                net = ipaddress.ip_network(str(conf[key]))
+                net = ipaddress.ip_network(conf[key])
             except ValueError as exc:
                 raise CniError(UNSUPPORTED_FIELD, f"unsupported value {shown}: {exc}") from None
             if net.version != family:
@@ -140,6 +315,7 @@ def check_config(conf: dict[str, Any]) -> str:
     if conf.get("ipv6") is not None and not isinstance(conf["ipv6"], bool):
         raise CniError(UNSUPPORTED_FIELD, f"unsupported value ipv6 = {json.dumps(conf['ipv6'])[:100]}: "
                                           "must be true or false")
+    _string(conf, "socket", "")
     return version
 
 
@@ -183,7 +359,7 @@ def format_result(version: str, result: dict[str, Any], prev: dict[str, Any] | N
                 entry: dict[str, Any] = {"ip": mine[-1]["address"]}
                 if mine[-1].get("gateway"):
                     entry["gateway"] = mine[-1]["gateway"]
-                fam_routes = [r for r in routes if ipaddress.ip_network(r["dst"]).version == family]
+                fam_routes = [r for r in routes if ipaddress.ip_network(r["dst"], strict=False).version == family]
                 if fam_routes:
                     entry["routes"] = fam_routes
                 out[key] = entry
@@ -225,7 +401,7 @@ def run(env: dict[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | None, 
     if not isinstance(conf, dict):
         raise CniError(DECODE_FAILURE, "the network configuration must be a JSON object")
     if command == "VERSION":
-        asked = conf.get("cniVersion") if isinstance(conf.get("cniVersion"), str) else "1.0.0"
+        asked = conf["cniVersion"] if isinstance(conf.get("cniVersion"), str) else "1.0.0"
         return 0, {"cniVersion": asked, "supportedVersions": list(SUPPORTED)}, asked
     if command not in ("ADD", "DEL", "CHECK", "GC", "STATUS"):
         raise CniError(INVALID_ENV, f"unknown CNI_COMMAND {command[:40]!r}")
@@ -236,6 +412,17 @@ def run(env: dict[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | None, 
         raise CniError(INCOMPATIBLE_VERSION, f"configuration version {version} does not allow {command}")
     base = check_env(env, command)
     cni_args = parse_cni_args(env.get("CNI_ARGS", ""))
+    # Everything is checked before the agent is asked. DEL reads none of the rest, and must
+    # succeed after any failed ADD, so it does not judge it.
+    labels: dict[str, str] = {}
+    ips: list[str] = []
+    source, mac, prev = "cni", "", None
+    if command != "DEL":
+        check_static(conf)
+        labels, source = labels_from(conf, cni_args)
+    if command in ("ADD", "CHECK"):
+        ips, mac = check_runtime_config(conf.get("runtimeConfig"))
+        prev = check_prev_result(conf.get("prevResult"))
     body: dict[str, Any] = {
         "network": conf["name"],
         "container_id": base.get("CNI_CONTAINERID", ""),
@@ -248,22 +435,25 @@ def run(env: dict[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | None, 
                 ipaddress.ip_address(cni_args["IP"].split("/")[0])
             except ValueError:
                 raise CniError(INVALID_ENV, f"CNI_ARGS: IP {cni_args['IP'][:60]!r} is not an IP address") from None
-        labels, source = labels_from(conf, cni_args)
-        runtime = conf.get("runtimeConfig") or {}
-        ips = runtime.get("ips") if isinstance(runtime, dict) else None
         body.update({
             "labels": labels,
             "label_source": source,
             "subnet": conf.get("subnet") or "",
             "ipv6": bool(conf.get("ipv6") or conf.get("ipv6Subnet")),
             "ipv6_subnet": conf.get("ipv6Subnet") or "",
-            "ips": [cni_args["IP"]] if cni_args.get("IP") else [str(x) for x in ips or []],
-            "mac": cni_args.get("MAC", ""),
+            "ips": [cni_args["IP"]] if cni_args.get("IP") else ips,
+            "mac": cni_args.get("MAC", "") or mac,
             "name": cni_args.get("K8S_POD_NAME", ""),
         })
         result = _call(conf, env, "/v1/cni/add", body)
-        prev = conf.get("prevResult") if isinstance(conf.get("prevResult"), dict) else None
-        return 0, format_result(version, result, prev), version
+        try:
+            return 0, format_result(version, result, prev), version
+        except Exception as exc:  # a result we cannot print: undo rather than leave it unreported
+            try:
+                _call(conf, env, "/v1/cni/del", {k: body[k] for k in ("network", "container_id", "ifname", "netns")})
+            except CniError as undo:
+                print(f"cellgate-cni: cannot undo the ADD: {undo.msg}", file=sys.stderr)
+            raise CniError(INTERNAL, f"cannot write the result: {type(exc).__name__}: {exc}") from None
     if command == "DEL":
         _call(conf, env, "/v1/cni/del", body)
         return 0, None, version
@@ -271,14 +461,7 @@ def run(env: dict[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | None, 
         _call(conf, env, "/v1/cni/check", body)
         return 0, None, version
     if command == "GC":
-        valid: list[Any] = []
-        for key in ("cni.dev/valid-attachments", "cni.dev/attachments"):  # libcni sends both (spec typo)
-            listed = conf.get(key) or []
-            if not isinstance(listed, list):
-                raise CniError(INVALID_CONFIG, f"{key} must be a list")
-            valid.extend(listed)
-        body["valid"] = [{"container_id": str(a.get("containerID", "")), "ifname": str(a.get("ifname", ""))}
-                         for a in valid if isinstance(a, dict)]
+        body["valid"] = attachments(conf)
         _call(conf, env, "/v1/cni/gc", body)
         return 0, None, version
     try:
@@ -304,12 +487,14 @@ def main(env: dict[str, str] | None = None, stdin: IO[bytes] | None = None, stdo
         except (ValueError, RecursionError):
             pass
         code, out, version = run(env, raw)
-    except CniError as exc:
-        error = {"cniVersion": version, "code": exc.code, "msg": exc.msg}
-        if exc.details:
-            error["details"] = exc.details
+    except Exception as exc:  # the edge: every failure becomes a CNI error object, never a traceback
+        err = exc if isinstance(exc, CniError) else CniError(INTERNAL, f"internal error: {type(exc).__name__}: "
+                                                                       f"{exc}"[:500])
+        error = {"cniVersion": version, "code": err.code, "msg": err.msg}
+        if err.details:
+            error["details"] = err.details
         stdout.write(json.dumps(error) + "\n")
-        print(f"cellgate-cni: {exc.msg}" + (f" ({exc.details})" if exc.details else ""), file=sys.stderr)
+        print(f"cellgate-cni: {err.msg}" + (f" ({err.details})" if err.details else ""), file=sys.stderr)
         return 1
     if out is not None:
         stdout.write(json.dumps(out) + "\n")

@@ -4,13 +4,14 @@ An attachment is (container ID, interface name); its endpoint ID is derived from
 every command finds the same endpoint without a lookup table. A CNI network (by name)
 becomes an agent network on first use, with its subnet from the configuration or from
 the host range, exactly like a Docker network. ADD is all-or-nothing: any failure
-removes what it made (interface, endpoint, addresses) before the error goes back. DEL
-always succeeds when the attachment is already gone.
+removes what it made (interface, endpoint, addresses, and the network with its pools when
+this ADD created it) before the error goes back. DEL always succeeds when the attachment
+is already gone. A CNI network with no attachments left is removed on request (`cellgate
+network rm`); Docker networks are Docker's to remove.
 """
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import logging
 import re
@@ -118,7 +119,7 @@ class AddRequest:
 
 
 def network_id(name: str) -> str:
-    return hashlib.sha256(f"cni:{name}".encode()).hexdigest()
+    return naming.cni_network_id(name)
 
 
 class CniService:
@@ -146,6 +147,7 @@ class CniService:
                                     CNI_INTERFACE_EXISTS)
             except InvalidRequest as exc:
                 raise cni_error(exc, CNI_INVALID_ENV) from None
+            created = network_id(att.network) not in agent.networks
             net = self._network(att.network, req)
             allocated: list[tuple[str, Any]] = []
             try:
@@ -161,6 +163,8 @@ class CniService:
                 failpoints.hit("cni.add.after_attach")
             except CellgateError:
                 self._undo(eid, net, allocated, att)
+                if created:  # this call made the network: a corrected configuration must find none
+                    self._drop_network_quietly(net)
                 raise
             log.info("CNI %s/%s on %s: %s", att.container_id[:12], att.ifname, att.network,
                      ", ".join(str(a) for a in ep.addresses))
@@ -221,6 +225,18 @@ class CniService:
             self.agent.ipam.release_address(pool_id, address)
         self.agent.ipam.release_owner(eid)
 
+    def _drop_network(self, net: Network) -> None:
+        """Remove a CNI network that nothing is attached to, and the pools it was given."""
+        self.agent.drop_network(net.id)
+
+    def _drop_network_quietly(self, net: Network) -> None:
+        if any(e.network_id == net.id for e in self.agent.endpoints.values()):
+            return  # still used (cannot happen under the lock, but never remove a used network)
+        try:
+            self._drop_network(net)
+        except CellgateError as exc:
+            log.error("rolling back CNI network %s: %s", net.name, exc)
+
     @staticmethod
     def _result(ep: Endpoint, att: Attachment, routed: Sequence[Any]) -> dict[str, Any]:
         """The result in 1.x form; routes only for what was really installed."""
@@ -278,6 +294,40 @@ class CniService:
                     problems.append(f"{att.ifname} lacks address {addr}")
         if problems:
             raise cni_error(InvalidRequest("; ".join(problems)), CNI_IO)
+
+    # -- networks ---------------------------------------------------------------------------
+
+    def remove_network(self, ident: str) -> Network:
+        """Remove a CNI network (by name, ID or ID prefix) with no attachments, and its pools."""
+        agent = self.agent
+        with agent._lock:
+            net = self._find_network(ident)
+            if net.origin != "cni":
+                raise InvalidRequest(f"network {net.id[:12]} is a Docker network: remove it with "
+                                     f"`docker network rm`")
+            attached = sorted(f"{e.container_id}/{e.ifname}" for e in agent.endpoints.values()
+                              if e.network_id == net.id)
+            if attached:
+                shown = ", ".join(attached[:5]) + (", ..." if len(attached) > 5 else "")
+                raise Conflict(f"CNI network {net.name!r} still has {len(attached)} attachment(s) ({shown}); "
+                               "remove them first (CNI DEL, e.g. by removing the containers)")
+            self._drop_network(net)
+            log.info("CNI network %s (%s) removed", net.name, net.id[:12])
+            return net
+
+    def _find_network(self, ident: str) -> Network:
+        networks = self.agent.networks
+        if ident in networks:
+            return networks[ident]
+        by_name = [n for n in networks.values() if n.name == ident and n.origin == "cni"]
+        if by_name:
+            return by_name[0]
+        matches = [n for n in networks.values() if ident and n.id.startswith(ident)]
+        if not matches:
+            raise NotFound(f"no network matches {ident[:80]!r}")
+        if len(matches) > 1:
+            raise InvalidRequest(f"{ident!r} matches {len(matches)} networks; give more of the ID")
+        return matches[0]
 
     def gc(self, network: str, valid: Sequence[tuple[str, str]]) -> list[str]:
         """Remove this network's attachments that are not in `valid`; returns their endpoint IDs."""

@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 from datapath.errors import CellgateError, InvalidRequest
 from ipam.allocator import GLOBAL_SPACE, LOCAL_SPACE, PoolRequest
+from plugin import failpoints
 from plugin.docker import messages as m
 from plugin.service import Agent
 from plugin.timing import add_server_timing
@@ -104,6 +105,7 @@ def create_app(agent: Agent) -> Flask:
     def create_endpoint(body: dict[str, Any]) -> Any:
         req = m.CreateEndpoint.parse(body)
         ep = agent.create_endpoint(req.network_id, req.endpoint_id, req.ipv4, req.ipv6, req.mac)
+        failpoints.hit("docker.create_endpoint.before_reply")  # persisted, Docker not told yet
         # Docker refuses answers that overwrite what it set; only fill the MAC it left empty.
         return {"Interface": {"MacAddress": ep.mac} if not req.mac else {}}
 
@@ -187,6 +189,6 @@ def create_app(agent: Agent) -> Flask:
     @route("/IpamDriver.ReleaseAddress")
     def release_address(body: dict[str, Any]) -> Any:
         req = m.ReleaseAddress.parse(body)
-        agent.ipam.release_address(req.pool_id, req.address)
+        agent.release_address(req.pool_id, req.address)
 
     return app

@@ -17,6 +17,7 @@ from typing import Any
 from datapath.errors import InvalidRequest
 from datapath.model import IPInterface
 from datapath.naming import ENDPOINT_ID
+from ipam.pool import check_routable, host_address_problem
 
 Body = Mapping[str, Any]
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -172,6 +173,10 @@ class CreateNetwork:
                 gw = _interface(data.get("Gateway"), f"{key}[{i}].Gateway")
                 if gw.network != pool:
                     raise InvalidRequest(f"gateway {gw} is not inside pool {pool}")
+                check_routable(pool, f"field {key}[{i}].Pool")
+                problem = host_address_problem(gw.ip, pool)
+                if problem:
+                    raise InvalidRequest(f"field {key}[{i}].Gateway {gw} {problem}")
                 gateways.append(gw)
         if not gateways:
             raise InvalidRequest("the network has no IPv4Data or IPv6Data")

@@ -1,4 +1,4 @@
-"""Learn container labels from Docker, off the request path.
+"""Learn container labels from Docker and reconcile with it, off the request path.
 
 libnetwork never tells a network driver which container an endpoint belongs to, and
 calling Docker from inside a driver call deadlocks dockerd. So a thread of its own
@@ -6,11 +6,17 @@ follows the events stream: on `container start` and `network connect` it reads t
 container's labels and endpoint IDs from `GET /containers/json` (a snapshot that takes
 no container lock) and hands them to the Agent. It resyncs everything whenever the
 stream (re)connects and every `resync` seconds, in case an event was lost.
+
+Docker never replays the calls it made while the agent was down (`docker rm`, `network
+rm`, `network disconnect`, a dockerd restart). So on every (re)connect and resync the
+thread also takes a snapshot of Docker's networks and containers (`RuntimeView`) and
+lets the Agent remove what Docker no longer has. A snapshot that fails removes nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import threading
 import time
@@ -18,7 +24,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from datapath.errors import CellgateError
-from plugin.service import Agent
+from plugin.service import Agent, RuntimeView
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +38,7 @@ class DockerWatcher:
         self.last_sync = 0.0
         self._client: Any = None
         self._warned = False
+        self._recheck_at: float | None = None  # a young suspect becomes judgeable then
 
     def run(self, stop: threading.Event) -> None:
         import docker
@@ -56,8 +63,10 @@ class DockerWatcher:
 
     def _follow(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            until = int(time.time() + self.resync_interval)
-            events = self._client.events(decode=True, until=until,
+            until = time.time() + self.resync_interval
+            if self._recheck_at is not None:
+                until = min(until, self._recheck_at)
+            events = self._client.events(decode=True, until=int(until) + 1,
                                          filters={"type": ["container", "network"]})
             for event in events:
                 if stop.is_set():
@@ -88,8 +97,48 @@ class DockerWatcher:
         self._apply(self._client.containers(filters={"id": [container_id]}))
 
     def resync(self) -> None:
-        self._apply(self._client.containers())
+        view, containers = self._view(self._client)
+        self._apply(containers)
         self.last_sync = time.time()
+        report = self.agent.reconcile(view)
+        self._recheck_at = report.recheck_at
+
+    def view(self) -> RuntimeView:
+        """A fresh snapshot of Docker (for `ipam check`): its own connection, any thread."""
+        import docker
+
+        client = docker.APIClient(base_url=self.base_url, version="auto", timeout=10)
+        try:
+            return self._view(client)[0]
+        finally:
+            client.close()
+
+    def _view(self, client: Any) -> tuple[RuntimeView, list[dict[str, Any]]]:
+        """Docker's networks and containers (any state) as one snapshot, and the containers."""
+        taken = time.time()  # before asking: what we made after this may not be in the answer
+        networks = client.networks()
+        containers = client.containers(all=True)
+        name = self.agent.settings.instance
+        ours, subnets = set(), set()
+        for net in networks:
+            if net.get("Driver") == name:
+                ours.add(str(net.get("Id", "")))
+            ipam = net.get("IPAM") or {}
+            if ipam.get("Driver") == name:
+                for conf in ipam.get("Config") or []:
+                    with contextlib.suppress(ValueError, TypeError):
+                        subnets.add(ipaddress.ip_network(conf.get("Subnet", "")))
+        endpoints, addresses = set(), set()
+        for container in containers:
+            for entry in ((container.get("NetworkSettings") or {}).get("Networks") or {}).values():
+                attached = entry or {}
+                if attached.get("EndpointID"):
+                    endpoints.add(str(attached["EndpointID"]))
+                for key in ("IPAddress", "GlobalIPv6Address"):
+                    with contextlib.suppress(ValueError, TypeError):
+                        addresses.add(ipaddress.ip_address(attached.get(key) or ""))
+        view = RuntimeView(taken, frozenset(ours), frozenset(endpoints), frozenset(addresses), frozenset(subnets))
+        return view, containers
 
     def _apply(self, containers: Iterable[dict[str, Any]]) -> None:
         for container in containers:

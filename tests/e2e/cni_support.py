@@ -68,13 +68,8 @@ class CniAgent(Agent):
         self.args += ["--cni-bin-dir", ""]
         self.failpoints = failpoints
 
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "CELLGATE_FAILPOINTS"}
-        if self.failpoints:
-            env["CELLGATE_FAILPOINTS"] = self.failpoints
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([CELLGATE, "agent", *self.args], stdout=log, stderr=log, env=env)
-        wait_until(self._ready, 30, f"agent {self.name} to serve its API")
+    def start(self, failpoints: str = "") -> None:
+        super().start(failpoints or self.failpoints)
 
     def bpf_addresses(self) -> set[str]:
         """Addresses in the datapath's local-endpoint map (cg_ips)."""

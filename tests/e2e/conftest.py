@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Agent, Dockerd, Scene, run, unique_ranges
+from tests.e2e.harness import Agent, Dockerd, Scene, docker_agent, run
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -75,22 +74,8 @@ def image(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def agent(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
-    name = "cgt" + secrets.token_hex(3)
-    v4, v6, _ = unique_ranges()
-    a = Agent(tmp_path_factory.mktemp(name), name, v4, v6, docker_host=f"unix://{dockerd.sock}")
-    a.start()
-    try:
+    with docker_agent(dockerd, tmp_path_factory) as a:
         yield a
-    finally:
-        with contextlib.suppress(Exception):
-            ids = dockerd("ps", "-aq", "--filter", f"label=cgtest={name}").split()
-            if ids:
-                dockerd("rm", "-f", *ids)
-        with contextlib.suppress(Exception):
-            for net in dockerd("network", "ls", "-q", "--filter", f"driver={name}").split():
-                dockerd("network", "rm", net)
-        a.stop()
-        a.cleanup()
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ containers on its networks. Teardown removes exactly what was made.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -14,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +107,12 @@ class Agent:
         self.v4, self.v6 = v4, v6
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, failpoints: str = "") -> None:
+        env = {k: v for k, v in os.environ.items() if k != "CELLGATE_FAILPOINTS"}
+        if failpoints:
+            env["CELLGATE_FAILPOINTS"] = failpoints
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([CELLGATE, "agent", *self.args], stdout=log, stderr=log)
+            self.proc = subprocess.Popen([CELLGATE, "agent", *self.args], stdout=log, stderr=log, env=env)
         wait_until(self._ready, 30, f"agent {self.name} to serve its API")
 
     def _ready(self) -> bool:
@@ -209,3 +213,26 @@ class Scene:
             self.d.attempt("rm", "-f", *self.containers)
         for net in reversed(self.networks):
             self.d.attempt("network", "rm", net)
+
+
+@contextlib.contextmanager
+def docker_agent(dockerd: Dockerd, factory: Any, prefix: str = "cgt",
+                 extra: tuple[str, ...] = ()) -> Iterator[Agent]:
+    """An agent following `dockerd`; at the end its containers, networks and everything it made go."""
+    name = prefix + secrets.token_hex(3)
+    v4, v6, _ = unique_ranges()
+    a = Agent(factory.mktemp(name), name, v4, v6, docker_host=f"unix://{dockerd.sock}")
+    a.args += list(extra)
+    a.start()
+    try:
+        yield a
+    finally:
+        with contextlib.suppress(Exception):
+            ids = dockerd("ps", "-aq", "--filter", f"label=cgtest={name}").split()
+            if ids:
+                dockerd("rm", "-f", *ids)
+        with contextlib.suppress(Exception):
+            for net in dockerd("network", "ls", "-q", "--filter", f"driver={name}").split():
+                dockerd("network", "rm", net)
+        a.stop()
+        a.cleanup()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 
 import pytest
 
+from tests.e2e.cni_support import Cni, Namespaces, host_ifname, running_agent
 from tests.e2e.harness import CELLGATE, Agent, Scene, run
 
 pytestmark = pytest.mark.e2e
@@ -67,3 +69,76 @@ def test_cleanup_removes_everything_of_the_instance_and_nothing_else(scene: Scen
     again = json.loads(run(CELLGATE, "cleanup", *agent.args, "-o", "json").stdout)
     assert again == {"links": [], "routes": [], "iptables": False, "pins": [], "sockets": [], "state": ""}
     agent.start()  # the fixture expects a live agent to tear down
+
+
+KILL_AT_VETH = "kernel.veth.created=exit"  # the agent dies as by SIGKILL right after the kernel made a veth
+
+
+def test_a_kill_between_creating_and_tagging_a_veth_leaves_nothing_cleanup_or_a_retry_cannot_handle(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    with running_agent(tmp_path_factory, "cgk", failpoints=KILL_AT_VETH) as agent:
+        namespaces = Namespaces()
+        runtime = Cni(agent, namespaces)
+        try:
+            conf = runtime.conf("cgkill", "1.0.0")
+
+            def add_and_die(cid: str, ns_path: str) -> str:
+                assert runtime.add(conf, cid, ns_path).rc != 0
+                assert agent.proc is not None and agent.proc.wait(timeout=30) == 137
+                agent.proc = None
+                name = host_ifname(cid, "eth0")
+                assert name in host_links()  # the veth the agent was making when it died
+                return name
+
+            # no restart: `cellgate cleanup` removes the half-made veth (and with it its peer in the netns)
+            ns = namespaces.new()
+            name = add_and_die(runtime.cid(), ns.path)
+            others = host_links() - {name, f"cg_{agent.name}"}
+            report = agent.cleanup()
+            assert name in report["links"]
+            assert name not in host_links() and f"cg_{agent.name}" not in host_links()
+            assert ns.links() == ["lo"]
+            assert others <= host_links()
+
+            # restart: the runtime's DEL after the failed ADD and its ADD again succeed; DEL leaves no link
+            agent.start()
+            ns = namespaces.new()
+            cid = runtime.cid()
+            name = add_and_die(cid, ns.path)
+            agent.failpoints = ""
+            agent.start()
+            runtime.delete(conf, cid, ns.path).empty()
+            runtime.add(conf, cid, ns.path).result()
+            assert ns.interface("eth0") is not None and name in agent.links()
+            runtime.delete(conf, cid, ns.path).empty()
+            assert name not in host_links() and ns.links() == ["lo"]
+        finally:
+            try:
+                runtime.close()
+            finally:
+                namespaces.close()
+
+
+@pytest.mark.parametrize(("v4", "v6", "text"), [
+    ("127.0.0.0/20", "fd63:77:1::/64", "host range 127.0.0.0/20 overlaps 127.0.0.0/8 (loopback)"),
+    ("224.0.0.0/20", "fd63:77:1::/64", "host range 224.0.0.0/20 overlaps 224.0.0.0/4 (multicast)"),
+    ("10.99.0.0/20", "fe80::/64", "host range fe80::/64 overlaps fe80::/10 (link-local)"),
+])
+def test_agent_refuses_special_purpose_host_ranges_before_making_anything(
+        tmp_path_factory: pytest.TempPathFactory, v4: str, v6: str, text: str) -> None:
+    name = "cgr" + secrets.token_hex(3)
+    agent = Agent(tmp_path_factory.mktemp(name), name, v4, v6, docker_host="unix:///nonexistent")
+    proc = subprocess.Popen([CELLGATE, "agent", *agent.args, "--cni-bin-dir", ""], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:  # it took the range and runs: stop it and remove what it made
+            proc.terminate()
+            proc.wait(timeout=30)
+            agent.cleanup()
+    assert proc.returncode == 1 and text in stderr, stderr
+    assert not agent.state.exists() and not agent.bpf.exists()
+    assert not agent.plugin.exists() and not agent.api.exists()
+    assert agent.links() == [] and f"CG-{name}" not in run("iptables-save").stdout

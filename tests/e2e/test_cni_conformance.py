@@ -286,6 +286,128 @@ def test_ipam_key_is_refused_with_a_pointer_to_subnet(cni: Cni) -> None:
     assert cni.agent.snapshot() == before and ns.links() == ["lo"]
 
 
+PREV_OK = {"cniVersion": "1.0.0", "interfaces": [{"name": "cgbr0", "mac": "02:00:00:00:00:01"}],
+           "ips": [{"address": "192.168.77.5/24", "gateway": "192.168.77.1", "interface": 0}], "routes": [], "dns": {}}
+
+# (extra configuration, CNI error code, text the message must contain): wrong types and shapes anywhere
+# in the configuration, each refused before the agent is asked (prevResult ones used to be noticed only
+# after the attachment had been made). Subnets go to a network of their own, which must not appear.
+MALFORMED = [
+    pytest.param({"runtimeConfig": []}, 7, "runtimeConfig", id="runtime-config-list"),
+    pytest.param({"runtimeConfig": "ips"}, 7, "runtimeConfig", id="runtime-config-string"),
+    pytest.param({"runtimeConfig": {"ips": "10.0.0.1"}}, 7, "runtimeConfig.ips", id="ips-string"),
+    pytest.param({"runtimeConfig": {"ips": 5}}, 7, "runtimeConfig.ips", id="ips-number"),
+    pytest.param({"runtimeConfig": {"ips": [1]}}, 7, "runtimeConfig.ips[0]", id="ips-number-item"),
+    pytest.param({"runtimeConfig": {"ips": [None]}}, 7, "runtimeConfig.ips[0]", id="ips-null-item"),
+    pytest.param({"runtimeConfig": {"ips": ["garbage"]}}, 7, "runtimeConfig.ips[0]", id="ips-garbage"),
+    pytest.param({"runtimeConfig": {"ips": {"a": "10.0.0.1"}}}, 7, "runtimeConfig.ips", id="ips-object"),
+    pytest.param({"runtimeConfig": {"mac": 5}}, 7, "runtimeConfig.mac", id="mac-number"),
+    pytest.param({"runtimeConfig": {"mac": "zz"}}, 7, "runtimeConfig.mac", id="mac-garbage"),
+    pytest.param({"runtimeConfig": {"mac": "01:00:5e:00:00:01"}}, 7, "runtimeConfig.mac", id="mac-multicast"),
+    pytest.param({"runtimeConfig": {"portMappings": {"hostPort": 80}}}, 7, "runtimeConfig.portMappings",
+                 id="ports-object"),
+    pytest.param({"runtimeConfig": {"portMappings": [80]}}, 7, "runtimeConfig.portMappings[0]", id="ports-number"),
+    pytest.param({"runtimeConfig": {"portMappings": [{"hostPort": "80", "containerPort": 80}]}}, 7,
+                 "runtimeConfig.portMappings[0].hostPort", id="ports-string-port"),
+    pytest.param({"runtimeConfig": {"portMappings": [{"hostPort": 70000, "containerPort": 80}]}}, 7,
+                 "runtimeConfig.portMappings[0].hostPort", id="ports-out-of-range"),
+    pytest.param({"runtimeConfig": {"portMappings": [{"containerPort": 80}]}}, 7,
+                 "runtimeConfig.portMappings[0].hostPort", id="ports-missing-host-port"),
+    pytest.param({"runtimeConfig": {"portMappings": [{"hostPort": 80, "containerPort": 80, "protocol": 6}]}}, 7,
+                 "runtimeConfig.portMappings[0].protocol", id="ports-numeric-protocol"),
+    pytest.param({"runtimeConfig": {"aliases": ["web"]}}, 7, "runtimeConfig.aliases", id="aliases-list"),
+    pytest.param({"runtimeConfig": {"aliases": {"net": "web"}}}, 7, "runtimeConfig.aliases.net", id="aliases-str"),
+    pytest.param({"runtimeConfig": {"dns": []}}, 7, "runtimeConfig.dns", id="runtime-dns-list"),
+    pytest.param({"prevResult": []}, 7, "prevResult", id="prev-list"),
+    pytest.param({"prevResult": {"interfaces": 5}}, 7, "prevResult.interfaces", id="prev-interfaces-number"),
+    pytest.param({"prevResult": {"interfaces": ["eth0"]}}, 7, "prevResult.interfaces[0]", id="prev-iface-string"),
+    pytest.param({"prevResult": {"interfaces": [{"name": 5}]}}, 7, "prevResult.interfaces[0].name",
+                 id="prev-iface-name-number"),
+    pytest.param({"prevResult": {"ips": [{"address": 7}]}}, 7, "prevResult.ips[0].address", id="prev-address-number"),
+    pytest.param({"prevResult": {"ips": [{"interface": "x"}]}}, 7, "prevResult.ips[0]", id="prev-ip-no-address"),
+    pytest.param({"prevResult": {"ips": [{"address": "garbage"}]}}, 7, "prevResult.ips[0].address",
+                 id="prev-address-garbage"),
+    pytest.param({"prevResult": {**PREV_OK, "ips": [{"address": "192.168.77.5/24", "interface": 3}]}}, 7,
+                 "prevResult.ips[0].interface", id="prev-interface-out-of-range"),
+    pytest.param({"prevResult": {**PREV_OK, "ips": [{"address": "192.168.77.5/24", "interface": True}]}}, 7,
+                 "prevResult.ips[0].interface", id="prev-interface-bool"),
+    pytest.param({"prevResult": {**PREV_OK, "ips": [{"address": "192.168.77.5/24", "gateway": 1}]}}, 7,
+                 "prevResult.ips[0].gateway", id="prev-gateway-number"),
+    pytest.param({"prevResult": {"routes": "x"}}, 7, "prevResult.routes", id="prev-routes-string"),
+    pytest.param({"prevResult": {"routes": [{"dst": 5}]}}, 7, "prevResult.routes[0].dst", id="prev-route-dst"),
+    pytest.param({"prevResult": {"routes": [{"gw": "192.168.77.1"}]}}, 7, "prevResult.routes[0].dst",
+                 id="prev-route-no-dst"),
+    pytest.param({"prevResult": {"dns": "x"}}, 7, "prevResult.dns", id="prev-dns-string"),
+    pytest.param({"prevResult": {"dns": {"nameservers": "1.1.1.1"}}}, 7, "prevResult.dns.nameservers",
+                 id="prev-dns-nameservers"),
+    pytest.param({"args": []}, 7, "args", id="args-list"),
+    pytest.param({"args": {"cni": []}}, 7, "args.cni", id="args-cni-list"),
+    pytest.param({"args": {"cni": {"labels": [{"key": 5}]}}}, 7, "args.cni.labels", id="args-label-key-number"),
+    pytest.param({"args": {"cni": {"labels": [{"key": "app", "value": {"x": 1}}]}}}, 7, "args.cni.labels",
+                 id="args-label-value-object"),
+    pytest.param({"args": {"org.apache.mesos": []}}, 7, "org.apache.mesos", id="mesos-list"),
+    pytest.param({"args": {"org.apache.mesos": {"network_info": 5}}}, 7, "network_info", id="mesos-info-number"),
+    pytest.param({"args": {"org.apache.mesos": {"network_info": {"labels": {"labels": "x"}}}}}, 7,
+                 "network_info.labels.labels", id="mesos-labels-string"),
+    pytest.param({"cni.dev/attachments": "x"}, 7, "cni.dev/attachments", id="attachments-string"),
+    pytest.param({"cni.dev/valid-attachments": [5]}, 7, "cni.dev/valid-attachments[0]", id="valid-attachment-number"),
+    pytest.param({"cni.dev/attachments": [{"containerID": 5, "ifname": "eth0"}]}, 7,
+                 "cni.dev/attachments[0].containerID", id="attachment-id-number"),
+    pytest.param({"dns": []}, 7, "dns", id="dns-list"),
+    pytest.param({"dns": {"nameservers": "1.1.1.1"}}, 7, "dns.nameservers", id="dns-nameservers-string"),
+    pytest.param({"dns": {"nameservers": [1]}}, 7, "dns.nameservers[0]", id="dns-nameserver-number"),
+    pytest.param({"dns": {"domain": 5}}, 7, "dns.domain", id="dns-domain-number"),
+    pytest.param({"capabilities": []}, 7, "capabilities", id="capabilities-list"),
+    pytest.param({"capabilities": {"ips": "yes"}}, 7, "capabilities.ips", id="capability-string"),
+    pytest.param({"socket": 5}, 7, "socket", id="socket-number"),
+    pytest.param({"type": 5}, 7, "type", id="type-number"),
+    pytest.param({"cniVersions": "1.0.0"}, 7, "cniVersions", id="cni-versions-string"),
+    pytest.param({"disableCheck": "yes"}, 7, "disableCheck", id="disable-check-string"),
+    pytest.param({"subnet": 5}, 2, "subnet = 5", id="subnet-number"),
+    pytest.param({"ipv6Subnet": ["fd00::/64"]}, 2, "ipv6Subnet", id="ipv6-subnet-list"),
+    pytest.param({"subnet": "127.0.0.0/24"}, 7, "loopback", id="subnet-loopback"),
+    pytest.param({"subnet": "224.0.0.0/24"}, 7, "multicast", id="subnet-multicast"),
+    pytest.param({"subnet": "169.254.0.0/24"}, 7, "link-local", id="subnet-link-local"),
+    pytest.param({"ipv6Subnet": "fe80::/64"}, 7, "link-local", id="ipv6-subnet-link-local"),
+    pytest.param({"ipv6Subnet": "ff05::/64"}, 7, "multicast", id="ipv6-subnet-multicast"),
+    pytest.param({"ipv6Subnet": "::ffff:0:0/104"}, 7, "IPv4-mapped", id="ipv6-subnet-v4-mapped"),
+]
+
+
+@pytest.mark.parametrize(("extra", "code", "needle"), MALFORMED)
+def test_malformed_configuration_is_a_cni_error_and_leaves_nothing(
+        cni: Cni, resident: Resident, extra: dict[str, Any], code: int, needle: str) -> None:
+    agent = cni.agent
+    ns = cni.ns.new()
+    cid = cni.cid()
+    before, networks, files = agent.snapshot(), agent.json("network", "list"), state_files(agent)
+    network = f"cgm{cni.tag}" if {"subnet", "ipv6Subnet"} & set(extra) else NET
+    out = cni.add(cni.conf(network, "1.0.0", **extra), cid, ns.path)
+    assert out.rc == 1 and out.stdout.count("\n") == 1, out
+    err = out.error(code)
+    assert needle in err["msg"], err
+    assert agent.snapshot() == before and agent.json("network", "list") == networks
+    assert state_files(agent) == files
+    assert ns.links() == ["lo"] and not host_has_link(host_ifname(cid, "eth0"))
+
+
+def test_a_failed_first_add_leaves_no_network_so_the_corrected_configuration_works(cni: Cni) -> None:
+    agent = cni.agent
+    *_, right, wrong = ipaddress.ip_network(agent.v4).subnets(new_prefix=24)  # last /24s: no test draws them
+    name, ns = f"cgfix{cni.tag}", cni.ns.new()
+    wanted = right.network_address + 9
+    before, networks = agent.snapshot(), agent.json("network", "list")
+    err = cni.add(cni.conf(name, subnet=str(wrong)), cni.cid(), ns.path, args=f"IP={wanted}").error(7)
+    assert str(wanted) in err["msg"], err
+    assert agent.snapshot() == before and agent.json("network", "list") == networks
+    assert not any(p["subnet"] == str(wrong) for p in agent.json("ipam", "list")["pools"])
+    assert not run("ip", "route", "show", str(wrong)).stdout.strip()
+    result = cni.add(cni.conf(name, subnet=str(right)), cni.cid(), ns.path, args=f"IP={wanted}").result()
+    assert result["ips"][0]["address"] == f"{wanted}/24"
+    (net,) = [n for n in agent.json("network", "list") if n["name"] == name]
+    assert net["subnets"] == [str(right)]
+
+
 # -- 8: errors when the agent is down ---------------------------------------------------------
 
 
@@ -363,16 +485,16 @@ def test_failed_add_rolls_back_and_del_succeeds(tmp_path_factory: pytest.TempPat
         try:
             conf = runtime.conf("cgfail", "1.0.0")
             snapshots = []
-            for _ in range(2):  # the first ADD also creates the network; the second must leave exactly that
+            for _ in range(2):  # the ADD that created the network takes it away again, pools and host device too
                 ns = namespaces.new()
                 cid = runtime.cid()
                 err = runtime.add(conf, cid, ns.path).error()
                 assert "failpoint" in err["msg"]
                 assert ns.links() == ["lo"]  # the interface had moved in; it is gone again
                 assert not host_has_link(host_ifname(cid, "eth0"))
-                assert agent.endpoints() == []
-                assert [a for a in agent.allocations() if a[1] != "gateway"] == []
-                assert agent.links() == [f"cg_{agent.name}"] and agent.bpf_addresses() == set()
+                assert agent.endpoints() == [] and agent.json("network", "list") == []
+                assert agent.allocations() == [] and agent.json("ipam", "list")["pools"] == []
+                assert agent.links() == [] and agent.bpf_addresses() == set()
                 snapshots.append(agent.snapshot())
                 runtime.delete(conf, cid, ns.path).empty()  # the runtime's DEL after the failure
                 runtime.delete(conf, cid, None).empty()
@@ -726,6 +848,38 @@ def test_status_is_ok_with_the_agent_up_and_50_without(cni: Cni, tmp_path: Path)
     invoke(env, cni.conf(NET, "1.1.0")).empty()
     err = invoke(env, {**cni.conf(NET, "1.1.0"), "socket": str(tmp_path / "gone.sock")}).error(50)
     assert err["cniVersion"] == "1.1.0"
+
+
+# -- CNI networks: listed, and removed once nothing is attached -------------------------------
+
+
+def test_cni_networks_are_listed_and_removed_once_nothing_is_attached(cni: Cni) -> None:
+    agent = cni.agent
+    name, ns = f"cgrm{cni.tag}", cni.ns.new()
+    subnet = str(list(ipaddress.ip_network(agent.v4).subnets(new_prefix=24))[-3])
+    cid = cni.cid()
+    conf = cni.conf(name, "1.0.0", subnet=subnet)
+    cni.add(conf, cid, ns.path).result()
+    (net,) = [n for n in agent.json("network", "list") if n["name"] == name]
+    assert (net["origin"], net["subnets"], net["endpoints"]) == ("cni", [subnet], 1)
+    table = agent.cli("network", "list").stdout.splitlines()
+    assert table[0].split()[:3] == ["NETWORK", "NAME", "ORIGIN"]
+    assert [net["id"][:12], name, "cni", subnet] == next(r.split()[:4] for r in table if name in r)
+    refused = agent.cli("network", "rm", name, check=False)
+    assert refused.returncode == 2 and "1 attachment(s)" in refused.stderr and f"{cid}/eth0" in refused.stderr
+    assert [n["id"] for n in agent.json("network", "list") if n["name"] == name] == [net["id"]]
+    cni.delete(conf, cid, ns.path).empty()
+    removed = agent.json("network", "rm", net["id"][:12])  # by ID prefix; by name works too
+    assert (removed["id"], removed["name"], removed["origin"], removed["subnets"]) == (net["id"], name, "cni",
+                                                                                        [subnet])
+    assert all(n["id"] != net["id"] for n in agent.json("network", "list"))
+    assert not any(p["subnet"] == subnet for p in agent.json("ipam", "list")["pools"])
+    assert not run("ip", "route", "show", subnet).stdout.strip()
+    assert subnet not in run("iptables-save").stdout
+    gone = agent.cli("network", "rm", name, check=False)
+    assert gone.returncode == 2 and "no network matches" in gone.stderr
+    again = cni.add(cni.conf(name, "1.0.0"), cni.cid(), ns.path).result()  # the name is free for a new network
+    assert ipaddress.ip_interface(again["ips"][0]["address"]).network != ipaddress.ip_network(subnet)
 
 
 # -- 24: the runtime's namespace, in /proc form ----------------------------------------------

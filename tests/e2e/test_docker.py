@@ -148,6 +148,56 @@ def test_overlapping_subnet_is_refused_and_nothing_changes(scene: Scene, agent: 
     assert agent.json("ipam", "list")["pools"] == pools
 
 
+def host_state(agent: Agent, subnet: str) -> dict[str, list[str]]:
+    """What a network of `subnet` would put on the host: routes, iptables rules, our pools and networks."""
+    routes = run("ip", "-4", "route", "show", "table", "all").stdout + run("ip", "-6", "route", "show", "table",
+                                                                            "all").stdout
+    rules = run("iptables-save").stdout + run("ip6tables-save").stdout
+    return {
+        "routes": [r for r in routes.splitlines() if subnet in r or f"cg_{agent.name}" in r],
+        "rules": [r for r in rules.splitlines() if subnet in r or agent.name in r],
+        "pools": [p["id"] for p in agent.json("ipam", "list")["pools"]],
+        "networks": [n["id"] for n in agent.json("network", "list")],
+    }
+
+
+SPECIAL_SUBNETS = [
+    ("127.0.0.0/24", "127.0.0.0/8 (loopback)", "loopback"),
+    ("127.200.0.0/16", "127.0.0.0/8 (loopback)", "loopback-16"),
+    ("224.0.0.0/24", "224.0.0.0/4 (multicast)", "multicast"),
+    ("169.254.0.0/24", "169.254.0.0/16 (link-local)", "link-local"),
+    ("0.0.0.0/24", "0.0.0.0/8 ('this network')", "this-network"),
+    ("240.0.0.0/24", "240.0.0.0/4 (reserved", "class-e"),
+    ("255.255.255.0/24", "240.0.0.0/4 (reserved", "limited-broadcast"),
+    ("fe80::/64", "fe80::/10 (link-local)", "v6-link-local"),
+    ("ff05::/64", "ff00::/8 (multicast)", "v6-multicast"),
+]
+SPECIAL_CASES = [
+    *(pytest.param(ipam, subnet, text, id=f"{ipam}-ipam-{name}") for ipam in ("cellgate", "docker")
+      for subnet, text, name in SPECIAL_SUBNETS),
+    # Docker reads this as IPv4 (its own IPAM passes it on as 10.9.0.0/24), so only ours sees it as it is
+    pytest.param("cellgate", "::ffff:10.9.0.0/120", "::ffff:0:0/96 (IPv4-mapped)", id="cellgate-ipam-v4-mapped"),
+]
+
+
+@pytest.mark.parametrize(("ipam", "subnet", "text"), SPECIAL_CASES)
+def test_special_purpose_subnets_are_refused_and_leave_nothing(
+        scene: Scene, agent: Agent, ipam: str, subnet: str, text: str) -> None:
+    """Refused at RequestPool (our IPAM) or at CreateNetwork (Docker's IPAM): no route, rule or pool."""
+    name = f"cgsp{scene.tag}"
+    opts = ["--ipv6"] if ":" in subnet and not subnet.startswith("::ffff:") else []
+    if ipam == "cellgate":
+        opts += ["--ipam-driver", agent.name]
+    before = host_state(agent, subnet)
+    proc = scene.d.attempt("network", "create", "-d", agent.name, *opts, "--subnet", subnet, name)
+    if proc.returncode == 0:
+        scene.networks.append(name)
+    assert proc.returncode != 0, f"{subnet} was accepted"
+    assert text in proc.stderr and "which cannot be a container network" in proc.stderr, proc.stderr
+    assert host_state(agent, subnet) == before
+    assert name not in scene.d("network", "ls", "--format", "{{.Name}}").split()
+
+
 def test_connect_and_disconnect_a_second_network(scene: Scene, agent: Agent) -> None:
     net1, net2 = scene.network(), scene.network()
     c = scene.server(net1)
@@ -214,6 +264,18 @@ def test_containers_reach_outside_through_masquerade(scene: Scene, agent: Agent)
     finally:
         run("ip", "netns", "del", ns, check=False)
         run("ip", "link", "del", host_if, check=False)
+
+
+def test_cellgate_network_rm_leaves_docker_networks_to_docker(scene: Scene, agent: Agent) -> None:
+    net = scene.network()
+    nid = scene.d.inspect(net)["Id"]
+    (listed,) = [n for n in agent.json("network", "list") if n["id"] == nid]
+    assert (listed["origin"], listed["name"]) == ("docker", "")
+    for ident in (nid, nid[:12]):
+        proc = agent.cli("network", "rm", ident, check=False)
+        assert proc.returncode == 2 and "is a Docker network: remove it with `docker network rm`" in proc.stderr
+    assert [n for n in agent.json("network", "list") if n["id"] == nid] == [listed]
+    assert scene.d.inspect(net)["Id"] == nid
 
 
 def test_sockets_are_root_only(agent: Agent) -> None:

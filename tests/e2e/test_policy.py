@@ -17,6 +17,7 @@ pytestmark = pytest.mark.e2e
 
 POLICIES = Path(__file__).resolve().parents[2] / "examples" / "policies"
 PORTS = (80, 81)
+NS = "io.kubernetes.pod.namespace"
 
 
 class World:
@@ -25,21 +26,33 @@ class World:
     def __init__(self, scene: Scene, agent: Agent) -> None:
         self.scene, self.agent = scene, agent
         self.net = scene.network()
-        script = " ".join(f'(while true; do echo "hello {p} from $(hostname)" | nc -l -p {p}; done) &'
-                           for p in PORTS) + " wait"
-        self.names = {}
+        self.names: dict[str, str] = {}
+        self.ip: dict[str, str] = {}
+        self.endpoint: dict[str, str] = {}
         for app in ("frontend", "backend", "other"):
-            name = f"cg{app[:3]}{scene.tag}"
-            scene.run(self.net, "-l", f"app={app}", cmd=("sh", "-c", script), name=name)
-            self.names[app] = name
-        self.ip = {app: scene.ip(name, self.net) for app, name in self.names.items()}
-        self.endpoint = {app: scene.d.inspect(name)["NetworkSettings"]["Networks"][self.net]["EndpointID"]
-                         for app, name in self.names.items()}
-        for app, eid in self.endpoint.items():
-            wait_until(lambda eid=eid: agent.json("endpoint", "get", eid)["labels"], 20, f"labels of {app}")
-        for app in self.names:  # every server listens before anything is judged
-            wait_until(lambda app=app: self.tcp("other" if app != "other" else "frontend", app, 80, 2), 20,
-                       f"{app} to serve")
+            self._start(app, f"cg{app[:3]}{scene.tag}", f"app={app}")
+        for app in list(self.names):
+            self._ready(app)
+
+    def add(self, key: str, *labels: str) -> None:
+        """One more server container, e.g. add("backend-prod", "app=backend", f"{NS}=prod")."""
+        self._start(key, f"cgx{len(self.names)}{self.scene.tag}", *labels)
+        self._ready(key)
+
+    def _start(self, key: str, name: str, *labels: str) -> None:
+        script = " ".join(f'(while true; do echo "hello {p} from $(hostname)" | nc -l -p {p}; done) &'
+                          for p in PORTS) + " wait"
+        self.scene.run(self.net, *(x for label in labels for x in ("-l", label)), cmd=("sh", "-c", script),
+                       name=name)
+        self.names[key] = name
+        self.ip[key] = self.scene.ip(name, self.net)
+        self.endpoint[key] = self.scene.d.inspect(name)["NetworkSettings"]["Networks"][self.net]["EndpointID"]
+
+    def _ready(self, key: str) -> None:
+        eid = self.endpoint[key]
+        wait_until(lambda: self.agent.json("endpoint", "get", eid)["labels"], 20, f"labels of {key}")
+        client = "other" if key != "other" else "frontend"
+        wait_until(lambda: self.tcp(client, key, 80, 2), 20, f"{key} to serve")  # before anything is judged
 
     def tcp(self, src: str, dst: str, port: int, wait: int = 1) -> bool:
         out = self.scene.exec(self.names[src], "nc", "-w", str(wait), self.ip[dst], str(port), check=False)
@@ -260,3 +273,179 @@ def test_a_container_cannot_claim_a_reserved_or_foreign_source(world: World, age
     out = world.scene.exec(forger, "nc", "-w", "1", world.ip["backend"], "80", check=False)
     assert "hello" not in out.stdout  # not the host, whatever its labels say
     assert world.host_tcp("backend", 80)  # the real host is
+
+
+# -- never fail open (issue 9): each test names traffic that flowed before the fix ------------------
+
+
+def load_text(agent: Agent, tmp_path: Path, text: str, name: str = "p.yaml") -> int:
+    path = tmp_path / name
+    path.write_text(text)
+    out = json.loads(agent.cli("policy", "import", str(path), "-o", "json").stdout)
+    agent.cli("policy", "wait", str(out["revision"]))
+    return int(out["revision"])
+
+
+def judge(world: World, expected: dict[tuple[str, str, str], bool]) -> None:
+    """Real traffic and `policy trace` both give the expected verdict for every (src, dst, dport)."""
+    wrong = []
+    for (src, dst, dport), allowed in expected.items():
+        real = world.attempt(src, dst, dport)
+        traced = world.trace(src, dst, dport)
+        if real != allowed or (traced["verdict"] == "ALLOWED") != allowed:
+            wrong.append((src, dst, dport, "expected", allowed, "real", real, traced["verdict"], traced["lines"]))
+    assert not wrong, json.dumps(wrong, indent=1)
+
+
+BOTH = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: cg-both}
+spec:
+  endpointSelector: {matchLabels: {app: backend}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: frontend}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+specs:
+- endpointSelector: {matchLabels: {app: frontend}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: backend}}]
+"""
+
+
+def test_a_crd_with_spec_and_specs_enforces_both(world: World, agent: Agent, tmp_path: Path) -> None:
+    load_text(agent, tmp_path, BOTH)
+    assert len(agent.json("policy", "get", "--labels", "name=cg-both")["rules"]) == 2
+    judge(world, {
+        ("frontend", "backend", "80/tcp"): True,
+        ("frontend", "backend", "81/tcp"): False,  # spec
+        ("other", "backend", "80/tcp"): False,  # spec
+        ("frontend", "other", "80/tcp"): False,  # specs[0]: the frontend may only reach the backend
+        ("other", "frontend", "80/tcp"): True,
+    })
+
+
+DEFAULT_NS = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: cg-backend}
+spec:
+  endpointSelector: {matchLabels: {app: backend}}
+  ingress:
+  - fromEndpoints: [{}]
+"""
+PROD_NS = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: cg-backend, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: backend}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: default, app: frontend}}]
+"""
+
+
+def test_a_namespaced_policy_selects_only_endpoints_of_its_namespace(world: World, agent: Agent,
+                                                                     tmp_path: Path) -> None:
+    """Plain containers are in namespace default; `-l io.kubernetes.pod.namespace=prod` puts one in prod."""
+    world.add("backend-prod", "app=backend", f"{NS}=prod")
+    world.add("frontend-prod", "app=frontend", f"{NS}=prod")
+    load_text(agent, tmp_path, DEFAULT_NS)
+    assert agent.json("endpoint", "get", world.endpoint["backend"])["policy"]["enforcement"]["ingress"] is True
+    assert agent.json("endpoint", "get", world.endpoint["backend-prod"])["policy"]["enforcement"]["ingress"] is False
+    judge(world, {
+        ("frontend", "backend", "80/tcp"): True,  # `{}`: every endpoint of namespace default
+        ("other", "backend", "81/tcp"): True,
+        ("frontend-prod", "backend", "80/tcp"): False,  # another namespace
+        ("host", "backend", "80/tcp"): False,  # `{}` is never the host
+        ("frontend-prod", "backend-prod", "80/tcp"): True,  # the policy of default does not select prod
+        ("host", "backend-prod", "80/tcp"): True,
+    })
+    load_text(agent, tmp_path, PROD_NS, "prod.yaml")
+    assert len(agent.json("policy", "get", "--labels", "name=cg-backend")["rules"]) == 2  # one per namespace
+    judge(world, {
+        ("frontend", "backend-prod", "80/tcp"): True,  # the peer names namespace default
+        ("frontend-prod", "backend-prod", "80/tcp"): False,
+        ("other", "backend-prod", "80/tcp"): False,
+        ("host", "backend-prod", "80/tcp"): False,
+        ("frontend", "backend", "80/tcp"): True,  # the policy of default is still in force
+        ("frontend-prod", "backend", "80/tcp"): False,
+    })
+
+
+def test_a_wildcard_peer_admits_endpoints_but_never_the_host(world: World, agent: Agent, tmp_path: Path) -> None:
+    load_text(agent, tmp_path, "- labels: [{key: name, value: cg-any-endpoint}]\n"
+                               "  endpointSelector: {matchLabels: {app: backend}}\n"
+                               "  ingress: [{fromEndpoints: [{}]}]\n")
+    judge(world, {
+        ("frontend", "backend", "80/tcp"): True,
+        ("other", "backend", "81/tcp"): True,
+        ("other", "backend", "8/icmp"): True,
+        ("host", "backend", "80/tcp"): False,  # fromEntities: [host] (or all) admits the host
+    })
+
+
+def test_empty_peer_lists_select_nobody_and_still_enforce(world: World, agent: Agent, tmp_path: Path) -> None:
+    load_text(agent, tmp_path, "- endpointSelector: {matchLabels: {app: backend}}\n"
+                               "  ingress: [{fromEndpoints: [], toPorts: [{ports: [{port: '80', protocol: TCP}]}]}]\n"
+                               "- endpointSelector: {matchLabels: {app: frontend}}\n"
+                               "  egress: [{toEntities: []}]\n")
+    assert agent.json("endpoint", "get", world.endpoint["backend"])["policy"]["enforcement"]["ingress"] is True
+    judge(world, {
+        ("other", "backend", "80/tcp"): False,  # not "port 80 from anyone"
+        ("host", "backend", "80/tcp"): False,
+        ("frontend", "other", "80/tcp"): False,  # not "anywhere"
+        ("other", "frontend", "80/tcp"): True,
+    })
+
+
+UNENFORCEABLE = [
+    ("- endpointSelector: {matchLabels: {'reserved:host': ''}}\n  ingress: [{fromEntities: [world]}]\n",
+     "host policies) is not supported yet"),
+    ("- nodeSelector: {}\n  ingress: [{fromEntities: [world]}]\n",
+     "host policies (nodeSelector) are not supported yet"),
+    ("- endpointSelector: {matchLabels: {app: backend}}\n", "rule must have at least one of Ingress, IngressDeny"),
+    ("- endpointSelector: {matchLabels: {app: backend}}\n  ingress: []\n", "ingress: an empty list enforces nothing"),
+    ("kind: CiliumNetworkPolicy\nmetadata: {name: cg-x}\nspec:\n  endpointSelector: {matchLabels: {app: backend}}\n"
+     "  ingress: [{fromEndpoints: [{matchLabels: {'reserved:host': ''}}]}]\n", "name reserved identities with"),
+]
+
+
+def test_what_cannot_be_enforced_is_refused_alike_by_check_and_import(world: World, agent: Agent,
+                                                                      tmp_path: Path) -> None:
+    load(agent, "l4.yaml")
+    before = agent.json("policy", "get")
+    bad = tmp_path / "bad.yaml"
+    for text, fragment in UNENFORCEABLE:
+        bad.write_text(text)
+        imported = agent.cli("policy", "import", str(bad), check=False)
+        checked = agent.cli("policy", "check", "-o", "json", str(bad), check=False)
+        assert imported.returncode == 2 and fragment in imported.stderr, (text, imported.stderr)
+        assert checked.returncode == 1, (text, checked.stdout)
+        assert imported.stderr.strip() == f"cellgate: {json.loads(checked.stdout)['error']}"
+    assert agent.json("policy", "get") == before
+    assert not world.tcp("other", "backend", 80) and world.tcp("frontend", "backend", 80)
+
+
+def test_hostile_policy_files_are_refused_quickly_and_change_nothing(world: World, agent: Agent,
+                                                                     tmp_path: Path) -> None:
+    import time
+
+    load(agent, "l4.yaml")
+    before = agent.json("policy", "get")
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(5))
+    for name, text, fragment in (("deep.json", "[" * 200_000 + "]" * 200_000, "nested too deeply"),
+                                 ("deep.yaml", "- " + "[" * 200_000 + "]" * 200_000 + "\n", "nested too deeply"),
+                                 ("bomb.yaml", bomb, "too large: more than 200000 values")):
+        path = tmp_path / name
+        path.write_text(text)
+        started = time.monotonic()
+        imported = agent.cli("policy", "import", str(path), check=False)
+        assert imported.returncode == 2 and fragment in imported.stderr and "Traceback" not in imported.stderr, \
+            (name, imported.stderr[-2000:])
+        assert time.monotonic() - started < 10, name
+        checked = agent.cli("policy", "check", str(path), check=False)
+        assert checked.returncode == 1 and fragment in checked.stdout and "Traceback" not in checked.stderr
+    assert agent.json("policy", "get") == before
+    assert not world.tcp("other", "backend", 80)

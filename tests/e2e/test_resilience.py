@@ -7,6 +7,7 @@ import json
 import signal
 import socket
 import subprocess
+import time
 from typing import Any
 
 import pytest
@@ -204,6 +205,54 @@ def test_malformed_plugin_calls_get_err_and_change_nothing(scene: Scene, agent: 
     assert snapshot(agent) == before
     assert agent.links() == links
     assert agent.cli("status").returncode == 0  # still alive
+
+
+def _status_line(sock: socket.socket) -> int:
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = sock.recv(1)
+        assert chunk, f"connection closed after {line!r}"
+        line += chunk
+    return int(line.split()[1])
+
+
+def test_half_requests_and_open_monitors_stall_neither_docker_nor_the_cli(scene: Scene, agent: Agent) -> None:
+    """More clients than request workers stuck in half a request on both sockets, then more monitor
+    streams than their bound: Docker's calls and the CLI are still answered at once."""
+    clients: list[socket.socket] = []
+    try:
+        for path in (agent.plugin, agent.api):
+            for n in range(70):
+                sock = socket.socket(socket.AF_UNIX)
+                sock.settimeout(20)
+                sock.connect(str(path))
+                sock.sendall((b"", b"POST /NetworkDriver.CreateNetwork HTTP/1.1\r\nContent-Le")[n % 2])
+                clients.append(sock)
+        started = time.monotonic()
+        name = f"cgn{scene.tag}s"
+        scene.networks.append(name)
+        scene.d("network", "create", "-d", agent.name, "--ipam-driver", agent.name, name, timeout=20)
+        agent.cli("status")
+        assert time.monotonic() - started < 10
+
+        monitors = []
+        for _ in range(20):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(20)
+            sock.connect(str(agent.api))
+            sock.sendall(b"GET /v1/monitor HTTP/1.1\r\nHost: cellgate\r\n\r\n")
+            monitors.append(sock)
+            clients.append(sock)
+        statuses = [_status_line(sock) for sock in monitors]
+        assert statuses.count(200) == 16 and statuses.count(503) == 4, statuses
+        started = time.monotonic()
+        assert agent.json("status")["monitor"]["subscribers"] == 16
+        assert time.monotonic() - started < 5
+        gateway = scene.d.inspect(name)["IPAM"]["Config"][0]["Gateway"]
+        scene.exec(scene.run(name), "ping", "-c", "1", "-W", "2", gateway)  # CreateEndpoint, Join
+    finally:
+        for sock in clients:
+            sock.close()
 
 
 def test_monitor_shows_a_spoofed_packet_dropped(scene: Scene, agent: Agent) -> None:

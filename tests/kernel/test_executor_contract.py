@@ -10,11 +10,12 @@ import ipaddress
 import itertools
 import secrets
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
 from datapath import naming, plan
+from datapath.errors import KernelError
 from datapath.fake import FakeKernel
 from datapath.model import Endpoint, Network
 from datapath.plan import KernelObject, Neighbour, Programs, Veth
@@ -221,3 +222,81 @@ def test_endpoint_whose_link_vanished_is_removed_completely(backend: Backend) ->
     backend.converge(backend.desired(kept), gone_keys)  # what the agent's sweep does
 
     assert backend.observe() == backend.desired(kept)
+
+
+def _interrupted_create(backend: Backend, ep: Endpoint, monkeypatch: pytest.MonkeyPatch) -> Veth:
+    """Converge `ep` with the agent dying (here: failing) right after the kernel made its veth."""
+    desired = backend.desired(ep)
+    backend.foreign.append(ep.host_ifname)  # removed by name at the end, whatever happens
+    monkeypatch.setenv("CELLGATE_FAILPOINTS", "kernel.veth.created=error")
+    with pytest.raises(KernelError, match="failpoint"):
+        backend.converge(desired, plan.keys(desired))
+    monkeypatch.delenv("CELLGATE_FAILPOINTS")
+    return next(o for o in desired if isinstance(o, Veth))
+
+
+def test_a_veth_is_ours_from_the_request_that_creates_it(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No instant exists at which our veth is in the kernel without our mark: one interrupted
+    before it was tagged is observed as ours (with no tag yet), and a retried create completes it."""
+    ep = backend.endpoint()
+    veth = _interrupted_create(backend, ep, monkeypatch)
+
+    assert backend.observe({veth.key}) == {replace(veth, tag="")}
+    assert replace(veth, tag="") in backend.observe()
+
+    desired = backend.desired(ep)
+    change = backend.converge(desired, plan.keys(desired))  # the retried create
+    assert [(old.key, new) for old, new in change.change] == [(veth.key, veth)]  # completed in place
+    assert backend.observe() == desired
+    assert not backend.converge(desired, plan.keys(desired))
+
+
+def test_cleanup_removes_an_interrupted_veth_and_only_this_instances(
+    backends: tuple[Backend, Backend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mine, other = backends
+    ep, theirs = mine.endpoint(), other.endpoint()
+    _interrupted_create(mine, ep, monkeypatch)
+    their_veth = _interrupted_create(other, theirs, monkeypatch)
+
+    assert other.observe({their_veth.key}) == {replace(their_veth, tag="")}
+    assert mine.observe({their_veth.key}) == set()
+
+    mine.converge(set())  # what `cellgate cleanup` does
+    assert mine.observe() == set()
+    assert mine.link_gone(ep.host_ifname) and mine.link_gone(ep.peer_ifname)
+    assert other.observe({their_veth.key}) == {replace(their_veth, tag="")}  # the other instance's stays
+    other.converge(set())
+    assert other.observe() == set() and other.link_gone(theirs.host_ifname)
+
+
+def test_create_replaces_an_untagged_veth_only_with_this_endpoints_name_and_mac(
+    contract_instances: tuple[Instance, Instance],
+) -> None:
+    """An older agent killed between creating and tagging left an untagged veth with the endpoint's
+    derived name and MAC (a hash of the whole endpoint ID, which only cellgate computes): a retried
+    create of that endpoint replaces it. Our name with any other MAC is someone else's: refused, intact."""
+    backend = _kernel_backend(contract_instances[0])
+    try:
+        ep, stranger = backend.endpoint(), backend.endpoint()
+        backend.converge(backend.desired())  # the network
+        for e, mac in ((ep, ep.host_mac), (stranger, "02:00:5e:10:00:01")):
+            backend.foreign.append(e.host_ifname)
+            run("ip", "link", "add", e.host_ifname, "address", mac, "type", "veth", "peer", "name", e.peer_ifname)
+
+        desired = backend.desired(ep)
+        backend.converge(desired, plan.keys(desired))
+        assert backend.observe() == desired
+        shown = run("ip", "-d", "link", "show", "dev", ep.host_ifname).stdout
+        assert f"alias {naming.link_tag(backend.settings.instance) + ep.id}" in shown
+        assert f" group {naming.link_group(backend.settings.instance)} " in shown  # set by the creating request
+        peer = run("ip", "-d", "link", "show", "dev", ep.peer_ifname).stdout
+        assert " group default " in peer and "alias" not in peer  # the peer is never observed as ours
+
+        refused = backend.desired(stranger)
+        with pytest.raises(KernelError, match=f"{stranger.host_ifname} exists and is not owned"):
+            backend.converge(refused, plan.keys(plan.endpoint_objects(stranger, backend.settings)))
+        assert "02:00:5e:10:00:01" in run("ip", "link", "show", "dev", stranger.host_ifname).stdout
+        assert backend.observe(plan.keys(refused) - plan.keys(desired)) == set()
+    finally:
+        _clean(backend)

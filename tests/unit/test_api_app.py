@@ -103,6 +103,7 @@ def test_networks(api: FlaskClient, populated: Any) -> None:
         {
             "id": NET,
             "name": "",
+            "origin": "docker",
             "subnets": ["10.1.0.0/24"],
             "gateways": ["10.1.0.1"],
             "endpoints": 2,
@@ -257,7 +258,21 @@ def test_policy_import_accepts_a_crd(api: FlaskClient, agent: Agent) -> None:
     crd = {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy", "metadata": {"name": "p"},
            "spec": {"endpointSelector": {}, "egress": [{}]}}
     assert call(api, "POST", "/v1/policy", {"rules": crd})[0] == 200
-    assert call(api, "GET", "/v1/policy?labels=name=p")[1]["rules"][0]["labels"] == ["unspec:name=p"]
+    [shown] = call(api, "GET", "/v1/policy?labels=name=p")[1]["rules"]
+    assert shown["labels"] == ["unspec:name=p", "unspec:namespace=default"]
+    assert shown["rule"]["kind"] == "CiliumNetworkPolicy"  # the rule in its CRD: imported again, it means the same
+    assert shown["rule"]["metadata"] == {"namespace": "default"}
+
+
+DEEP = 50_000  # past the JSON decoder's recursion limit
+
+
+def test_the_cli_bounds_a_policy_as_the_agent_bounds_its_body() -> None:
+    """`policy check` refuses what the agent would refuse (413), so check and import agree."""
+    from datapath.policy import MAX_BYTES
+    from plugin.api.app import MAX_BODY
+
+    assert MAX_BYTES == MAX_BODY
 
 
 @pytest.mark.parametrize(
@@ -273,8 +288,16 @@ def test_policy_import_accepts_a_crd(api: FlaskClient, agent: Agent) -> None:
         (b'{"rules": [], "force": true}', 'send {"rules": [...]}'),
         (b'{"rules": []}', "the policy holds no rules"),
         (b'{"rules": [{"endpointSelector": {}, "ingres": []}]}', "rule 0: unknown field 'ingres'"),
-        (b'{"rules": [{"endpointSelector": {}}, {"endpointSelector": {}, "ingress": [{"toPorts": '
+        (b'{"rules": [{"endpointSelector": {}, "egress": [{}]}, {"endpointSelector": {}, "ingress": [{"toPorts": '
          b'[{"ports": [{"port": "99999"}]}]}]}]}', "rule 1: ingress[0].toPorts[0].ports[0].port"),
+        (b'{"rules": [{"endpointSelector": {}}]}', "rule 0: rule must have at least one of Ingress, IngressDeny"),
+        (b'{"rules": [{"nodeSelector": {}, "ingress": [{}]}]}', "host policies (nodeSelector) are not supported"),
+        (b'{"rules": [{"endpointSelector": {"matchLabels": {"reserved:host": ""}}, "ingress": [{}]}]}',
+         "selects reserved:host"),
+        (b'{"rules": [{"endpointSelector": {}, "ingress": [{}], "description": ' + b"[" * 100 + b"]" * 100 + b"}]}",
+         "the policy is nested too deeply: more than 32 levels"),
+        (b'{"rules": ' + b"[" * DEEP + b"]" * DEEP + b"}", "nested too deeply"),
+        (b'{"rules": {"a": ' * 10_000 + b"1" + b"}" * 10_000, "nested too deeply"),
         (b'{"rules": [{"endpointSelector": {}, "egress": [{"toCIDR": ["1.1.1.1/32"]}]}]}', "not supported yet"),
         (b'{"rules": {"kind": "CiliumNetworkPolicy", "metadata": "p", "spec": {"endpointSelector": {}}}}',
          "metadata must be an object"),

@@ -93,3 +93,99 @@ def test_other_invalid_files(tmp_path: Path, capsys: pytest.CaptureFixture[str],
 def test_a_missing_file_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["policy", "check", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml" in capsys.readouterr().err
+
+
+# -- `policy check` and `policy import` answer alike; hostile files are refused with a message -----
+
+BILLION_LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(8))
+
+
+def hostile(kind: str) -> str:
+    if kind == "deep-json":
+        return "[" * 100_000 + "]" * 100_000
+    if kind == "deep-json-object":
+        return '{"a": ' * 50_000 + "1" + "}" * 50_000
+    if kind == "deep-yaml-flow":
+        return "- " + "[" * 100_000 + "]" * 100_000 + "\n"
+    if kind == "deep-yaml-block":
+        return "".join("  " * i + "- \n" for i in range(600)) + "  " * 600 + "- x\n"
+    if kind == "just-too-deep-json":
+        return json.dumps([{"endpointSelector": {}, "egress": [{}], "description": [[[[[[[[[[[[[[[[[[[[[[[[[[[[
+            [[["x"]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}])
+    if kind == "alias-bomb":
+        return BILLION_LAUGHS
+    if kind == "recursive-alias":
+        return "&a [*a]\n"
+    if kind == "huge":
+        return json.dumps([{"endpointSelector": {}, "egress": [{}], "description": "x" * (1 << 20)}])
+    if kind == "yaml-date":
+        return "- endpointSelector: {}\n  egress: [{}]\n  labels: [{key: since, value: 2024-01-01}]\n"
+    raise AssertionError(kind)
+
+
+HOSTILE = [
+    ("deep-json", "nested too deeply"),
+    ("deep-json-object", "nested too deeply"),
+    ("deep-yaml-flow", "nested too deeply"),
+    ("deep-yaml-block", "nested too deeply"),
+    ("just-too-deep-json", "nested too deeply: more than 32 levels"),
+    ("alias-bomb", "too large"),
+    ("recursive-alias", "recursive YAML alias"),
+    ("huge", "larger than 1048576 bytes"),
+    ("yaml-date", "JSON cannot carry"),
+]
+
+
+def check_and_import(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str) -> tuple[str, str]:
+    """The error of `policy check` and of `policy import` (whose agent does not exist: a file refused
+    locally never tries to reach it)."""
+    path = write(tmp_path, "p.yaml", text)
+    assert cli.main(["policy", "check", "-o", "json", path]) == 1
+    checked = json.loads(capsys.readouterr().out)["error"]
+    assert cli.main(["policy", "import", path, "--socket", str(tmp_path / "no-agent.sock")]) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "cannot reach" not in captured.err, captured.err
+    assert captured.err.startswith("cellgate: ")
+    return checked, captured.err.strip().removeprefix("cellgate: ")
+
+
+@pytest.mark.parametrize(("kind", "fragment"), HOSTILE)
+def test_hostile_files_are_refused_alike_by_check_and_import(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              kind: str, fragment: str) -> None:
+    import time
+
+    started = time.monotonic()
+    checked, imported = check_and_import(tmp_path, capsys, hostile(kind))
+    assert time.monotonic() - started < 10
+    assert fragment in checked and checked == imported
+
+
+INVALID = [
+    "endpointSelector: {}\negres: [{}]\n",
+    "- endpointSelector: {matchLabels: {app: web}}\n",  # no section
+    "- nodeSelector: {}\n  ingress: [{}]\n",
+    "- endpointSelector: {matchLabels: {'reserved:host': ''}}\n  ingress: [{}]\n",
+    "- endpointSelector: {}\n  ingress: []\n",
+    "- endpointSelector: {}\n  ingress: [{fromEndpoints: [{}], toPorts: []}]\n",
+    "kind: CiliumNetworkPolicy\nmetadata: {name: x, namespace: Bad_Name}\nspec: {endpointSelector: {}, egress: [{}]}\n",
+    "kind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec: {endpointSelector: {}, ingress: [{fromEndpoints: "
+    "[{matchLabels: {'reserved:world': ''}}]}]}\n",
+    "- endpointSelector: {}\n  egress: [{}]\n  labels: [{key: a, value: .nan}]\n",
+    "endpointSelector: {matchLabels: {app: [",
+]
+
+
+@pytest.mark.parametrize("text", INVALID)
+def test_check_and_import_give_the_same_message(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                text: str) -> None:
+    checked, imported = check_and_import(tmp_path, capsys, text)
+    assert checked == imported
+
+
+def test_import_parses_before_it_sends(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A valid file gets as far as the agent (absent here); check says it is valid."""
+    path = write(tmp_path, "ok.yaml", VALID_YAML)
+    assert cli.main(["policy", "import", path, "--socket", str(tmp_path / "no-agent.sock")]) == 2
+    assert "cannot reach the cellgate agent" in capsys.readouterr().err
+    assert cli.main(["policy", "check", path]) == 0

@@ -18,6 +18,7 @@ from plugin.service import Agent
 from tests.unit.helpers import DockerPlugin, hexid, snapshot
 
 NET = hexid("docker-net")
+NET2 = hexid("docker-net-2")
 EP = hexid("docker-ep")
 SANDBOX = "/var/run/docker/netns/0123456789ab"
 MAC_KEY = "com.docker.network.endpoint.macaddress"
@@ -459,6 +460,21 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
         "not inside pool",
     ),
     ("NetworkDriver.CreateNetwork", {**NETWORK, "IPv4Data": [], "IPv6Data": V4DATA}, "must be IPv6"),
+    # pools and gateways another IPAM driver (or a client other than Docker) may hand us
+    ("NetworkDriver.CreateNetwork", {**NETWORK, "NetworkID": NET2, "IPv4Data": [{"Pool": "127.0.0.0/24",
+     "Gateway": "127.0.0.1/24"}]}, "field IPv4Data[0].Pool 127.0.0.0/24 overlaps 127.0.0.0/8 (loopback)"),
+    ("NetworkDriver.CreateNetwork", {**NETWORK, "NetworkID": NET2, "IPv4Data": [{"Pool": "224.1.0.0/24",
+     "Gateway": "224.1.0.1/24"}]}, "224.0.0.0/4 (multicast)"),
+    ("NetworkDriver.CreateNetwork", {**NETWORK, "NetworkID": NET2, "IPv4Data": [{"Pool": "169.254.9.0/24",
+     "Gateway": "169.254.9.1/24"}]}, "169.254.0.0/16 (link-local)"),
+    ("NetworkDriver.CreateNetwork", {**NETWORK, "NetworkID": NET2, "IPv4Data": [], "IPv6Data": [{"Pool": "fe80::/64",
+     "Gateway": "fe80::1/64"}]}, "field IPv6Data[0].Pool fe80::/64 overlaps fe80::/10 (link-local)"),
+    ("NetworkDriver.CreateNetwork", {**NETWORK, "NetworkID": NET2, "IPv4Data": [{"Pool": "10.3.0.0/24",
+     "Gateway": "10.3.0.0/24"}]}, "field IPv4Data[0].Gateway 10.3.0.0/24 is the network address of 10.3.0.0/24"),
+    ("NetworkDriver.CreateNetwork", {**NETWORK, "NetworkID": NET2, "IPv4Data": [{"Pool": "10.3.0.0/24",
+     "Gateway": "10.3.0.255/24"}]}, "field IPv4Data[0].Gateway 10.3.0.255/24 is the broadcast address of 10.3.0.0/24"),
+    ("NetworkDriver.CreateNetwork", {**NETWORK, "NetworkID": NET2, "IPv6Data": [{"Pool": "fd00:3::/64",
+     "Gateway": "fd00:3::/64"}]}, "field IPv6Data[0].Gateway fd00:3::/64 is the subnet-router anycast address"),
     ("NetworkDriver.CreateEndpoint", {**ENDPOINT, "EndpointID": "endpoint-1"}, "hexadecimal ID"),
     ("NetworkDriver.CreateEndpoint", {**ENDPOINT, "EndpointID": "abc"}, "hexadecimal ID"),
     ("NetworkDriver.CreateEndpoint", {**ENDPOINT, "Interface": "10.1.0.9/24"}, "Interface must be an object"),
@@ -478,6 +494,26 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
         "unicast",
     ),
     ("NetworkDriver.CreateEndpoint", {**ENDPOINT, "Interface": {"Address": "10.7.0.9/24"}}, "not in a subnet"),
+    (
+        "NetworkDriver.CreateEndpoint",
+        {**ENDPOINT, "Interface": {"Address": "10.1.0.9/16"}},
+        "endpoint address 10.1.0.9/16 has prefix length /16",
+    ),
+    (
+        "NetworkDriver.CreateEndpoint",
+        {**ENDPOINT, "Interface": {"Address": "10.1.0.9/25"}},
+        "endpoint address 10.1.0.9/25 has prefix length /25",
+    ),
+    (
+        "NetworkDriver.CreateEndpoint",
+        {**ENDPOINT, "Interface": {"Address": "10.1.0.0/24"}},
+        "endpoint address 10.1.0.0/24 is the network address of 10.1.0.0/24",
+    ),
+    (
+        "NetworkDriver.CreateEndpoint",
+        {**ENDPOINT, "Interface": {"Address": "10.1.0.255/24"}},
+        "endpoint address 10.1.0.255/24 is the broadcast address of 10.1.0.0/24",
+    ),
     ("NetworkDriver.Join", {**JOIN, "SandboxKey": None}, "missing field SandboxKey"),
     ("NetworkDriver.Join", {**JOIN, "SandboxKey": "netns/abc"}, "absolute path"),
     ("NetworkDriver.Join", {**JOIN, "SandboxKey": "/x" * 3000}, "too long"),
@@ -485,6 +521,16 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
     ("NetworkDriver.Leave", {"NetworkID": NET, "EndpointID": ["x"]}, "must be a string"),
     ("NetworkDriver.AllocateNetwork", {"NetworkID": NET, "Options": {}, "IPv4Data": V4DATA}, "swarm"),
     ("IpamDriver.RequestPool", {**POOL, "AddressSpace": None}, "missing field AddressSpace"),
+    ("IpamDriver.RequestPool", {**POOL, "AddressSpace": "LocalDefault"}, "unknown address space 'LocalDefault'"),
+    ("IpamDriver.RequestPool", {**POOL, "AddressSpace": "x" * 200, "Pool": "10.5.0.0/24"}, "unknown address space"),
+    ("IpamDriver.RequestPool", {**POOL, "Pool": "127.0.0.0/24"}, "subnet 127.0.0.0/24 overlaps 127.0.0.0/8"),
+    ("IpamDriver.RequestPool", {**POOL, "Pool": "224.0.0.0/24"}, "(multicast)"),
+    ("IpamDriver.RequestPool", {**POOL, "Pool": "240.0.0.0/24"}, "240.0.0.0/4 (reserved"),
+    ("IpamDriver.RequestPool", {**POOL, "Pool": "0.0.0.0/24"}, "0.0.0.0/8 ('this network')"),
+    ("IpamDriver.RequestPool", {**POOL, "Pool": "fe80::/64", "V6": True}, "fe80::/10 (link-local)"),
+    ("IpamDriver.RequestPool", {**POOL, "Pool": "ff05::/64", "V6": True}, "ff00::/8 (multicast)"),
+    ("IpamDriver.RequestPool", {**POOL, "Pool": "::ffff:0:0/96", "V6": True}, "::ffff:0:0/96 (IPv4-mapped)"),
+    ("IpamDriver.RequestPool", {**POOL, "Pool": "::/64", "V6": True}, "::/128 (the unspecified address)"),
     ("IpamDriver.RequestPool", {**POOL, "Pool": "10.1.0.1/24"}, "host bits"),
     ("IpamDriver.RequestPool", {**POOL, "Pool": 10}, "CIDR string"),
     ("IpamDriver.RequestPool", {**POOL, "SubPool": "10.1.0.0/25"}, "needs a subnet"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from datapath.errors import AddressExhausted, Conflict, InvalidRequest, NotFound, StateError
 from ipam.allocator import (
     GATEWAY_TYPE,
+    GLOBAL_SPACE,
     LOCAL_SPACE,
     MAC_KEY,
     REQUEST_TYPE_KEY,
@@ -566,3 +568,102 @@ def test_rollback_of_a_racing_create_keeps_the_winners_gateway(ipam: Ipam) -> No
     ipam.release_address(winner.id, ip("10.1.0.1"))
     ipam.release_pool(winner.id)
     assert ipam.pools() == []
+
+
+# -- special-purpose ranges and address spaces ---------------------------------------------------
+
+SPECIAL_SUBNETS = [
+    ("127.0.0.0/24", "127.0.0.0/8 (loopback)"),
+    ("127.0.0.0/8", "loopback"),
+    ("224.0.0.0/8", "multicast"),
+    ("239.1.0.0/16", "multicast"),
+    ("169.254.0.0/16", "link-local"),
+    ("169.0.0.0/8", "169.254.0.0/16 (link-local)"),  # a supernet overlaps too
+    ("0.0.0.0/8", "'this network'"),
+    ("240.0.0.0/8", "reserved"),
+    ("255.255.255.0/24", "reserved"),  # holds 255.255.255.255
+    ("fe80::/32", "link-local"),
+    ("fe80::/64", "link-local"),
+    ("ff00::/32", "multicast"),
+    ("ff02::/64", "multicast"),
+    ("::ffff:0:0/96", "IPv4-mapped"),
+    ("::ffff:10.0.0.0/120", "IPv4-mapped"),
+    ("::/64", "::/128 (the unspecified address)"),  # also holds ::1 and the IPv4-mapped range
+]
+
+
+@pytest.mark.parametrize(("subnet", "text"), SPECIAL_SUBNETS)
+def test_special_purpose_subnets_are_refused_and_change_nothing(
+    ipam: Ipam, store: MemoryStore, subnet: str, text: str
+) -> None:
+    before = state(ipam, store)
+    with pytest.raises(InvalidRequest, match=re.escape(f"subnet {net(subnet)} overlaps") + ".*" + re.escape(text)):
+        ipam.request_pool(req(subnet, v6=":" in subnet))
+    assert state(ipam, store) == before
+
+
+@pytest.mark.parametrize(
+    "subnet",
+    ["100.64.0.0/10", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "198.18.0.0/15", "192.0.2.0/24",
+     "126.255.255.0/24", "128.0.0.0/8", "223.255.255.0/24", "fd00:1::/64", "64:ff9b::/96", "2001:db8::/32",
+     "fe00::/32", "fec0::/64"],
+)
+def test_private_shared_and_other_unicast_subnets_stay_allowed(ipam: Ipam, subnet: str) -> None:
+    assert ipam.request_pool(req(subnet, v6=":" in subnet)).subnet == net(subnet)
+
+
+@pytest.mark.parametrize("space", ["", "LocalDefault", "GlobalDefault", "cellgatelocal", "CellgateLocal/x"])
+def test_unknown_address_spaces_are_refused(ipam: Ipam, store: MemoryStore, space: str) -> None:
+    before = state(ipam, store)
+    for subnet in ("10.1.0.0/24", None):
+        with pytest.raises(InvalidRequest, match="unknown address space"):
+            ipam.request_pool(PoolRequest(space, net(subnet) if subnet else None, None, False))
+    assert state(ipam, store) == before
+
+
+def test_both_of_our_address_spaces_are_served(ipam: Ipam) -> None:
+    assert ipam.request_pool(PoolRequest(GLOBAL_SPACE, net("10.1.0.0/24"), None, False)).id == \
+        "CellgateGlobal/10.1.0.0/24"
+    assert ipam.request_pool(PoolRequest(LOCAL_SPACE, None, None, False)).space == LOCAL_SPACE
+
+
+@pytest.mark.parametrize(
+    ("v4", "v6", "text"),
+    [
+        ("127.0.0.0/16", "fd00::/64", "host range 127.0.0.0/16 overlaps 127.0.0.0/8"),
+        ("0.0.0.0/0", "fd00::/64", "host range 0.0.0.0/0 overlaps 0.0.0.0/8"),
+        ("224.0.0.0/16", "fd00::/64", "multicast"),
+        ("169.254.0.0/16", "fd00::/64", "link-local"),
+        ("10.0.0.0/16", "fe80::/64", "host range fe80::/64 overlaps fe80::/10"),
+        ("10.0.0.0/16", "ff00::/16", "multicast"),
+        ("10.0.0.0/16", "::/0", "host range ::/0 overlaps ::/128"),
+    ],
+)
+def test_host_ranges_refuse_special_purpose_ranges(v4: str, v6: str, text: str) -> None:
+    with pytest.raises(InvalidRequest, match=re.escape(text)):
+        HostRanges(net(v4), net(v6), 24, 80)
+
+
+@pytest.mark.parametrize(
+    ("subnet", "address", "text"),
+    [
+        ("fd00:1::/64", "fd00:1::", "subnet-router anycast address of fd00:1::/64"),
+        ("10.1.0.0/24", "10.1.0.0", "network address of 10.1.0.0/24"),
+        ("10.1.0.0/24", "10.1.0.255", "broadcast address of 10.1.0.0/24"),
+    ],
+)
+def test_request_address_refuses_the_subnets_own_addresses(
+    ipam: Ipam, store: MemoryStore, subnet: str, address: str, text: str
+) -> None:
+    pool = ipam.request_pool(req(subnet, v6=":" in subnet))
+    before = state(ipam, store)
+    for options in ({}, GW):  # aux (before the network exists) and gateway requests
+        with pytest.raises(InvalidRequest, match=text):
+            ipam.request_address(pool.id, ip(address), options)
+    ipam.bind_network(NET_ID, [pool.subnet])
+    before = state(ipam, store)
+    with pytest.raises(InvalidRequest, match=text):
+        ipam.request_address(pool.id, ip(address), mac(1))
+    assert state(ipam, store) == before
+    handed = {ipam.request_address(pool.id, None, mac(i))[1].address for i in range(2, 300 if ":" in subnet else 255)}
+    assert ip(address) not in handed

@@ -17,8 +17,13 @@ SEL = {"matchLabels": {"app": "web"}}
 TCP, UDP, SCTP, ICMP = 6, 17, 132, 1
 
 
+SECTIONS = ("ingress", "egress", "ingressDeny", "egressDeny")
+
+
 def rule(**fields: Any) -> dict[str, Any]:
-    return {"endpointSelector": SEL, **fields}
+    """A rule selecting SEL; one without a section gets `egress: [{}]` (a rule needs one, as Cilium's)."""
+    section = {} if any(k in fields for k in SECTIONS) else {"egress": [{}]}
+    return {"endpointSelector": SEL, **section, **fields}
 
 
 def ingress_ports(*ports: dict[str, Any]) -> dict[str, Any]:
@@ -132,16 +137,19 @@ def crd(**fields: Any) -> dict[str, Any]:
     return {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy", "metadata": {"name": "allow-web"}, **fields}
 
 
-def test_crd_spec_is_labelled_with_its_name() -> None:
+def test_crd_spec_is_labelled_with_its_name_and_namespace() -> None:
     [r] = parse_rules(crd(spec=rule(ingress=[{"fromEntities": ["host"]}])))
-    assert r.labels == (Label("unspec", "name", "allow-web"),)
+    assert r.labels == (Label("unspec", "name", "allow-web"), Label("unspec", "namespace", "default"))
     assert r.ingress[0].entities == ("host",)
+    assert (r.kind, r.namespace) == ("CiliumNetworkPolicy", "default")
 
 
 def test_crd_specs_and_own_labels() -> None:
     rules = parse_rules([crd(specs=[rule(), rule(labels=["own=1"])]),
+                         {"kind": "CiliumClusterwideNetworkPolicy", "metadata": {"name": "cw"}, "spec": rule()},
                          {"kind": "CiliumClusterwideNetworkPolicy", "spec": rule(egress=[{}])}])
-    assert [r.labels for r in rules] == [(Label("unspec", "name", "allow-web"),), (Label("unspec", "own", "1"),), ()]
+    named = (Label("unspec", "name", "allow-web"), Label("unspec", "namespace", "default"))
+    assert [r.labels for r in rules] == [named, (Label("unspec", "own", "1"),), (Label("unspec", "name", "cw"),), ()]
 
 
 @pytest.mark.parametrize(
@@ -149,8 +157,8 @@ def test_crd_specs_and_own_labels() -> None:
     [
         (crd(spec=rule(), status={}), "policy 0: unknown field 'status'"),
         (crd(kind="NetworkPolicy", spec=rule()), "policy 0: unsupported kind 'NetworkPolicy'"),
-        (crd(spec=rule(ingres=[])), "policy 0 spec 0: unknown field 'ingres'"),
-        (crd(specs=[rule(), {"ingress": []}]), "policy 0 spec 1: endpointSelector is required"),
+        (crd(spec=rule(ingres=[])), "policy 0 spec: unknown field 'ingres'"),
+        (crd(specs=[rule(), {"ingress": []}]), "policy 0 specs[1]: endpointSelector is required"),
         (crd(metadata="allow-web", spec=rule()), "policy 0: metadata must be an object"),
         (crd(metadata={"name": ["x"]}, spec=rule()), "policy 0: metadata must be an object with a string name"),
     ],
@@ -425,7 +433,8 @@ def test_a_crd_name_label_survives_a_reload() -> None:
     store = MemoryStore()
     Repository(store).add(parse_rules(crd(spec=rule(ingress=[{"fromEntities": ["host"]}]))))
     reborn = Repository(store)
-    assert [r.labels for r in reborn.rules] == [(Label("unspec", "name", "allow-web"),)]
+    assert [r.labels for r in reborn.rules] == [(Label("unspec", "name", "allow-web"),
+                                                 Label("unspec", "namespace", "default"))]
     assert reborn.delete([Label("any", "name", "allow-web")]) == (2, 1)
 
 
@@ -447,4 +456,4 @@ def test_rules_stored_by_older_agents_load() -> None:
 )
 def test_enable_default_deny_is_validated(value: object, message: str) -> None:
     with pytest.raises(InvalidRequest, match=message):
-        parse_rules([{"endpointSelector": {}, "enableDefaultDeny": value}])
+        parse_rules([{"endpointSelector": {}, "egress": [{}], "enableDefaultDeny": value}])

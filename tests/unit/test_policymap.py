@@ -202,9 +202,12 @@ def test_port_ranges_and_any_protocol() -> None:
     }
 
 
-def test_a_wildcard_selector_is_one_entry_for_any_peer() -> None:
+def test_a_wildcard_selector_is_one_entry_per_endpoint_never_any_peer() -> None:
+    """`{}` selects every endpoint, not the host or world: peer 0 would admit those too."""
     entries = comp([{"endpointSelector": WEB_SEL, "ingress": [{"fromEndpoints": [{}]}]}])
-    assert entries == {anykey(ids.ANY): ALLOW1, **OPEN_EGRESS}
+    assert entries == {**{anykey(n): ALLOW1 for n in (WEB, DB, DEV, CACHE)}, **OPEN_EGRESS}
+    assert not decide(entries, WEB, False, ids.HOST, TCP, 80).allowed
+    assert not decide(entries, WEB, False, ids.WORLD, TCP, 80).allowed
 
 
 @pytest.mark.parametrize(
@@ -377,7 +380,9 @@ def test_mode_never_allows_everything_whatever_the_rules() -> None:
 
 def test_init_is_closed_when_rules_exist_unless_one_selects_it() -> None:
     assert comp(RULES, subject=ids.INIT) == {}
-    entries = comp([*RULES, {"endpointSelector": {}, "egress": [{"toEntities": ["host"]}]}], subject=ids.INIT)
+    assert comp([*RULES, {"endpointSelector": {}, "egress": [{"toEntities": ["host"]}]}], subject=ids.INIT) == {}
+    init = {"matchLabels": {"reserved:init": ""}}  # `{}` selects endpoints; init must be named
+    entries = comp([*RULES, {"endpointSelector": init, "egress": [{"toEntities": ["host"]}]}], subject=ids.INIT)
     assert entries == {anykey(ids.HOST, egress=True, subject=ids.INIT): PolicyValue(False, 2)}
     assert comp([], subject=ids.INIT) == {anykey(0, subject=ids.INIT): DEFAULT,
                                           anykey(0, egress=True, subject=ids.INIT): DEFAULT}

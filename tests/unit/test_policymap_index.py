@@ -10,10 +10,10 @@ import pytest
 from datapath import identity as ids
 from datapath.errors import InvalidRequest
 from datapath.labels import LabelSet, from_runtime
-from datapath.policy import Rule, Selector, parse_rules
+from datapath.policy import Rule, Scope, Selector, parse_rules, parse_selector
 from datapath.policymap import Entries, LabelIndex, compile_all, compile_subject
 
-APPS, TIERS = ("a", "b", "c", "d"), ("x", "y")
+APPS, TIERS, NAMESPACES = ("a", "b", "c", "d"), ("x", "y"), ("default", "prod")
 MODES = ("default", "always", "never")
 
 
@@ -21,6 +21,8 @@ def _selector(rng: random.Random) -> dict[str, Any]:
     pick = rng.random()
     if pick < 0.15:
         return {}
+    if pick < 0.2:
+        return {"matchLabels": {"k8s:io.kubernetes.pod.namespace": rng.choice(NAMESPACES)}}
     if pick < 0.5:
         return {"matchLabels": {"app": rng.choice(APPS)}}
     if pick < 0.7:
@@ -39,6 +41,8 @@ def _scene(rng: random.Random) -> tuple[dict[int, LabelSet], list[Rule]]:
         raw = {"app": rng.choice(APPS), "tier": rng.choice(TIERS)}
         if rng.random() < 0.3:
             raw["env"] = "prod"
+        if rng.random() < 0.4:  # else in namespace default, without the label
+            raw["io.kubernetes.pod.namespace"] = rng.choice(NAMESPACES)
         identities[number] = from_runtime(raw, rng.choice(("container", "cni")))
     while True:
         rules = []
@@ -47,10 +51,16 @@ def _scene(rng: random.Random) -> tuple[dict[int, LabelSet], list[Rule]]:
             for direction, peers in (("ingress", "fromEndpoints"), ("egress", "toEndpoints"),
                                      ("ingressDeny", "fromEndpoints")):
                 if rng.random() < 0.5:
-                    entry: dict[str, Any] = {peers: [_selector(rng)]}
+                    entry: dict[str, Any] = {peers: [_selector(rng)] if rng.random() < 0.9 else []}
                     if rng.random() < 0.5:
                         entry["toPorts"] = [{"ports": [{"port": str(rng.choice((80, 443))), "protocol": "TCP"}]}]
                     rule[direction] = [entry]
+            pick = rng.random()
+            if pick < 0.3:
+                rule = {"kind": "CiliumNetworkPolicy", "metadata": {"namespace": rng.choice(NAMESPACES)},
+                        "spec": rule}
+            elif pick < 0.4:
+                rule = {"kind": "CiliumClusterwideNetworkPolicy", "spec": rule}
             rules.append(rule)
         try:
             return identities, parse_rules(rules)
@@ -81,5 +91,7 @@ def test_index_matching_equals_selector_matches(seed: int) -> None:
     identities, _ = _scene(rng)
     index = LabelIndex(identities)
     for _ in range(20):
-        selector: Selector = parse_rules([{"endpointSelector": _selector(rng)}])[0].selector
+        selector: Selector = parse_selector(_selector(rng), "test")
         assert sorted(index.matching(selector)) == sorted(n for n, lb in identities.items() if selector.matches(lb))
+        scoped = Scope("CiliumNetworkPolicy", rng.choice(NAMESPACES)).peer(selector, "test", "fromEntities")
+        assert sorted(index.matching(scoped)) == sorted(n for n, lb in identities.items() if scoped.matches(lb))

@@ -37,8 +37,10 @@ CASES = [
     # (selector, labels, matches)
     ({}, WEB, True),
     ({}, NOLABELS, True),
-    ({}, HOST, True),  # an empty selector matches reserved identities too (v1.2)
-    ({"matchLabels": {}}, WORLD, True),
+    ({}, HOST, False),  # an empty selector selects endpoints, never a reserved identity (entities name those)
+    ({"matchLabels": {}}, WORLD, False),
+    ({}, INIT, False),
+    ({"matchLabels": {"host": ""}}, HOST, False),  # only a key with the reserved: source selects one
     ({"matchLabels": {"app": "web"}}, WEB, True),
     ({"matchLabels": {"app": "web"}}, K8S, True),  # no source: any source
     ({"matchLabels": {"app": "web"}}, DB, False),
@@ -69,7 +71,8 @@ CASES = [
     (expr("app", "NotIn", "web"), WEB, False),
     (expr("app", "NotIn", "web", "db"), DB, False),
     (expr("app", "NotIn", "web"), NOLABELS, True),  # absent key: not in, as Kubernetes
-    (expr("app", "NotIn", "web"), HOST, True),
+    (expr("app", "NotIn", "web"), HOST, False),  # nor does a selector that only excludes
+    (expr("app", "DoesNotExist"), WORLD, False),
     (expr("container:app", "NotIn", "web"), K8S, True),  # a k8s:app label is not container:app
     # Exists
     (expr("app", "Exists"), WEB, True),

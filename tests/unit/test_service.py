@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -181,6 +182,52 @@ def test_bad_endpoints_are_refused_and_change_nothing(
     before = snapshot(agent)
     with pytest.raises(error):
         agent.create_endpoint(network, EP2, ipaddress.IPv4Interface(address) if address else None, None)
+    assert snapshot(agent) == before
+
+
+@pytest.mark.parametrize(
+    ("gateway", "text"),
+    [
+        ("127.0.0.1/24", "subnet 127.0.0.0/24 overlaps 127.0.0.0/8 (loopback)"),
+        ("224.0.0.1/24", "multicast"),
+        ("169.254.1.1/16", "link-local"),
+        ("0.0.0.1/24", "'this network'"),
+        ("255.255.255.1/24", "reserved"),
+        ("fe80::1/64", "link-local"),
+        ("ff02::1/64", "multicast"),
+        ("::ffff:10.0.0.1/120", "IPv4-mapped"),
+        ("10.3.0.0/24", "gateway 10.3.0.0/24 is the network address of 10.3.0.0/24"),
+        ("10.3.0.255/24", "gateway 10.3.0.255/24 is the broadcast address of 10.3.0.0/24"),
+        ("fd00:3::/64", "gateway fd00:3::/64 is the subnet-router anycast address of fd00:3::/64"),
+    ],
+)
+def test_networks_from_another_ipam_with_impossible_subnets_or_gateways_are_refused(
+    agent: Agent, pool_a: Pool, gateway: str, text: str
+) -> None:
+    before = snapshot(agent)
+    with pytest.raises(InvalidRequest, match=re.escape(text)):
+        agent.create_network(NET_B, [ipaddress.ip_interface(gateway)])
+    assert snapshot(agent) == before
+
+
+@pytest.mark.parametrize(
+    ("v4", "v6", "text"),
+    [
+        ("10.1.0.9/16", None, "endpoint address 10.1.0.9/16 has prefix length /16, but network"),
+        ("10.1.0.9/32", None, "has prefix length /32"),
+        ("10.1.0.0/24", None, "endpoint address 10.1.0.0/24 is the network address of 10.1.0.0/24"),
+        ("10.1.0.255/24", None, "endpoint address 10.1.0.255/24 is the broadcast address of 10.1.0.0/24"),
+        ("10.1.0.9/24", "fd00:a::/80", "endpoint address fd00:a::/80 is the subnet-router anycast address"),
+        ("10.1.0.9/24", "fd00:a::9/64", "endpoint address fd00:a::9/64 has prefix length /64"),
+    ],
+)
+def test_endpoint_addresses_an_interface_cannot_have_are_refused(
+    agent: Agent, v4: str, v6: str | None, text: str
+) -> None:
+    agent.create_network(NET_A, [ipaddress.IPv4Interface("10.1.0.1/24"), ipaddress.IPv6Interface("fd00:a::1/80")])
+    before = snapshot(agent)
+    with pytest.raises(InvalidRequest, match=re.escape(text)):
+        agent.create_endpoint(NET_A, EP1, ipaddress.IPv4Interface(v4), ipaddress.IPv6Interface(v6) if v6 else None)
     assert snapshot(agent) == before
 
 
@@ -435,11 +482,11 @@ def test_ipam_check_uses_live_endpoints(
     agent: Agent, pool_a: Pool, clock: FakeClock, two_endpoints: tuple[Endpoint, Endpoint]
 ) -> None:
     stray = agent.request_address(pool_a.id, None, {})[1].address
-    assert agent.ipam_check().ok
+    assert agent.ipam_check()[0].ok
     clock.advance(120)
-    report = agent.ipam_check(release=True)
+    report, _ = agent.ipam_check(release=True)
     assert [x.address for x in report.released] == [stray]
-    assert agent.ipam_check().ok
+    assert agent.ipam_check()[0].ok
 
 
 def test_status(agent: Agent, clock: FakeClock, two_endpoints: tuple[Endpoint, Endpoint]) -> None:
