@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: setup run demo test test-unit test-kernel test-e2e lint typecheck clean bench bench-quick bench-micro bench-deps install-cni
+.PHONY: setup run demo test test-unit test-kernel test-e2e lint typecheck clean bench bench-quick bench-micro bench-deps install-cni image plugin
 
 setup:            ## apt packages, kernel headers link, .venv with cellgate installed (idempotent)
 	@bash .ci/setup.sh
@@ -29,6 +29,18 @@ test-e2e: setup
 
 install-cni: setup  ## the cellgate-cni plugin into /opt/cni/bin (CNI_BIN_DIR=... to change)
 	$(VENV)/bin/cellgate install-cni --dir $(or $(CNI_BIN_DIR),/opt/cni/bin)
+
+# Packaging (docs/packaging.md). Both talk to the dockerd of DOCKER_HOST (default socket otherwise).
+# The Debian rootfs is cached in /var/cache/cellgate by a hash of its package list: minutes once,
+# seconds after that. `plugin/` is a folder, hence .PHONY.
+IMAGE  ?= cellgate:$(shell sed -n 's/^version *= *//p' setup.cfg)
+PLUGIN ?= cellgate
+
+image: setup      ## the agent image $(IMAGE) (Dockerfile): Debian rootfs + cellgate, no registry
+	@bash plugin/managed/build.sh image $(IMAGE)
+
+plugin: setup     ## the Docker managed plugin $(PLUGIN) from the same rootfs; then: docker plugin enable $(PLUGIN)
+	@bash plugin/managed/build.sh plugin $(PLUGIN) $(IMAGE)
 
 # Benchmarks (root; every run makes and removes its own cgb… namespaces, links, containers, chains
 # and agents). Results: bench/results/$(BENCH_RUN).{json,md,png}. See bench/README.md.

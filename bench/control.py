@@ -25,7 +25,7 @@ class Api:
     """Timed calls to an agent's REST API: (wall ms, agent's own ms from Server-Timing, body)."""
 
     def __init__(self, sock: Path) -> None:
-        from plugin.api.client import Client
+        from plugin.client import Client
 
         self.client = Client(str(sock), timeout=300)
 
@@ -241,7 +241,7 @@ def docker_true(dockerd: rig.Dockerd, image: str, tag: str, kind: str) -> float:
 
 def expected_key(api: Api, layout: Any, port_base: int) -> Any:
     """The kernel key of rule 0 of a set: e0 accepts TCP/port_base from e1."""
-    from datapath.policymap import PolicyKey
+    from datapath.policy.compile import PolicyKey
 
     eps = api.call("GET", "/v1/endpoints")[2]
     by_app = {lbl.split("=", 1)[1]: int(e["identity"]) for e in eps for lbl in e["labels"]
@@ -254,7 +254,7 @@ def load_policy_entries(cleanup: Cleanup, tag: str, runs: int, add: Any) -> None
     from datapath.kernel import layout
     from datapath.kernel.executor import KernelExecutor
     from datapath.kernel.loader import Datapath, remove_pins
-    from datapath.policymap import PolicyKey, PolicyValue
+    from datapath.policy.compile import PolicyKey, PolicyValue
 
     pin = Path("/sys/fs/bpf") / f"{tag}p"
     cleanup.push(f"pins {pin}", remove_pins, pin)

@@ -248,7 +248,7 @@ class Rig:
 
     def _policy(self, pol_cli: str, pol_addr: str, open_cli: str) -> None:
         """Rules for the cg_policy pair; check they are in force (the open client is refused)."""
-        from plugin.api.client import Client
+        from plugin.client import Client
 
         api = Client(str(self.agent.api), timeout=60)
         wait_until(lambda: all(any(lbl.endswith(f"app={app}") for e in api.get("/v1/endpoints")

@@ -96,7 +96,7 @@ class Maps:
         """The real compiler's entries for: B accepts TCP/80 from A; A may send TCP/80 to B."""
         from datapath.labels import from_runtime
         from datapath.policy import parse_rules
-        from datapath.policymap import compile_all
+        from datapath.policy.compile import compile_all
 
         rules = parse_rules([
             {"endpointSelector": {"matchLabels": {"app": "b"}},

@@ -250,7 +250,7 @@ class Agent:
         assert self.proc is not None
         if self.proc.proc.poll() is not None:
             raise RuntimeError(f"agent {self.name} exited:\n{self.log.read_text()[-2000:]}")
-        from plugin.api.client import ApiError, Client
+        from plugin.client import ApiError, Client
 
         try:
             Client(str(self.api), timeout=5).get("/v1/healthz")
@@ -264,7 +264,7 @@ class Agent:
             self.proc = None
 
     def client(self) -> Any:
-        from plugin.api.client import Client
+        from plugin.client import Client
 
         return Client(str(self.api), timeout=120)
 

@@ -10,12 +10,15 @@
  */
 #include "lib/common.h"
 #include "lib/maps.h"
+#include "lib/ctx.h"
 #include "lib/events.h"
+#include "lib/identity.h"
 #include "lib/arp.h"
 #include "lib/route.h"
 #include "lib/l4.h"
 #include "lib/conntrack.h"
 #include "lib/policy.h"
+#include "lib/pipeline.h"
 #include "lib/ipv4.h"
 #include "lib/ipv6.h"
 

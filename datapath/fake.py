@@ -13,13 +13,107 @@ from typing import Any
 from datapath import failpoints
 from datapath.errors import InvalidRequest, KernelError
 from datapath.model import IPAddress, IPInterface
-from datapath.plan import HostDevice, IPNetwork, KernelObject, Key, Plan, Veth
-from datapath.policymap import PolicyKey, PolicyValue
+from datapath.plan import (
+    AddressEntry,
+    EndpointEntry,
+    HostAddress,
+    HostDevice,
+    IpcacheEntry,
+    IPNetwork,
+    KernelObject,
+    Key,
+    Masquerade,
+    Neighbour,
+    Plan,
+    Programs,
+    Route,
+    Veth,
+)
+from datapath.policy.compile import PolicyKey, PolicyValue
+
+
+class _Stored:
+    """A kind held as plain values by key: map entries, iptables rules."""
+
+    goes_with_link = False  # deleting a link takes its addresses, routes, neighbours and filters
+
+    def __init__(self, fake: FakeKernel) -> None:
+        self.fake = fake
+
+    def add(self, obj: KernelObject) -> None:
+        if obj.key in self.fake.objects:
+            raise KernelError(f"{obj.key} exists")
+        self.fake.store(obj)
+
+    def change(self, old: KernelObject, new: KernelObject) -> None:
+        self.fake.store(new)
+
+    def remove(self, obj: KernelObject) -> None:
+        self.fake.objects.pop(obj.key, None)
+
+
+class _AddressEntries(_Stored):
+    def remove(self, obj: KernelObject) -> None:
+        assert isinstance(obj, AddressEntry)
+        have = self.fake.objects.pop(obj.key, None)
+        if isinstance(have, AddressEntry) and have.dev.startswith("@"):
+            # Its link vanished: the endpoint entry, keyed by the dead link, goes with it.
+            self.fake.objects.pop((EndpointEntry.kind, have.dev), None)
+
+
+class _OnLink(_Stored):
+    """Addresses, routes, neighbours and tc programs: they live on a link and die with it."""
+
+    goes_with_link = True
+
+    def add(self, obj: KernelObject) -> None:
+        dev = getattr(obj, "dev", "")
+        if dev in self.fake.foreign:
+            raise KernelError(f"link {dev} is missing or not owned by cellgate instance")
+        super().add(obj)
+
+
+class _Links(_Stored):
+    """Host devices and veths: created untagged, then tagged; deleting one drops what is on it."""
+
+    def add(self, obj: KernelObject) -> None:
+        assert isinstance(obj, (HostDevice, Veth))
+        if obj.name in self.fake.foreign:
+            raise KernelError(f"link {obj.name} exists and is not owned by cellgate instance")
+        have = self.fake.objects.get(obj.key)
+        if have is not None and have not in (obj, replace(obj, tag="")):
+            raise KernelError(f"{obj.key} exists")
+        if isinstance(obj, Veth) and have is None:
+            self.fake.store(replace(obj, tag=""))  # the kernel makes a link in one request, tags it in the next
+            failpoints.hit("kernel.veth.created")
+        self.fake.store(obj)
+
+    def remove(self, obj: KernelObject) -> None:
+        assert isinstance(obj, (HostDevice, Veth))
+        self.fake.objects.pop(obj.key, None)
+        self.fake.drop_link(obj.name)
+
+
+# One in-memory handler per plan kind, as datapath.kernel.executor has one real handler per kind.
+HANDLERS: dict[str, type[_Stored]] = {
+    HostDevice.kind: _Links,
+    Veth.kind: _Links,
+    HostAddress.kind: _OnLink,
+    Programs.kind: _OnLink,
+    Neighbour.kind: _OnLink,
+    Route.kind: _OnLink,
+    EndpointEntry.kind: _Stored,
+    AddressEntry.kind: _AddressEntries,
+    IpcacheEntry.kind: _Stored,
+    Masquerade.kind: _Stored,
+}
 
 
 class FakeKernel:
     def __init__(self) -> None:
         self.objects: dict[Key, KernelObject] = {}
+        self.handlers = {kind: cls(self) for kind, cls in HANDLERS.items()}
+        self.foreign: set[str] = set()  # links someone else made: never observed, changed or removed
         self.routes: list[IPNetwork] = []
         self.applied: list[Plan] = []
         self.fail: Callable[[KernelObject], bool] | None = None  # make matching adds fail
@@ -31,51 +125,50 @@ class FakeKernel:
     def observe(self, keys: Iterable[Key] | None = None) -> set[KernelObject]:
         if keys is None:
             return set(self.objects.values())
+        for key in keys:
+            if key[0] not in self.handlers:
+                raise KernelError(f"unknown kernel object kind {key[0]!r}")
         return {self.objects[k] for k in keys if k in self.objects}
 
     def apply(self, plan: Plan) -> None:
         self.applied.append(plan)
         for obj in plan.remove:
-            self.objects.pop(obj.key, None)
-            if isinstance(obj, (Veth, HostDevice)):
-                self._drop_dependents(obj.name)
-        for _, new in plan.change:
-            self._add(new)
+            self.handlers[obj.kind].remove(obj)
+        for old, new in plan.change:
+            self.handlers[new.kind].change(old, new)
         for obj in plan.add:
-            have = self.objects.get(obj.key)
-            if have is not None and not (isinstance(obj, (Veth, HostDevice)) and have in (obj, replace(obj, tag=""))):
-                raise KernelError(f"{obj.key} exists")
-            if isinstance(obj, Veth) and have is None:
-                self._add(replace(obj, tag=""))  # the kernel makes a link in one request, tags it in the next
-                failpoints.hit("kernel.veth.created")
-            self._add(obj)
+            self.handlers[obj.kind].add(obj)
 
-    def _add(self, obj: KernelObject) -> None:
+    def store(self, obj: KernelObject) -> None:
         if self.fail is not None and self.fail(obj):
             raise KernelError(f"injected failure adding {obj.key}")
         self.objects[obj.key] = obj
 
-    def _drop_dependents(self, dev: str) -> None:
-        """Deleting a link takes its addresses, routes, neighbours and filters with it."""
+    def drop_link(self, dev: str) -> None:
+        """What the kernel does when a link goes: whatever lives on it goes too."""
         for key, obj in list(self.objects.items()):
-            if getattr(obj, "dev", None) == dev and key[0] in ("address", "route", "neighbour", "programs"):
+            if getattr(obj, "dev", None) == dev and self.handlers[key[0]].goes_with_link:
                 del self.objects[key]
 
     def vanish(self, dev: str) -> None:
         """Simulate a link disappearing behind our back (container netns destroyed)."""
-        for key, obj in list(self.objects.items()):
-            owned_by_dev = getattr(obj, "name", None) == dev or getattr(obj, "dev", None) == dev
-            if owned_by_dev and key[0] not in ("endpoint-entry", "address-entry"):
+        for kind in (HostDevice.kind, Veth.kind):
+            self.objects.pop((kind, dev), None)
+        self.drop_link(dev)
+        for key, obj in list(self.objects.items()):  # map entries now name a dead link index
+            if isinstance(obj, (EndpointEntry, AddressEntry)) and obj.dev == dev:
                 del self.objects[key]
+                self.store(replace(obj, dev=f"@{dev}"))
+
+    def add_foreign_link(self, name: str) -> None:
+        """A link with our naming made by someone else (no tag): it is never ours."""
+        self.foreign.add(name)
 
     def host_routes(self) -> list[IPNetwork]:
         return list(self.routes)
 
     def counters(self) -> dict[int, tuple[int, int]]:
         return {}
-
-    def ifname(self, ifindex: int) -> str | None:
-        return None
 
     def host_addresses(self) -> list[IPAddress]:
         return list(self.addresses)

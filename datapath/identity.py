@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from datapath.errors import AddressExhausted
 from datapath.labels import Label, LabelSet, canonical, reserved
-from ipam.store import DocumentStore
+from datapath.store import DocumentStore
 
 log = logging.getLogger(__name__)
 

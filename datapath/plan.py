@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from datapath import naming
 from datapath.model import Endpoint, IPAddress, Network
@@ -46,44 +47,53 @@ class EndpointValue:
 
 
 # -- kernel objects ------------------------------------------------------------------------
-# Each has a `key` (what it is) and compares by value (how it should be). Applying adds
-# in ORDER and removes in reverse, so dependencies come first.
+# Each has a `kind` (which handler in datapath.kernel and datapath.fake owns it), a `key`
+# (what it is, starting with the kind) and compares by value (how it should be). Applying
+# adds in ORDER and removes in reverse, so dependencies come first. An endpoint's objects
+# also say how a scoped desired_state() finds their owner (`scoped_by`): "dev" when key[1]
+# is the endpoint's host device, "ip" when it is its address, "host-route" when it is its
+# /32 or /128. A new kind is a class here, a place in ORDER, and a handler in each adapter.
 
 
 @dataclass(frozen=True)
 class HostDevice:
+    kind: ClassVar[str] = "device"
     name: str
     tag: str
 
     @property
     def key(self) -> tuple[str, ...]:
-        return ("device", self.name)
+        return (self.kind, self.name)
 
 
 @dataclass(frozen=True)
 class HostAddress:
+    kind: ClassVar[str] = "address"
     dev: str
     address: IPAddress
 
     @property
     def key(self) -> tuple[str, ...]:
-        return ("address", self.dev, str(self.address))
+        return (self.kind, self.dev, str(self.address))
 
 
 @dataclass(frozen=True)
 class IpcacheEntry:
     """An address (or prefix) that is not a local endpoint, with its identity."""
 
+    kind: ClassVar[str] = "ipcache"
     prefix: IPNetwork
     identity: int
 
     @property
     def key(self) -> tuple[str, ...]:
-        return ("ipcache", str(self.prefix))
+        return (self.kind, str(self.prefix))
 
 
 @dataclass(frozen=True)
 class Veth:
+    kind: ClassVar[str] = "veth"
+    scoped_by: ClassVar[str] = "dev"
     name: str
     mac: str
     tag: str
@@ -96,69 +106,80 @@ class Veth:
 
     @property
     def key(self) -> tuple[str, ...]:
-        return ("veth", self.name)
+        return (self.kind, self.name)
 
 
 @dataclass(frozen=True)
 class EndpointEntry:
+    kind: ClassVar[str] = "endpoint-entry"
+    scoped_by: ClassVar[str] = "dev"
     dev: str
     value: EndpointValue
 
     @property
     def key(self) -> tuple[str, ...]:
-        return ("endpoint-entry", self.dev)
+        return (self.kind, self.dev)
 
 
 @dataclass(frozen=True)
 class AddressEntry:
+    kind: ClassVar[str] = "address-entry"
+    scoped_by: ClassVar[str] = "ip"
     address: IPAddress
     dev: str
     value: EndpointValue
 
     @property
     def key(self) -> tuple[str, ...]:
-        return ("address-entry", str(self.address))
+        return (self.kind, str(self.address))
 
 
 @dataclass(frozen=True)
 class Programs:
+    kind: ClassVar[str] = "programs"
+    scoped_by: ClassVar[str] = "dev"
     dev: str
     revision: str
 
     @property
     def key(self) -> tuple[str, ...]:
-        return ("programs", self.dev)
+        return (self.kind, self.dev)
 
 
 @dataclass(frozen=True)
 class Neighbour:
+    kind: ClassVar[str] = "neighbour"
+    scoped_by: ClassVar[str] = "dev"
     dev: str
     address: IPAddress
     mac: str
 
     @property
     def key(self) -> tuple[str, ...]:
-        return ("neighbour", self.dev, str(self.address))
+        return (self.kind, self.dev, str(self.address))
 
 
 @dataclass(frozen=True)
 class Route:
+    kind: ClassVar[str] = "route"
+    scoped_by: ClassVar[str] = "host-route"
     dst: IPNetwork
     dev: str
     src: IPAddress | None = None
 
     @property
     def key(self) -> tuple[str, ...]:
-        return ("route", str(self.dst))
+        return (self.kind, str(self.dst))
 
 
 @dataclass(frozen=True)
 class Masquerade:
+    kind: ClassVar[str] = "masquerade"
     subnet: ipaddress.IPv4Network
 
     @property
     def key(self) -> tuple[str, ...]:
-        return ("masquerade", str(self.subnet))
+        return (self.kind, str(self.subnet))
 
 
 KernelObject = (
@@ -172,8 +193,12 @@ ORDER = (
 )
 
 
+KINDS: Mapping[str, type[KernelObject]] = {cls.kind: cls for cls in ORDER}
+_RANK = {cls: rank for rank, cls in enumerate(ORDER)}
+
+
 def _rank(obj: KernelObject) -> int:
-    return ORDER.index(type(obj))
+    return _RANK[type(obj)]
 
 
 @dataclass(frozen=True)
@@ -299,12 +324,13 @@ def _scope_owners(scope: set[Key]) -> tuple[set[str], set[IPAddress]]:
     devices: set[str] = set()
     ips: set[IPAddress] = set()
     for key in scope:
-        kind = key[0]
-        if kind in ("veth", "endpoint-entry", "programs", "neighbour"):
+        cls = KINDS.get(key[0])
+        owner = getattr(cls, "scoped_by", "")
+        if owner == "dev":
             devices.add(key[1])
-        elif kind == "address-entry":
+        elif owner == "ip":
             ips.add(ipaddress.ip_address(key[1]))
-        elif kind == "route":
+        elif owner == "host-route":
             net = ipaddress.ip_network(key[1])
             if net.prefixlen == net.max_prefixlen:
                 ips.add(net.network_address)

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 from datapath.model import IPAddress, IPInterface
 from datapath.plan import IPNetwork, KernelObject, Key, Plan
-from datapath.policymap import PolicyKey, PolicyValue
+from datapath.policy.compile import PolicyKey, PolicyValue
 
 
 class Kernel(Protocol):
@@ -28,8 +28,6 @@ class Kernel(Protocol):
     def counters(self) -> dict[int, tuple[int, int]]:
         """Packets and bytes per verdict code, summed over CPUs."""
         ...
-
-    def ifname(self, ifindex: int) -> str | None: ...
 
     def host_addresses(self) -> list[IPAddress]:
         """Addresses configured on the host (they carry the host identity)."""

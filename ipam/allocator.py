@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from datapath.errors import Conflict, InvalidRequest, NotFound
+from datapath.store import DocumentStore
 from ipam.pool import (
     KIND_AUX,
     KIND_ENDPOINT,
@@ -28,16 +29,12 @@ from ipam.pool import (
     check_subnet,
     pool_id,
 )
-from ipam.store import DocumentStore
 
 log = logging.getLogger(__name__)
 
 LOCAL_SPACE = "CellgateLocal"
 GLOBAL_SPACE = "CellgateGlobal"
 
-GATEWAY_TYPE = "com.docker.network.gateway"
-REQUEST_TYPE_KEY = "RequestAddressType"
-MAC_KEY = "com.docker.network.endpoint.macaddress"
 
 
 @dataclass(frozen=True)
@@ -270,13 +267,16 @@ class Ipam:
     # -- addresses --------------------------------------------------------------------------
 
     def request_address(
-        self, pid: str, address: Address | None, options: Mapping[str, str], owner: str = ""
+        self, pid: str, address: Address | None, kind: str = KIND_ENDPOINT, mac: str = "", owner: str = ""
     ) -> tuple[Pool, Allocation]:
-        """Reserve an address; `owner` binds it to its endpoint in the same write (CNI knows it up front)."""
+        """Reserve an address of `kind`: the pool's gateway, an aux address (reserved with the
+        network, so only while the pool has no network yet and with an address given; otherwise
+        it is an endpoint's), or an endpoint's (`mac` makes a retried request idempotent).
+        `owner` binds an endpoint's address to its endpoint in the same write (CNI knows it up front)."""
         with self._lock:
             pool = self.pool(pid)
             now = self._clock()
-            if options.get(REQUEST_TYPE_KEY) == GATEWAY_TYPE:
+            if kind == KIND_GATEWAY:
                 if address is None and pool.gateway is not None:
                     return pool, pool.allocations[pool.gateway]
                 if address is None:
@@ -285,13 +285,12 @@ class Ipam:
                 else:
                     new = pool.set_gateway(address, now)
                     alloc = new.allocations[address]
-            elif not options and address is not None and not pool.network_id:
-                # --aux-address: requested while the network is being created, no options.
+            elif kind == KIND_AUX and address is not None and not pool.network_id:
                 if address in pool.allocations and pool.allocations[address].kind == KIND_AUX:
                     return pool, pool.allocations[address]
                 new, alloc = pool.allocate(address, KIND_AUX, now=now)
             else:
-                mac = options.get(MAC_KEY, "").lower()
+                mac = mac.lower()
                 retry = pool.pending_for(mac)
                 if retry is not None and address in (None, retry.address):
                     return pool, retry

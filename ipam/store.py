@@ -1,7 +1,8 @@
 """A directory of JSON documents written atomically (temp file, fsync, rename, fsync dir).
 
-Standard library only. A document that cannot be read back is moved aside as
-`<name>.corrupt-<time>` and reported, never allowed to stop the agent from starting.
+The file adapter of the floor's port (datapath.store.DocumentStore); standard library and
+datapath only. A document that cannot be read back is moved aside as `<name>.corrupt-<time>`
+and reported, never allowed to stop the agent from starting.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from datapath.errors import StateError
 
@@ -56,16 +57,6 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise StateError(f"cannot persist {path.name}: {exc.strerror or exc}") from exc
 
 
-class DocumentStore(Protocol):
-    """Where a component keeps its documents; the file-backed and in-memory ones behave alike."""
-
-    def put(self, key: str, doc: dict[str, Any]) -> None: ...
-
-    def delete(self, key: str) -> None: ...
-
-    def load(self) -> Iterator[tuple[str, dict[str, Any]]]: ...
-
-
 class JsonDir:
     """Documents as files in one directory; every put is durable before it returns."""
 
@@ -102,24 +93,3 @@ class JsonDir:
                 path.rename(aside)
                 continue
             yield path.stem, doc
-
-
-class MemoryStore:
-    """In-memory DocumentStore for tests and dry runs."""
-
-    def __init__(self) -> None:
-        self.docs: dict[str, dict[str, Any]] = {}
-        self.fail_next: Exception | None = None
-
-    def put(self, key: str, doc: dict[str, Any]) -> None:
-        if self.fail_next is not None:
-            exc, self.fail_next = self.fail_next, None
-            raise exc
-        self.docs[key] = json.loads(json.dumps(doc))
-
-    def delete(self, key: str) -> None:
-        self.docs.pop(key, None)
-
-    def load(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        for key, doc in sorted(self.docs.items()):
-            yield key, json.loads(json.dumps(doc))

@@ -27,16 +27,15 @@ from datapath.policy import Repository
 from ipam.allocator import HostRanges, Ipam
 from ipam.store import JsonDir
 from plugin.api.app import create_app as create_api
-from plugin.api.cni import register as register_cni
 from plugin.cni.install import install as install_cni
-from plugin.cni.service import CniService
 from plugin.config import Config
 from plugin.docker.app import create_app as create_docker
 from plugin.docker.watcher import DockerWatcher
 from plugin.monitor import EventHub
-from plugin.policy import PolicyState
 from plugin.server import UnixServer
 from plugin.service import Agent
+from plugin.service.cni import CniService
+from plugin.service.policy import PolicyState
 
 log = logging.getLogger("cellgate")
 
@@ -99,7 +98,7 @@ class Runtime:
         )
         self.kernel.set_config(False, self.agent.timeouts, verdicts=False)  # until a monitor asks
         self.restore = self.agent.restore()
-        self.watcher = DockerWatcher(self.agent, cfg.docker_host, cfg.docker_resync)
+        self.watcher = DockerWatcher(self.agent, cfg.docker_host, cfg.docker_resync, cfg.driver_name)
         self.agent.reconcile_grace = cfg.reconcile_grace
         self.agent.runtime_view = self.watcher.view  # what `ipam check` judges Docker's state by
         if cfg.cni_bin_dir:
@@ -114,8 +113,7 @@ class Runtime:
         self.servers: list[UnixServer] = []
         try:
             self.servers.append(UnixServer(cfg.plugin_socket, create_docker(self.agent), "docker plugin"))
-            api = create_api(self.agent, self.hub, self.info)
-            register_cni(api, CniService(self.agent, NetnsOps()))
+            api = create_api(self.agent, self.hub, self.info, CniService(self.agent, NetnsOps()))
             self.servers.append(UnixServer(cfg.api_socket, api, "API"))
         except CellgateError:
             for server in self.servers:
@@ -154,10 +152,7 @@ class Runtime:
             if len(self._ifnames) > 65536:
                 self._ifnames.clear()
             self._ifnames[ifindex] = name
-        for ep in list(self.agent.endpoints.values()):
-            if ep.host_ifname == name:
-                return ep.id
-        return ""
+        return self.agent.endpoint_on(name) if name else ""
 
     def _read_events(self) -> None:
         offset = events.boot_offset()
@@ -172,7 +167,7 @@ class Runtime:
             for side in ("src", "dst"):
                 number = ev.get(f"{side}_identity")
                 if number:
-                    ev[f"{side}_labels"] = self.agent.policy.labels_of(number)
+                    ev[f"{side}_labels"] = self.agent.labels_of(number)
             self.hub.publish(ev)
 
         while not self.stop.is_set():
@@ -201,7 +196,7 @@ class Runtime:
         for server in self.servers:
             server.start()
         log.info("agent %s ready in %.0f ms (datapath %s, %d endpoints)", self.cfg.name,
-                 self.ready_seconds * 1000, self.datapath.revision, len(self.agent.endpoints))
+                 self.ready_seconds * 1000, self.datapath.revision, self.agent.endpoint_count())
         self.stop.wait()
         log.info("agent %s stopping", self.cfg.name)
         for server in self.servers:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from plugin.api.client import ApiError, Client
+from plugin.client import ApiError, Client
 from plugin.config import Config, default_api_socket
 
 

@@ -70,11 +70,15 @@ class Config:
     docker_resync: float = 60.0
     cni_bin_dir: str = "/opt/cni/bin"
     reconcile_grace: float = 60.0
+    driver_name: str = ""  # empty: the instance name
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--name", default=_env("CELLGATE_NAME", "cellgate"),
                             help="instance and Docker driver name [CELLGATE_NAME, default cellgate]")
+        parser.add_argument("--driver-name", default=_env("CELLGATE_DRIVER_NAME", ""),
+                            help="the driver name Docker uses, when not NAME (a managed plugin: NAME:latest) "
+                                 "[CELLGATE_DRIVER_NAME]")
         parser.add_argument("--plugin-socket", default=_env("CELLGATE_PLUGIN_SOCKET", ""),
                             help="Docker plugin socket [CELLGATE_PLUGIN_SOCKET, "
                                  "default /run/docker/plugins/NAME.sock]")
@@ -144,6 +148,7 @@ class Config:
             docker_resync=args.docker_resync,
             cni_bin_dir=args.cni_bin_dir,
             reconcile_grace=args.reconcile_grace,
+            driver_name=args.driver_name,
         )
 
 

@@ -25,7 +25,7 @@ def load(path: str) -> tuple[Any, list[Rule]]:
     data = decode(read(path), path)
     check_shape(data)
     try:
-        body = json.dumps({"rules": data}, allow_nan=False)  # as plugin.api.client sends it
+        body = json.dumps({"rules": data}, allow_nan=False)  # as plugin.client sends it
     except (TypeError, ValueError) as exc:  # YAML dates, NaN...
         raise InvalidRequest(f"the policy holds a value JSON cannot carry: {exc}") from None
     size = len(body.encode())

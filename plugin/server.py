@@ -84,7 +84,13 @@ class _Prefixed(io.RawIOBase):
             buffer[:n] = self._head[:n]
             self._head = self._head[n:]
             return n
-        return int(self._raw.readinto(buffer))
+        try:
+            return int(self._raw.readinto(buffer))
+        except ConnectionResetError:
+            # A client that went away with a reset reads as the end of its stream: werkzeug
+            # drains the socket after a reply and would skip closing the response on this error,
+            # leaving a stream's generator (and its slot) open until garbage collection.
+            return 0
 
     def fileno(self) -> int:
         return int(self._raw.fileno())

@@ -89,10 +89,10 @@
 #define CG_EVENT_TRACE     3   /* a forwarded packet (only while tracing is on) */
 
 /* Conntrack states (events and trace). */
-#define CT_NEW             0
-#define CT_ESTABLISHED     1
-#define CT_REPLY           2
-#define CT_RELATED         3
+#define CG_CT_NEW          0
+#define CG_CT_ESTABLISHED  1
+#define CG_CT_REPLY        2
+#define CG_CT_RELATED      3
 
 /* Reserved identities (datapath/identity.py). */
 #define CG_ID_ANY          0

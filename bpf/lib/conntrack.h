@@ -66,9 +66,9 @@ static __always_inline void cg_ct_touch(struct cg_ct_value *ct, const struct cg_
 
 	if (reply)
 		flags |= CG_CT_F_REPLIED;
-	if (f->tcp_flags & TCP_FLAG_RST)
+	if (f->tcp_flags & CG_TCP_F_RST)
 		flags |= CG_CT_F_RST;
-	if (f->tcp_flags & TCP_FLAG_FIN)
+	if (f->tcp_flags & CG_TCP_F_FIN)
 		flags |= reply ? CG_CT_F_FIN_REV : CG_CT_F_FIN_FWD;
 	if (flags != ct->flags)
 		ct->flags = flags;
@@ -87,26 +87,26 @@ static __always_inline int cg_ct_lookup(const struct cg_flow *f, struct cg_ct_va
 
 	*entry = NULL;
 	if (f->frag)
-		return CT_NEW;            /* no ports: policy alone decides */
+		return CG_CT_NEW;            /* no ports: policy alone decides */
 	cg_ct_key(&key, f, 1);
 	ct = cg_ct.lookup(&key);
 	if (ct && ct->expires > now) {
 		*entry = ct;
 		if (f->related)
-			return CT_RELATED;
+			return CG_CT_RELATED;
 		cg_ct_touch(ct, f, skb, 1, now);
-		return CT_REPLY;
+		return CG_CT_REPLY;
 	}
 	cg_ct_key(&key, f, 0);
 	ct = cg_ct.lookup(&key);
 	if (ct && ct->expires > now) {
 		*entry = ct;
 		if (f->related)
-			return CT_RELATED;
+			return CG_CT_RELATED;
 		cg_ct_touch(ct, f, skb, 0, now);
-		return CT_ESTABLISHED;
+		return CG_CT_ESTABLISHED;
 	}
-	return CT_NEW;
+	return CG_CT_NEW;
 }
 
 static __always_inline int cg_ct_create(const struct cg_flow *f, struct __sk_buff *skb,
@@ -127,7 +127,7 @@ static __always_inline int cg_ct_create(const struct cg_flow *f, struct __sk_buf
 	ct.policy_sides = policy_sides;
 	ct.packets = 1;
 	ct.bytes = skb->len;
-	if (f->tcp_flags & TCP_FLAG_RST)
+	if (f->tcp_flags & CG_TCP_F_RST)
 		ct.flags |= CG_CT_F_RST;
 	ct.expires = now + cg_ct_lifetime(&ct, f->ct_proto);
 	if (cg_ct.update(&key, &ct) < 0)

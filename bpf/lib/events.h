@@ -4,6 +4,7 @@
 
 #include "lib/common.h"
 #include "lib/maps.h"
+#include "lib/ctx.h"
 
 static __always_inline void cg_count(struct __sk_buff *skb, __u32 code)
 {
@@ -82,32 +83,6 @@ static __always_inline void cg_event_describe(struct __sk_buff *skb, struct cg_e
 			ev->dport = tc[1];
 		}
 	}
-}
-
-/* What a program learned about a packet on its way to a verdict; reported with it. */
-struct cg_ctx {
-	__u32 src_identity;
-	__u32 dst_identity;
-	__u32 rule;
-	__u32 cfg_flags;    /* cg_config.flags, read once per packet (cg_ctx_init) */
-	__u32 policy_rev;   /* cg_config.policy_rev, likewise */
-	__u8  ct_state;
-	__u8  side;         /* 1 = the sender's egress decided, 0 = the receiver's ingress */
-	__u8  dir;          /* CG_DIR_* */
-	__u8  pad;
-};
-
-/* A packet's context, with what it needs of cg_config read once, before any policy lookup:
- * the agent bumps policy_rev after its map writes, so a verdict decided while they were
- * under way is cached with the older number and decided again on the flow's next packet. */
-static __always_inline void cg_ctx_init(struct cg_ctx *ctx, __u8 dir)
-{
-	__u32 zero = 0;
-	struct cg_config *cfg = cg_config.lookup(&zero);
-
-	ctx->dir = dir;
-	ctx->cfg_flags = cfg ? cfg->flags : 0;
-	ctx->policy_rev = cfg ? cfg->policy_rev : 0;
 }
 
 static __always_inline void cg_notify(struct __sk_buff *skb, const struct cg_ctx *ctx, __u8 type, __u8 reason)

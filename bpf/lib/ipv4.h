@@ -7,7 +7,7 @@
 #include "lib/events.h"
 #include "lib/route.h"
 #include "lib/l4.h"
-#include "lib/policy.h"
+#include "lib/pipeline.h"
 
 #define CG_IP4_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
 #define CG_IP4_TTL_OFF  (ETH_HLEN + offsetof(struct iphdr, ttl))
@@ -35,17 +35,11 @@ static __always_inline int cg_ipv4_from_ep(struct __sk_buff *skb, const struct c
 	ret = cg_flow_ipv4(skb, &ip, &f, 1);
 	if (ret < 0)
 		return ret;
-	dst = cg_lookup_ip(4, &ip.daddr);
-	ctx->src_identity = ep->identity;
-	ctx->dst_identity = dst ? dst->identity : cg_ipcache_identity(4, (const __u8 *)&ip.daddr);
-	ret = cg_policy_flow(skb, ctx, &f, 1, dst != NULL);
+	ret = cg_stage_from_ep(skb, ctx, ep, &f, 4, (const __u8 *)&ip.daddr, &dst);
 	if (ret < 0)
 		return ret;
-	if (!dst || ip.ttl <= 1) {
-		/* Host-bound, routed out, or expiring: the stack knows what to do. */
-		cg_forwarded(skb, ctx, CG_OK_STACK);
-		return TC_ACT_OK;
-	}
+	if (!dst || ip.ttl <= 1)
+		return cg_stage_to_stack(skb, ctx);
 	ttl = ip.ttl - 1;
 	bpf_l3_csum_replace(skb, CG_IP4_CSUM_OFF, bpf_htons(ip.ttl << 8), bpf_htons(ttl << 8), 2);
 	bpf_skb_store_bytes(skb, CG_IP4_TTL_OFF, &ttl, 1, 0);
@@ -63,10 +57,5 @@ static __always_inline int cg_ipv4_to_ep(struct __sk_buff *skb, const struct cg_
 	ret = cg_flow_ipv4(skb, &ip, &f, 0);
 	if (ret < 0)
 		return ret;
-	ctx->src_identity = cg_peer_identity(4, (const __u8 *)&ip.saddr);
-	ret = cg_policy_flow(skb, ctx, &f, 0, 1);
-	if (ret < 0)
-		return ret;
-	cg_forwarded(skb, ctx, CG_OK_TO_EP);
-	return TC_ACT_OK;
+	return cg_stage_to_ep(skb, ctx, &f, 4, (const __u8 *)&ip.saddr);
 }

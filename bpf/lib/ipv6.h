@@ -7,7 +7,7 @@
 #include "lib/events.h"
 #include "lib/route.h"
 #include "lib/l4.h"
-#include "lib/policy.h"
+#include "lib/pipeline.h"
 
 #define CG_IP6_HOPLIMIT_OFF (ETH_HLEN + offsetof(struct ipv6hdr, hop_limit))
 #define CG_ICMP6_OFF        (ETH_HLEN + sizeof(struct ipv6hdr))
@@ -151,16 +151,11 @@ static __always_inline int cg_ipv6_from_ep(struct __sk_buff *skb, const struct c
 	ret = cg_flow_ipv6(skb, &ip6, &f, 1);
 	if (ret < 0)
 		return ret;
-	dst = cg_lookup_ip(6, ip6.daddr.in6_u.u6_addr8);
-	ctx->src_identity = ep->identity;
-	ctx->dst_identity = dst ? dst->identity : cg_ipcache_identity(6, ip6.daddr.in6_u.u6_addr8);
-	ret = cg_policy_flow(skb, ctx, &f, 1, dst != NULL);
+	ret = cg_stage_from_ep(skb, ctx, ep, &f, 6, ip6.daddr.in6_u.u6_addr8, &dst);
 	if (ret < 0)
 		return ret;
-	if (!dst || ip6.hop_limit <= 1) {
-		cg_forwarded(skb, ctx, CG_OK_STACK);
-		return TC_ACT_OK;
-	}
+	if (!dst || ip6.hop_limit <= 1)
+		return cg_stage_to_stack(skb, ctx);
 	hops = ip6.hop_limit - 1;
 	bpf_skb_store_bytes(skb, CG_IP6_HOPLIMIT_OFF, &hops, 1, 0);
 	return cg_deliver_local(skb, ctx, dst);
@@ -191,10 +186,5 @@ static __always_inline int cg_ipv6_to_ep(struct __sk_buff *skb, const struct cg_
 	ret = cg_flow_ipv6(skb, &ip6, &f, 0);
 	if (ret < 0)
 		return ret;
-	ctx->src_identity = cg_peer_identity(6, ip6.saddr.in6_u.u6_addr8);
-	ret = cg_policy_flow(skb, ctx, &f, 0, 1);
-	if (ret < 0)
-		return ret;
-	cg_forwarded(skb, ctx, CG_OK_TO_EP);
-	return TC_ACT_OK;
+	return cg_stage_to_ep(skb, ctx, &f, 6, ip6.saddr.in6_u.u6_addr8);
 }

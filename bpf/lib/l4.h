@@ -25,10 +25,10 @@ struct cg_flow {
 	__u8   daddr[16];
 };
 
-#define TCP_FLAG_FIN 0x01
-#define TCP_FLAG_SYN 0x02
-#define TCP_FLAG_RST 0x04
-#define TCP_FLAG_ACK 0x10
+#define CG_TCP_F_FIN  0x01
+#define CG_TCP_F_SYN  0x02
+#define CG_TCP_F_RST  0x04
+#define CG_TCP_F_ACK  0x10
 
 static __always_inline int cg_is_icmp_error(__u8 proto, __u8 type)
 {

@@ -130,7 +130,7 @@ struct cg_event {
 	__u8  saddr[16];    /* IPv4 in the first four bytes */
 	__u8  daddr[16];
 	__u32 rule;         /* policy rule that decided, 0 = default */
-	__u8  ct_state;     /* CT_* */
+	__u8  ct_state;     /* CG_CT_NEW ... CG_CT_RELATED */
 	__u8  side;         /* policy side that decided: 1 = the sender's egress */
 	__u8  pad[2];
 };

@@ -1,9 +1,9 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* Identity-based policy: who the peer is (ipcache), and what the subject allows.
+/* Identity-based policy: what the subject allows (who the peer is: lib/identity.h).
  *
  * decide() looks up the peer's own identity and the wildcard identity 0 in the LPM
  * policy map; a deny from either wins, then an allow from either; no entry is a deny.
- * datapath/policymap.py decide() is the same algorithm, which `policy trace` uses.
+ * datapath/policy/compile.py decide() is the same algorithm, which `policy trace` uses.
  */
 #pragma once
 
@@ -11,33 +11,8 @@
 #include "lib/maps.h"
 #include "lib/events.h"
 #include "lib/conntrack.h"
-#include "lib/route.h"
-
-/* Identity of a non-endpoint address: host addresses and known prefixes; else world. */
-static __always_inline __u32 cg_ipcache_identity(__u8 family, const __u8 *addr)
-{
-	struct cg_ipcache_key key = {};
-	struct cg_ipcache_value *val;
-
-	key.family = family;
-	if (family == 4) {
-		key.prefixlen = 32 + 32;
-		__builtin_memcpy(key.addr, addr, 4);
-	} else {
-		key.prefixlen = 32 + 128;
-		__builtin_memcpy(key.addr, addr, 16);
-	}
-	val = cg_ipcache.lookup(&key);
-	return val ? val->identity : CG_ID_WORLD;
-}
-
-/* The identity of a sender reached through the host stack. */
-static __always_inline __u32 cg_peer_identity(__u8 family, const __u8 *addr)
-{
-	struct cg_endpoint *local = cg_lookup_ip(family, addr);
-
-	return local ? local->identity : cg_ipcache_identity(family, addr);
-}
+#include "lib/ctx.h"
+#include "lib/identity.h"
 
 static __always_inline struct cg_policy_value *cg_policy_lpm(__u32 subject, __u32 peer, __u8 egress,
 							     __u8 proto, __be16 port)
@@ -114,9 +89,9 @@ static __always_inline int cg_policy_flow(struct __sk_buff *skb, struct cg_ctx *
 
 	state = cg_ct_lookup(f, &ct, skb);
 	ctx->ct_state = state;
-	if (state == CT_REPLY || state == CT_RELATED)
+	if (state == CG_CT_REPLY || state == CG_CT_RELATED)
 		return 0;
-	if (state == CT_ESTABLISHED && ct && cg_ct_verdict_holds(ct, ctx, sides)) {
+	if (state == CG_CT_ESTABLISHED && ct && cg_ct_verdict_holds(ct, ctx, sides)) {
 		ctx->rule = ct->rule;
 		return 0;
 	}
@@ -137,13 +112,13 @@ static __always_inline int cg_policy_flow(struct __sk_buff *skb, struct cg_ctx *
 	if (ret < 0) {
 		if (f->frag && ret == -DROP_POLICY)
 			ret = -DROP_FRAG;
-		if (state == CT_ESTABLISHED)
+		if (state == CG_CT_ESTABLISHED)
 			cg_ct_delete(f);
 		else
 			cg_notify(skb, ctx, CG_EVENT_VERDICT, -ret);
 		return ret;
 	}
-	if (state == CT_ESTABLISHED && ct) {
+	if (state == CG_CT_ESTABLISHED && ct) {
 		/* Allowed again, under the current policy and identities: cache that. */
 		ct->src_identity = ctx->src_identity;
 		ct->dst_identity = ctx->dst_identity;
@@ -151,7 +126,7 @@ static __always_inline int cg_policy_flow(struct __sk_buff *skb, struct cg_ctx *
 		ct->policy_sides = sides;
 		ct->policy_rev = ctx->policy_rev;
 	}
-	if (state == CT_NEW) {
+	if (state == CG_CT_NEW) {
 		ret = cg_ct_create(f, skb, ctx->src_identity, ctx->dst_identity, rule, ctx->policy_rev, sides);
 		if (ret < 0)
 			return ret;

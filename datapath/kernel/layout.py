@@ -1,7 +1,8 @@
 """ctypes mirrors of the map layouts in bpf/lib/maps.h, and conversions to plan values.
 
 tests/kernel/test_layout.py compares these with the types BCC derives from the C source,
-field by field, so the two cannot drift apart silently.
+field by field, so the two cannot drift apart silently; tests/unit/test_bpf_constants.py
+checks the constants below against the #defines of bpf/lib/*.h.
 """
 
 from __future__ import annotations
@@ -13,7 +14,20 @@ import struct
 from collections.abc import Sequence
 
 from datapath.plan import FLAG_IPV4, FLAG_IPV6, EndpointValue
-from datapath.policymap import PolicyKey, PolicyValue
+from datapath.policy.compile import PolicyKey, PolicyValue
+
+# -- constants of bpf/lib/*.h that Python uses (tests/unit/test_bpf_constants.py checks them) --
+
+CG_EP_F_IPV4 = FLAG_IPV4  # struct cg_endpoint.flags
+CG_EP_F_IPV6 = FLAG_IPV6
+CG_CFG_TRACE = 0x1  # struct cg_config.flags
+CG_CFG_QUIET = 0x2
+CG_CT_F_REPLIED = 0x1  # struct cg_ct_value.flags
+CG_CT_F_FIN_FWD = 0x2
+CG_CT_F_FIN_REV = 0x4
+CG_CT_F_RST = 0x8
+CG_CT_SIDE_EGRESS = 0x1  # struct cg_ct_value.policy_sides
+CG_CT_SIDE_INGRESS = 0x2
 
 
 class CgEndpoint(ctypes.Structure):

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,12 +24,25 @@ from datapath.errors import KernelError
 
 log = logging.getLogger(__name__)
 
-BPF_SRC = Path(__file__).resolve().parents[2] / "bpf"
 MAIN = "cg_lxc.c"
 PROGRAMS = ("cg_from_container", "cg_to_container")
 PINNED_MAPS = ("cg_endpoints", "cg_ips", "cg_metrics", "cg_events", "cg_policy", "cg_ipcache", "cg_ct",
                "cg_config")
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+
+
+def _bpf_sources() -> Path:
+    """bpf/ beside the packages (a checkout or an editable install: the live sources), else where
+    a wheel install puts them (setup.cfg data_files: PREFIX/share/cellgate/bpf)."""
+    here = Path(__file__).resolve()
+    prefix = here.parents[min(5, len(here.parents) - 1)]  # PREFIX/lib/pythonX.Y/site-packages/datapath/kernel
+    for candidate in (here.parents[2] / "bpf", prefix / "share/cellgate/bpf", Path(sys.prefix) / "share/cellgate/bpf"):
+        if (candidate / MAIN).is_file():
+            return candidate
+    return here.parents[2] / "bpf"
+
+
+BPF_SRC = _bpf_sources()
 
 
 def expand_source(path: Path, root: Path = BPF_SRC, seen: set[Path] | None = None) -> str:

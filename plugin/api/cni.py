@@ -1,61 +1,55 @@
-"""REST routes of CNI: the ones the `cellgate-cni` binary calls (errors carry the CNI error code
-for it), and the removal of a CNI network (`cellgate network rm`)."""
+"""REST blueprint of CNI: the routes the `cellgate-cni` binary calls.
+
+Errors carry the CNI error code for the binary (`cni_code`, from the one table in
+plugin.cni.codes), next to the HTTP status every REST problem has.
+"""
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from flask import Blueprint, Response
 
-from flask import Flask, Response, request
+from datapath.errors import CellgateError
+from plugin.api.context import ctx
+from plugin.api.wire import problem, read_body, reply
+from plugin.cni import codes
+from plugin.cni.messages import AddRequest, Attachment, GcRequest
+from plugin.service.cni import CniService
 
-from datapath.errors import InvalidRequest
-from plugin.api import views
-from plugin.cni.service import AddRequest, Attachment, CniService
-
-
-def _body() -> dict[str, Any]:
-    raw = request.get_data(cache=False)
-    try:
-        body = json.loads(raw) if raw.strip() else {}
-    except (ValueError, RecursionError) as exc:
-        raise InvalidRequest(f"malformed JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("request body must be a JSON object")
-    return body
+cni = Blueprint("cni", __name__)
 
 
-def _ok(payload: Any) -> Response:
-    return Response(json.dumps(payload), mimetype="application/json")
+def _service() -> CniService:
+    service = ctx().cni
+    assert service is not None  # the blueprint is registered only with a CNI service
+    return service
 
 
-def register(app: Flask, cni: CniService) -> None:
-    @app.post("/v1/cni/add")
-    def cni_add() -> Response:
-        return _ok(cni.add(AddRequest.parse(_body())))
+@cni.errorhandler(CellgateError)
+def cni_error(exc: CellgateError) -> Response:
+    return problem(str(exc), exc.status, cni_code=codes.code_of(exc))
 
-    @app.post("/v1/cni/del")
-    def cni_del() -> Response:
-        return _ok({"removed": cni.delete(Attachment.parse(_body(), netns_required=False))})
 
-    @app.post("/v1/cni/check")
-    def cni_check() -> Response:
-        cni.check(Attachment.parse(_body(), netns_required=True))
-        return _ok({"ok": True})
+@cni.post("/v1/cni/add")
+def cni_add() -> Response:
+    return reply(_service().add(AddRequest.parse(read_body())))
 
-    @app.post("/v1/cni/gc")
-    def cni_gc() -> Response:
-        body = _body()
-        network = body.get("network")
-        valid = body.get("valid") or []
-        if not isinstance(network, str) or not network or not isinstance(valid, list):
-            raise InvalidRequest("send {network, valid: [{container_id, ifname}]}")
-        pairs = [(str(v.get("container_id", "")), str(v.get("ifname", ""))) for v in valid if isinstance(v, dict)]
-        return _ok({"removed": cni.gc(network, pairs)})
 
-    @app.delete("/v1/networks/<ident>")
-    def network_rm(ident: str) -> Response:
-        return _ok(views.network(cni.remove_network(ident), 0))
+@cni.post("/v1/cni/del")
+def cni_del() -> Response:
+    return reply({"removed": _service().delete(Attachment.parse(read_body(), netns_required=False))})
 
-    @app.post("/v1/cni/status")
-    def cni_status() -> Response:
-        return _ok({"ok": True, "endpoints": len(cni.agent.endpoints)})
+
+@cni.post("/v1/cni/check")
+def cni_check() -> Response:
+    _service().check(Attachment.parse(read_body(), netns_required=True))
+    return reply({"ok": True})
+
+
+@cni.post("/v1/cni/gc")
+def cni_gc() -> Response:
+    return reply({"removed": _service().gc(GcRequest.parse(read_body()))})
+
+
+@cni.post("/v1/cni/status")
+def cni_status() -> Response:
+    return reply({"ok": True, "endpoints": ctx().agent.endpoint_count()})

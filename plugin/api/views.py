@@ -9,7 +9,7 @@ from typing import Any
 from datapath import reasons
 from datapath.model import Endpoint, Network
 from datapath.policy import Rule
-from datapath.policymap import PolicyKey, PolicyValue
+from datapath.policy.compile import PolicyKey, PolicyValue
 from ipam.allocator import CheckReport
 from ipam.pool import Pool
 from plugin.service import StaleReport

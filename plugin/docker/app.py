@@ -26,11 +26,16 @@ log = logging.getLogger(__name__)
 
 MIME = "application/vnd.docker.plugins.v1.2+json"
 MAX_BODY = 1 << 20
-GATEWAY_KEY = "com.docker.network.gateway"
 
 
 def _reply(payload: Any, status: int = 200) -> Response:
     return Response(json.dumps(payload), status=status, mimetype=MIME)
+
+
+def docker_status(exc: CellgateError) -> int:
+    """The error's status as libnetwork may see it: 404 means "method not implemented" to it
+    (an optional call then counts as done), so only 400 (the caller's mistake) is kept; 500 else."""
+    return 400 if exc.status == InvalidRequest.status else 500
 
 
 def create_app(agent: Agent) -> Flask:
@@ -57,9 +62,8 @@ def create_app(agent: Agent) -> Flask:
 
     @app.errorhandler(CellgateError)
     def cellgate_error(exc: CellgateError) -> Response:
-        status = 400 if isinstance(exc, InvalidRequest) else 500
         log.warning("%s failed: %s", request.path, exc)
-        return _reply({"Err": str(exc)}, status)
+        return _reply({"Err": str(exc)}, docker_status(exc))
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
@@ -112,7 +116,7 @@ def create_app(agent: Agent) -> Flask:
     @route("/NetworkDriver.EndpointOperInfo")
     def endpoint_info(body: dict[str, Any]) -> Any:
         ref = m.EndpointRef.parse(body)
-        ep = agent.endpoints.get(ref.endpoint_id)
+        ep = agent.get_endpoint(ref.endpoint_id)
         if ep is None:
             return {"Value": {}}
         return {"Value": {"cellgate.interface": ep.host_ifname, "cellgate.mac": ep.mac}}
@@ -173,17 +177,17 @@ def create_app(agent: Agent) -> Flask:
     def request_pool(body: dict[str, Any]) -> Any:
         req = m.RequestPool.parse(body)
         pool = agent.request_pool(PoolRequest(req.space, req.pool, req.subpool, req.v6, req.options))
-        data = {GATEWAY_KEY: str(pool.prefixed(pool.gateway))} if pool.gateway is not None else {}
+        data = {m.GATEWAY_KEY: str(pool.prefixed(pool.gateway))} if pool.gateway is not None else {}
         return {"PoolID": pool.id, "Pool": str(pool.subnet), "Data": data}
 
     @route("/IpamDriver.ReleasePool")
     def release_pool(body: dict[str, Any]) -> Any:
-        agent.ipam.release_pool(m.PoolRef.parse(body).pool_id)
+        agent.release_pool(m.PoolRef.parse(body).pool_id)
 
     @route("/IpamDriver.RequestAddress")
     def request_address(body: dict[str, Any]) -> Any:
         req = m.RequestAddress.parse(body)
-        pool, alloc = agent.request_address(req.pool_id, req.address, req.options)
+        pool, alloc = agent.request_address(req.pool_id, req.address, req.kind, req.mac)
         return {"Address": str(pool.prefixed(alloc.address)), "Data": {}}
 
     @route("/IpamDriver.ReleaseAddress")

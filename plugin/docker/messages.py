@@ -17,15 +17,19 @@ from typing import Any
 from datapath.errors import InvalidRequest
 from datapath.model import IPInterface
 from datapath.naming import ENDPOINT_ID
-from ipam.pool import check_routable, host_address_problem
+from ipam.pool import KIND_AUX, KIND_ENDPOINT, KIND_GATEWAY, check_routable, host_address_problem
 
 Body = Mapping[str, Any]
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+# Docker's option keys; decoded here, so that nothing behind the door sees Docker's vocabulary.
 GENERIC_OPTIONS = "com.docker.network.generic"
 INTERNAL_OPTION = "com.docker.network.internal"
+GATEWAY_KEY = "com.docker.network.gateway"  # RequestPool's answer Data key, and a RequestAddressType
+REQUEST_TYPE_KEY = "RequestAddressType"
+MAC_KEY = "com.docker.network.endpoint.macaddress"
 MAX_STRING = 4096
 
 
@@ -273,17 +277,26 @@ class PoolRef:
 
 @dataclass(frozen=True)
 class RequestAddress:
+    """`kind` is decoded from Docker's options: the gateway (RequestAddressType), an aux
+    address (`--aux-address`: an address and no options at all), or an endpoint's, whose MAC
+    (the MAC option) makes Docker's retries idempotent."""
+
     pool_id: str
     address: Address | None
-    options: dict[str, str]
+    kind: str
+    mac: str
 
     @classmethod
     def parse(cls, body: Body) -> RequestAddress:
-        return cls(
-            _str(body, "PoolID"),
-            _address(body.get("Address"), "Address"),
-            _string_map(_map(body, "Options"), "Options"),
-        )
+        options = _string_map(_map(body, "Options"), "Options")
+        if options.get(REQUEST_TYPE_KEY) == GATEWAY_KEY:
+            kind = KIND_GATEWAY
+        elif not options:
+            kind = KIND_AUX  # IPAM takes it as an endpoint's once the network exists
+        else:
+            kind = KIND_ENDPOINT
+        return cls(_str(body, "PoolID"), _address(body.get("Address"), "Address"), kind,
+                   options.get(MAC_KEY, "").lower())
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 
 class DockerWatcher:
-    def __init__(self, agent: Agent, base_url: str, resync: float = 60.0) -> None:
+    def __init__(self, agent: Agent, base_url: str, resync: float = 60.0, driver: str = "") -> None:
         self.agent = agent
+        self.driver = driver  # the name Docker knows us by, when not the instance's (a managed plugin: NAME:latest)
         self.base_url = base_url
         self.resync_interval = resync
         self.connected = False
@@ -118,13 +119,13 @@ class DockerWatcher:
         taken = time.time()  # before asking: what we made after this may not be in the answer
         networks = client.networks()
         containers = client.containers(all=True)
-        name = self.agent.settings.instance
+        names = {self.agent.settings.instance, self.driver or self.agent.settings.instance}
         ours, subnets = set(), set()
         for net in networks:
-            if net.get("Driver") == name:
+            if net.get("Driver") in names:
                 ours.add(str(net.get("Id", "")))
             ipam = net.get("IPAM") or {}
-            if ipam.get("Driver") == name:
+            if ipam.get("Driver") in names:
                 for conf in ipam.get("Config") or []:
                     with contextlib.suppress(ValueError, TypeError):
                         subnets.add(ipaddress.ip_network(conf.get("Subnet", "")))
@@ -146,7 +147,7 @@ class DockerWatcher:
             networks = ((container.get("NetworkSettings") or {}).get("Networks") or {}).values()
             for net in networks:
                 endpoint_id = (net or {}).get("EndpointID") or ""
-                if endpoint_id not in self.agent.endpoints:
+                if self.agent.get_endpoint(endpoint_id) is None:
                     continue
                 try:
                     self.agent.set_labels(endpoint_id, {str(k): str(v) for k, v in labels.items()})

@@ -253,6 +253,9 @@ def test_half_requests_and_open_monitors_stall_neither_docker_nor_the_cli(scene:
     finally:
         for sock in clients:
             sock.close()
+    # the closed monitors end at their next heartbeat and give their slots back: none is left
+    # open for later tests (a leaked slot would refuse their monitors)
+    wait_until(lambda: agent.json("status")["monitor"]["subscribers"] == 0, 15, "the monitor streams to end")
 
 
 def test_monitor_shows_a_spoofed_packet_dropped(scene: Scene, agent: Agent) -> None:

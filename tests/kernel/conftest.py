@@ -26,7 +26,7 @@ from datapath import naming, plan
 from datapath.labels import Label, LabelSet
 from datapath.model import Endpoint, Network
 from datapath.policy import Repository, Rule, parse_rules
-from datapath.policymap import Entries, PolicyKey, PolicyValue, compile_all
+from datapath.policy.compile import Entries, PolicyKey, PolicyValue, compile_all
 
 from .helpers import EventLog, is_root, link_exists, run
 

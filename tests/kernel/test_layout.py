@@ -157,7 +157,7 @@ def test_a_datapath_starts_over_maps_pinned_with_an_older_layout(check_pin_dir: 
 
 
 def test_packed_policy_keys_and_values_read_back_as_written() -> None:
-    from datapath.policymap import PolicyKey, PolicyValue
+    from datapath.policy.compile import PolicyKey, PolicyValue
 
     keys = [PolicyKey(256, False, 0, 0, 0, 0, any_proto=True), PolicyKey(0x00F00001, True, 7, 6, 8080, 16),
             PolicyKey(300, False, 0x00E00000, 17, 0x1000, 4), PolicyKey(5, True, 9, 1, 0, 0)]

@@ -2,7 +2,7 @@
 
 Real programs on real veths, endpoints in their own namespaces, real TCP, UDP and ICMP
 (and crafted frames where a test needs one exact packet). Every verdict the kernel gives
-is also predicted with datapath.policymap.decide over the entries the kernel holds, so
+is also predicted with datapath.policy.compile.decide over the entries the kernel holds, so
 `policy trace` cannot disagree with the datapath (the trace guarantee).
 """
 
@@ -23,7 +23,7 @@ from datapath import identity as ids
 from datapath import plan, reasons
 from datapath.kernel import layout
 from datapath.plan import AddressEntry, EndpointEntry, IpcacheEntry
-from datapath.policymap import Entries, PolicyKey, PolicyValue, decide
+from datapath.policy.compile import Entries, PolicyKey, PolicyValue, decide
 
 from .conftest import Guest, Instance, Policy, guest_factory, policy_session
 from .helpers import (
@@ -97,7 +97,7 @@ def _code(entries: Entries, subject: int, egress: bool, peer: int, proto: int, p
 def predict(
     entries: Entries, src: int, dst: int, proto: int, port: int, src_local: bool = True, dst_local: bool = True
 ) -> Expected:
-    """The datapath's verdict on a new flow, from policymap.decide: the sender's egress when it
+    """The datapath's verdict on a new flow, from compile.decide: the sender's egress when it
     is a local endpoint, then the receiver's ingress when that is; the more specific rule is named."""
     code, rule, side = CG_OK_POLICY, 0, "ingress"
     if src_local:

@@ -13,8 +13,8 @@ from flask.testing import FlaskClient
 
 from datapath.fake import FakeKernel
 from datapath.plan import Settings
+from datapath.store import MemoryStore
 from ipam.allocator import HostRanges, Ipam
-from ipam.store import MemoryStore
 from plugin.api.app import create_app as create_api
 from plugin.docker.app import create_app as create_docker
 from plugin.monitor import EventHub

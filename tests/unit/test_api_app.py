@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from datapath.policymap import PolicyKey, PolicyValue
+from datapath.policy.compile import PolicyKey, PolicyValue
 from ipam.allocator import LOCAL_SPACE, PoolRequest
-from plugin.api import app as api_app
+from plugin.api import policy as api_policy
 from plugin.monitor import EventHub
 from plugin.service import Agent
 from tests.unit.helpers import FakeClock, hexid, snapshot
@@ -27,7 +27,7 @@ def populated(agent: Agent) -> dict[str, Any]:
     agent.create_network(NET, [pool.prefixed(pool.gateway)])  # type: ignore[arg-type]
     eps = {}
     for n, eid in enumerate((EP1, EP2), start=2):
-        alloc = agent.request_address(pool.id, None, {})[1]
+        alloc = agent.request_address(pool.id, None)[1]
         eps[eid] = agent.create_endpoint(NET, eid, pool.prefixed(alloc.address), None)  # type: ignore[arg-type]
         assert str(alloc.address) == f"10.1.0.{n}"
     agent.join(NET, EP1, "/var/run/docker/netns/abc")
@@ -132,7 +132,7 @@ def test_ipam_view(api: FlaskClient, populated: Any) -> None:
 
 def test_ipam_check_reports_and_releases(api: FlaskClient, agent: Agent, populated: Any, clock: FakeClock) -> None:
     pool = populated["pool"]
-    stray = agent.request_address(pool.id, None, {})[1].address
+    stray = agent.request_address(pool.id, None)[1].address
     assert post(api, "/v1/ipam/check", b"")[1]["ok"] is True  # inside the default 60 s grace
     status, body = post(api, "/v1/ipam/check", json.dumps({"grace": 0}).encode())
     assert status == 200 and body["ok"] is False
@@ -166,7 +166,7 @@ def test_ipam_check_reports_and_releases(api: FlaskClient, agent: Agent, populat
 def test_ipam_check_validates_its_body(
     api: FlaskClient, agent: Agent, populated: Any, clock: FakeClock, body: bytes, text: str
 ) -> None:
-    agent.request_address(populated["pool"].id, None, {})
+    agent.request_address(populated["pool"].id, None)
     clock.advance(3600)  # a leak exists, so a check that ran with release=true would change state
     before = snapshot(agent)
     status, problem = post(api, "/v1/ipam/check", body)
@@ -176,7 +176,7 @@ def test_ipam_check_validates_its_body(
 
 
 def test_ipam_check_refuses_a_nan_grace(api: FlaskClient, agent: Agent, populated: Any) -> None:
-    fresh = agent.request_address(populated["pool"].id, None, {})[1].address  # a create in flight
+    fresh = agent.request_address(populated["pool"].id, None)[1].address  # a create in flight
     status, problem = post(api, "/v1/ipam/check", b'{"release": true, "grace": NaN}')
     assert agent.ipam.lookup(fresh) is not None, "an allocation inside its grace period was released"
     assert status == 400 and ("grace" in problem["error"] or "NaN" in problem["error"])
@@ -355,7 +355,7 @@ def no_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
     def sleep(seconds: float) -> None:
         raise AssertionError(f"the handler slept {seconds} s")
 
-    monkeypatch.setattr(api_app.time, "sleep", sleep)
+    monkeypatch.setattr(api_policy.time, "sleep", sleep)
 
 
 @pytest.mark.usefixtures("no_waiting")

@@ -13,10 +13,10 @@ from datapath.errors import CellgateError, Conflict, InvalidRequest, NotFound
 from datapath.fake import FakeNetns
 from ipam.allocator import LOCAL_SPACE, PoolRequest
 from plugin.api.app import create_app as create_api
-from plugin.api.cni import register
-from plugin.cni.service import AddRequest, Attachment, CniService, network_id
+from plugin.cni.messages import AddRequest, Attachment
 from plugin.monitor import EventHub
 from plugin.service import Agent
+from plugin.service.cni import CniService, network_id
 from tests.unit.helpers import hexid, snapshot
 
 NETNS = "/var/run/netns/cgtest"
@@ -155,8 +155,7 @@ def test_remove_network_refuses_docker_networks_and_unknown_ones(agent: Agent, c
 
 
 def test_rest_delete_network(agent: Agent, cni: CniService) -> None:
-    app = create_api(agent, EventHub(), lambda: {})
-    register(app, cni)
+    app = create_api(agent, EventHub(), lambda: {}, cni)
     client = app.test_client()
     docker_network(agent)
     add(cni, subnet="10.5.0.0/24")
@@ -175,3 +174,16 @@ def test_rest_delete_network(agent: Agent, cni: CniService) -> None:
     assert rm("cgnet")[0] == 404
     listed = json.loads(client.get("/v1/networks").data)
     assert [(n["id"], n["origin"]) for n in listed] == [(DOCKER_NET, "docker")]
+
+
+def test_rest_cni_errors_carry_the_cni_code_of_the_one_table(agent: Agent, cni: CniService) -> None:
+    client = create_api(agent, EventHub(), lambda: {}, cni).test_client()
+    body = {"network": "cgnet", "container_id": "c1", "ifname": "eth0", "netns": "relative/path"}
+    resp = client.post("/v1/cni/add", json=body)
+    assert resp.status_code == 400 and json.loads(resp.data)["cni_code"] == 4  # explicit: INVALID_ENV
+    resp = client.post("/v1/cni/check", json={**body, "netns": NETNS})
+    assert resp.status_code == 404 and json.loads(resp.data)["cni_code"] == 3  # UNKNOWN_CONTAINER
+    resp = client.post("/v1/cni/gc", json={"valid": []})
+    assert resp.status_code == 400 and json.loads(resp.data)["cni_code"] == 7  # by class: INVALID_CONFIG
+    resp = client.delete("/v1/networks/cgnosuch")  # not a CNI route: a plain problem
+    assert resp.status_code == 404 and "cni_code" not in json.loads(resp.data)

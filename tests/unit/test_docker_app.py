@@ -586,3 +586,17 @@ def test_failures_that_are_not_the_callers_fault_are_non_200_with_err(docker: Do
         status, reply = docker.call(method, body)
         assert status >= 400 and text in reply["Err"], (method, status, reply)
     assert snapshot(agent) == before
+
+
+@pytest.mark.parametrize(("options", "address", "kind", "mac"), [
+    ({"RequestAddressType": "com.docker.network.gateway"}, None, "gateway", ""),
+    (None, "10.1.0.5", "aux", ""),
+    ({"com.docker.network.endpoint.macaddress": "02:42:AC:11:00:02"}, None, "endpoint", "02:42:ac:11:00:02"),
+])
+def test_request_address_options_are_decoded_at_the_door(
+    options: Any, address: str | None, kind: str, mac: str
+) -> None:
+    from plugin.docker.messages import RequestAddress
+
+    req = RequestAddress.parse({"PoolID": "p", "Address": address, "Options": options})
+    assert (req.kind, req.mac) == (kind, mac)

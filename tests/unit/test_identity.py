@@ -8,7 +8,7 @@ from datapath import identity as ids
 from datapath.errors import AddressExhausted, StateError
 from datapath.identity import Identities
 from datapath.labels import Label, LabelSet, from_runtime
-from ipam.store import MemoryStore
+from datapath.store import MemoryStore
 
 
 def lbls(**kv: str) -> LabelSet:

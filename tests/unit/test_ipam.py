@@ -11,21 +11,18 @@ from typing import Any
 import pytest
 
 from datapath.errors import AddressExhausted, Conflict, InvalidRequest, NotFound, StateError
+from datapath.store import MemoryStore
 from ipam.allocator import (
-    GATEWAY_TYPE,
     GLOBAL_SPACE,
     LOCAL_SPACE,
-    MAC_KEY,
-    REQUEST_TYPE_KEY,
     HostRanges,
     Ipam,
     PoolRequest,
 )
 from ipam.pool import KIND_AUX, KIND_ENDPOINT, KIND_GATEWAY, Pool, check_subnet, pool_id
-from ipam.store import MemoryStore
 from tests.unit.helpers import FakeClock, hexid
 
-GW = {REQUEST_TYPE_KEY: GATEWAY_TYPE}
+GW = KIND_GATEWAY
 NET_ID = hexid("net-a")
 EP1, EP2 = hexid("ep-1"), hexid("ep-2")
 
@@ -38,8 +35,8 @@ def ip(text: str) -> Any:
     return ipaddress.ip_address(text)
 
 
-def mac(n: int) -> dict[str, str]:
-    return {MAC_KEY: f"02:42:0a:00:00:{n:02x}"}
+def mac(n: int) -> str:
+    return f"02:42:0a:00:00:{n:02x}"
 
 
 def req(subnet: str | None = None, subpool: str | None = None, v6: bool = False, **options: str) -> PoolRequest:
@@ -93,7 +90,7 @@ def test_explicit_pool_has_docker_id_and_a_reserved_gateway(
 def test_endpoint_addresses_come_from_the_ip_range(ipam: Ipam, subnet: str, subpool: str) -> None:
     pool = ipam.request_pool(req(subnet, subpool, v6=":" in subnet))
     ipam.bind_network(NET_ID, [pool.subnet])
-    got = [ipam.request_address(pool.id, None, mac(i))[1].address for i in range(5)]
+    got = [ipam.request_address(pool.id, None, mac=mac(i))[1].address for i in range(5)]
     assert len(set(got)) == 5
     assert all(a in net(subpool) for a in got)
 
@@ -206,7 +203,7 @@ def test_user_gateway_replaces_the_automatic_one(ipam: Ipam) -> None:
     assert [a.address for a in new.allocations.values() if a.kind == KIND_GATEWAY] == [ip("10.1.0.254")]
     # the old automatic gateway is an ordinary address again
     ipam.bind_network(NET_ID, [new.subnet])
-    assert ipam.request_address(pool.id, ip("10.1.0.1"), mac(1))[1].kind == KIND_ENDPOINT
+    assert ipam.request_address(pool.id, ip("10.1.0.1"), mac=mac(1))[1].kind == KIND_ENDPOINT
 
 
 @pytest.mark.parametrize(
@@ -223,7 +220,7 @@ def test_unusable_user_gateway_is_rejected(ipam: Ipam, store: MemoryStore, addre
 
 def test_user_gateway_on_an_address_in_use_is_a_conflict(ipam: Ipam) -> None:
     pool = ipam.request_pool(req("10.1.0.0/24"))
-    ipam.request_address(pool.id, ip("10.1.0.5"), {})  # aux
+    ipam.request_address(pool.id, ip("10.1.0.5"), KIND_AUX)  # aux
     with pytest.raises(Conflict, match="in use"):
         ipam.request_address(pool.id, ip("10.1.0.5"), GW)
     assert ipam.pool(pool.id).gateway == ip("10.1.0.1")
@@ -231,28 +228,28 @@ def test_user_gateway_on_an_address_in_use_is_a_conflict(ipam: Ipam) -> None:
 
 def test_aux_addresses_are_reserved_before_the_network_exists(ipam: Ipam) -> None:
     pool = ipam.request_pool(req("10.1.0.0/24"))
-    _, aux = ipam.request_address(pool.id, ip("10.1.0.2"), {})
+    _, aux = ipam.request_address(pool.id, ip("10.1.0.2"), KIND_AUX)
     assert aux.kind == KIND_AUX
-    _, again = ipam.request_address(pool.id, ip("10.1.0.2"), {})  # retried: same answer
+    _, again = ipam.request_address(pool.id, ip("10.1.0.2"), KIND_AUX)  # retried: same answer
     assert again == aux
     ipam.bind_network(NET_ID, [pool.subnet])
-    _, ep = ipam.request_address(pool.id, None, mac(1))
+    _, ep = ipam.request_address(pool.id, None, mac=mac(1))
     assert ep.address == ip("10.1.0.3")  # neither the gateway nor the aux address
     with pytest.raises(Conflict, match="aux"):
-        ipam.request_address(pool.id, ip("10.1.0.2"), mac(2))
+        ipam.request_address(pool.id, ip("10.1.0.2"), mac=mac(2))
 
 
 def test_aux_address_on_the_gateway_is_a_conflict(ipam: Ipam) -> None:
     pool = ipam.request_pool(req("10.1.0.0/24"))
     with pytest.raises(Conflict, match="gateway"):
-        ipam.request_address(pool.id, ip("10.1.0.1"), {})
+        ipam.request_address(pool.id, ip("10.1.0.1"), KIND_AUX)
 
 
 # -- endpoint addresses -------------------------------------------------------------------------
 
 
 def test_static_ip_is_honoured(ipam: Ipam, bound: Pool) -> None:
-    new, alloc = ipam.request_address(bound.id, ip("10.1.0.77"), mac(1))
+    new, alloc = ipam.request_address(bound.id, ip("10.1.0.77"), mac=mac(1))
     assert (alloc.address, alloc.kind, alloc.mac) == (ip("10.1.0.77"), KIND_ENDPOINT, "02:42:0a:00:00:01")
     assert new.prefixed(alloc.address) == ipaddress.ip_interface("10.1.0.77/24")
 
@@ -271,10 +268,10 @@ def test_static_ip_is_honoured(ipam: Ipam, bound: Pool) -> None:
 def test_bad_static_ip_is_rejected_and_changes_nothing(
     ipam: Ipam, store: MemoryStore, bound: Pool, address: str, error: type[Exception], text: str
 ) -> None:
-    ipam.request_address(bound.id, ip("10.1.0.9"), mac(9))
+    ipam.request_address(bound.id, ip("10.1.0.9"), mac=mac(9))
     before = state(ipam, store)
     with pytest.raises(error, match=text):
-        ipam.request_address(bound.id, ip(address), mac(1))
+        ipam.request_address(bound.id, ip(address), mac=mac(1))
     assert state(ipam, store) == before
 
 
@@ -282,63 +279,63 @@ def test_static_ip_outside_the_ip_range_is_rejected(ipam: Ipam) -> None:
     pool = ipam.request_pool(req("10.1.0.0/16", "10.1.2.0/24"))
     ipam.bind_network(NET_ID, [pool.subnet])
     with pytest.raises(InvalidRequest, match="outside the range"):
-        ipam.request_address(pool.id, ip("10.1.3.4"), mac(1))
+        ipam.request_address(pool.id, ip("10.1.3.4"), mac=mac(1))
 
 
 def test_unknown_pool_is_not_found(ipam: Ipam) -> None:
     with pytest.raises(NotFound):
-        ipam.request_address("CellgateLocal/10.9.0.0/24", None, {})
+        ipam.request_address("CellgateLocal/10.9.0.0/24", None)
 
 
 def test_exhaustion_raises_and_changes_nothing(ipam: Ipam, store: MemoryStore) -> None:
     pool = ipam.request_pool(req("10.1.0.0/29"))  # .1 gateway, .2-.6 for endpoints
     ipam.bind_network(NET_ID, [pool.subnet])
-    got = [ipam.request_address(pool.id, None, mac(i))[1].address for i in range(5)]
+    got = [ipam.request_address(pool.id, None, mac=mac(i))[1].address for i in range(5)]
     assert got == [ip(f"10.1.0.{i}") for i in range(2, 7)]
     before = state(ipam, store)
     with pytest.raises(AddressExhausted):
-        ipam.request_address(pool.id, None, mac(99))
+        ipam.request_address(pool.id, None, mac=mac(99))
     assert state(ipam, store) == before
 
 
 def test_exhaustion_of_the_ip_range(ipam: Ipam) -> None:
     pool = ipam.request_pool(req("10.1.0.0/24", "10.1.0.0/30"))  # .0 unusable, .1 gateway
     ipam.bind_network(NET_ID, [pool.subnet])
-    got = {ipam.request_address(pool.id, None, mac(i))[1].address for i in range(2)}
+    got = {ipam.request_address(pool.id, None, mac=mac(i))[1].address for i in range(2)}
     assert got == {ip("10.1.0.2"), ip("10.1.0.3")}
     with pytest.raises(AddressExhausted):
-        ipam.request_address(pool.id, None, mac(3))
+        ipam.request_address(pool.id, None, mac=mac(3))
 
 
 def test_next_fit_does_not_hand_a_released_address_straight_back(ipam: Ipam, bound: Pool) -> None:
-    a = ipam.request_address(bound.id, None, mac(1))[1].address
-    ipam.request_address(bound.id, None, mac(2))
+    a = ipam.request_address(bound.id, None, mac=mac(1))[1].address
+    ipam.request_address(bound.id, None, mac=mac(2))
     ipam.release_address(bound.id, a)
-    assert ipam.request_address(bound.id, None, mac(3))[1].address == ip("10.1.0.4")
+    assert ipam.request_address(bound.id, None, mac=mac(3))[1].address == ip("10.1.0.4")
 
 
 def test_retry_with_the_same_mac_returns_the_same_address_while_unbound(ipam: Ipam, bound: Pool) -> None:
-    first = ipam.request_address(bound.id, None, mac(1))[1]
-    assert ipam.request_address(bound.id, None, mac(1))[1] == first
-    upper = {MAC_KEY: mac(1)[MAC_KEY].upper()}
-    assert ipam.request_address(bound.id, None, upper)[1] == first
-    assert ipam.request_address(bound.id, first.address, mac(1))[1] == first
-    assert ipam.request_address(bound.id, None, mac(2))[1].address != first.address
+    first = ipam.request_address(bound.id, None, mac=mac(1))[1]
+    assert ipam.request_address(bound.id, None, mac=mac(1))[1] == first
+    upper = mac(1).upper()
+    assert ipam.request_address(bound.id, None, mac=upper)[1] == first
+    assert ipam.request_address(bound.id, first.address, mac=mac(1))[1] == first
+    assert ipam.request_address(bound.id, None, mac=mac(2))[1].address != first.address
     assert len(list(ipam.pool(bound.id).endpoint_allocations())) == 2
 
     ipam.bind_endpoint(first.address, EP1)  # CreateEndpoint happened: a new request is a new container
-    again = ipam.request_address(bound.id, None, mac(1))[1]
+    again = ipam.request_address(bound.id, None, mac=mac(1))[1]
     assert again.address != first.address
 
 
 def test_requests_without_a_mac_are_never_merged(ipam: Ipam, bound: Pool) -> None:
-    a = ipam.request_address(bound.id, None, {})[1]
-    b = ipam.request_address(bound.id, None, {})[1]
+    a = ipam.request_address(bound.id, None)[1]
+    b = ipam.request_address(bound.id, None)[1]
     assert a.address != b.address
 
 
 def test_release_address_is_idempotent(ipam: Ipam, store: MemoryStore, bound: Pool) -> None:
-    a = ipam.request_address(bound.id, None, mac(1))[1].address
+    a = ipam.request_address(bound.id, None, mac=mac(1))[1].address
     ipam.release_address(bound.id, a)
     assert a not in ipam.pool(bound.id).allocations
     before = state(ipam, store)
@@ -348,7 +345,7 @@ def test_release_address_is_idempotent(ipam: Ipam, store: MemoryStore, bound: Po
 
 
 def test_bind_endpoint_rules(ipam: Ipam, bound: Pool) -> None:
-    a = ipam.request_address(bound.id, None, mac(1))[1].address
+    a = ipam.request_address(bound.id, None, mac=mac(1))[1].address
     ipam.bind_endpoint(a, EP1)
     ipam.bind_endpoint(a, EP1)  # again: fine
     assert ipam.pool(bound.id).allocations[a].owner == EP1
@@ -363,9 +360,9 @@ def test_bind_endpoint_rules(ipam: Ipam, bound: Pool) -> None:
 def test_release_owner_frees_every_address_of_the_endpoint(ipam: Ipam, bound: Pool) -> None:
     v6 = ipam.request_pool(req("fd00:1::/64", v6=True))
     ipam.bind_network(NET_ID, [v6.subnet])
-    a4 = ipam.request_address(bound.id, None, mac(1))[1].address
-    a6 = ipam.request_address(v6.id, None, mac(1))[1].address
-    other = ipam.request_address(bound.id, None, mac(2))[1].address
+    a4 = ipam.request_address(bound.id, None, mac=mac(1))[1].address
+    a6 = ipam.request_address(v6.id, None, mac=mac(1))[1].address
+    other = ipam.request_address(bound.id, None, mac=mac(2))[1].address
     for address, owner in ((a4, EP1), (a6, EP1), (other, EP2)):
         ipam.bind_endpoint(address, owner)
     assert sorted(map(str, ipam.release_owner(EP1))) == sorted([str(a4), str(a6)])
@@ -389,9 +386,9 @@ def test_ensure_allocated_re_reserves_a_lost_address(ipam: Ipam, bound: Pool) ->
 def test_state_survives_a_restart(ipam: Ipam, store: MemoryStore, ranges: HostRanges, clock: FakeClock) -> None:
     p4 = ipam.request_pool(req("10.1.0.0/24"))
     ipam.request_address(p4.id, ip("10.1.0.100"), GW)
-    ipam.request_address(p4.id, ip("10.1.0.5"), {})
+    ipam.request_address(p4.id, ip("10.1.0.5"), KIND_AUX)
     ipam.bind_network(NET_ID, [p4.subnet])
-    a = ipam.request_address(p4.id, None, mac(1))[1].address
+    a = ipam.request_address(p4.id, None, mac=mac(1))[1].address
     ipam.bind_endpoint(a, EP1)
     ipam.request_pool(req("10.2.0.0/24", "10.2.0.128/25"))
     ipam.request_pool(req("10.2.0.0/24", "10.2.0.128/25"))  # refcount 2
@@ -399,7 +396,7 @@ def test_state_survives_a_restart(ipam: Ipam, store: MemoryStore, ranges: HostRa
     reborn = Ipam(store, ranges, clock)
     assert reborn.pools() == ipam.pools()
     # and it continues where the old one stopped
-    assert reborn.request_address(p4.id, None, mac(2)) == ipam.request_address(p4.id, None, mac(2))
+    assert reborn.request_address(p4.id, None, mac=mac(2)) == ipam.request_address(p4.id, None, mac=mac(2))
 
 
 def test_unreadable_pool_document_is_skipped(store: MemoryStore, ranges: HostRanges) -> None:
@@ -413,8 +410,8 @@ FAILING_MUTATIONS: list[tuple[str, Callable[[Ipam, Pool], Any]]] = [
     ("new dynamic pool", lambda i, p: i.request_pool(req())),
     ("same pool again", lambda i, p: i.request_pool(req("10.2.0.0/24"))),
     ("release pool with refs", lambda i, p: i.release_pool(i.find_by_subnet(net("10.2.0.0/24")).id)),
-    ("dynamic address", lambda i, p: i.request_address(p.id, None, mac(7))),
-    ("static address", lambda i, p: i.request_address(p.id, ip("10.1.0.99"), mac(7))),
+    ("dynamic address", lambda i, p: i.request_address(p.id, None, mac=mac(7))),
+    ("static address", lambda i, p: i.request_address(p.id, ip("10.1.0.99"), mac=mac(7))),
     ("user gateway", lambda i, p: i.request_address(p.id, ip("10.1.0.254"), GW)),
     ("release address", lambda i, p: i.release_address(p.id, ip("10.1.0.2"))),
     ("bind endpoint", lambda i, p: i.bind_endpoint(ip("10.1.0.3"), EP2)),
@@ -431,9 +428,9 @@ def test_a_failed_write_changes_nothing(
 ) -> None:
     ipam.request_pool(req("10.2.0.0/24"))
     ipam.request_pool(req("10.2.0.0/24"))
-    a = ipam.request_address(bound.id, None, mac(1))[1].address
+    a = ipam.request_address(bound.id, None, mac=mac(1))[1].address
     ipam.bind_endpoint(a, EP1)
-    ipam.request_address(bound.id, None, mac(2))
+    ipam.request_address(bound.id, None, mac=mac(2))
     before = state(ipam, store)
     store.fail_next = StateError("disk full")
     with pytest.raises(StateError):
@@ -449,7 +446,7 @@ def test_a_failed_write_changes_nothing(
 @pytest.fixture
 def ledger(ipam: Ipam, bound: Pool) -> dict[str, Any]:
     """used: owned by EP1 (live); unused: never bound; orphan: owned by an endpoint that is gone."""
-    used, unused, orphan = (ipam.request_address(bound.id, None, mac(i))[1].address for i in range(3))
+    used, unused, orphan = (ipam.request_address(bound.id, None, mac=mac(i))[1].address for i in range(3))
     ipam.bind_endpoint(used, EP1)
     ipam.bind_endpoint(orphan, hexid("gone"))
     return {"used": used, "unused": unused, "orphan": orphan}
@@ -498,7 +495,7 @@ def test_check_reports_missing_and_duplicate_addresses(ipam: Ipam, ledger: dict[
 
 def test_check_ignores_pools_without_a_network(ipam: Ipam, clock: FakeClock) -> None:
     pool = ipam.request_pool(req("10.5.0.0/24"))
-    ipam.request_address(pool.id, ip("10.5.0.9"), {})
+    ipam.request_address(pool.id, ip("10.5.0.9"), KIND_AUX)
     clock.advance(3600)
     report = ipam.check({})
     assert report.ok and report.unbound_pools == (pool.id,)
@@ -562,7 +559,7 @@ def test_rollback_of_a_racing_create_keeps_the_winners_gateway(ipam: Ipam) -> No
     pool = ipam.pool(winner.id)
     assert pool.refs == 1 and pool.gateway == ip("10.1.0.1")
     assert pool.allocations[ip("10.1.0.1")].kind == KIND_GATEWAY
-    handed = {ipam.request_address(winner.id, None, mac(i))[1].address for i in range(253)}
+    handed = {ipam.request_address(winner.id, None, mac=mac(i))[1].address for i in range(253)}
     assert ip("10.1.0.1") not in handed
     # the winner's own `docker network rm` still frees everything
     ipam.release_address(winner.id, ip("10.1.0.1"))
@@ -657,13 +654,14 @@ def test_request_address_refuses_the_subnets_own_addresses(
 ) -> None:
     pool = ipam.request_pool(req(subnet, v6=":" in subnet))
     before = state(ipam, store)
-    for options in ({}, GW):  # aux (before the network exists) and gateway requests
+    for options in (KIND_AUX, GW):  # aux (before the network exists) and gateway requests
         with pytest.raises(InvalidRequest, match=text):
             ipam.request_address(pool.id, ip(address), options)
     ipam.bind_network(NET_ID, [pool.subnet])
     before = state(ipam, store)
     with pytest.raises(InvalidRequest, match=text):
-        ipam.request_address(pool.id, ip(address), mac(1))
+        ipam.request_address(pool.id, ip(address), mac=mac(1))
     assert state(ipam, store) == before
-    handed = {ipam.request_address(pool.id, None, mac(i))[1].address for i in range(2, 300 if ":" in subnet else 255)}
+    count = 300 if ":" in subnet else 255
+    handed = {ipam.request_address(pool.id, None, mac=mac(i))[1].address for i in range(2, count)}
     assert ip(address) not in handed

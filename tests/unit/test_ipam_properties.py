@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from datapath.errors import AddressExhausted, Conflict, InvalidRequest
-from ipam.allocator import LOCAL_SPACE, MAC_KEY, HostRanges, Ipam, PoolRequest
+from datapath.store import MemoryStore
+from ipam.allocator import LOCAL_SPACE, HostRanges, Ipam, PoolRequest
 from ipam.pool import KIND_ENDPOINT
-from ipam.store import MemoryStore
 from tests.unit.helpers import HOST_V4, HOST_V6, FakeClock, hexid
 
 SUBNET = ipaddress.IPv4Network("10.9.0.0/28")  # .0 network, .1 gateway, .15 broadcast
@@ -63,7 +63,7 @@ def test_random_request_release_never_hands_out_a_bad_address(
         else:
             wanted = None if arg is None else SUBNET.network_address + arg
             try:
-                _, alloc = ipam.request_address(pid, wanted, {MAC_KEY: f"02:00:00:00:00:{n:02x}"})
+                _, alloc = ipam.request_address(pid, wanted, mac=f"02:00:00:00:00:{n:02x}")
             except AddressExhausted:
                 assert wanted is None and held == usable
             except Conflict:
@@ -93,7 +93,7 @@ def test_random_pool_sequences_reload_identically(ops: list[str]) -> None:
         elif op == "release" and pools:
             ipam.release_pool(pools[-1].id)
         elif op == "addr" and pools:
-            ipam.request_address(pools[0].id, None, {})
+            ipam.request_address(pools[0].id, None)
     subnets = [p.subnet for p in ipam.pools()]
     assert not any(a.overlaps(b) for i, a in enumerate(subnets) for b in subnets[i + 1 :] if a.version == b.version)
     assert Ipam(store, RANGES).pools() == ipam.pools()
@@ -112,7 +112,7 @@ def test_concurrent_requests_get_distinct_addresses() -> None:
     def worker(i: int) -> None:
         try:
             barrier.wait(timeout=10)
-            results[i] = ipam.request_address(big.id, None, {MAC_KEY: f"02:00:00:00:01:{i:02x}"})[1].address
+            results[i] = ipam.request_address(big.id, None, mac=f"02:00:00:00:01:{i:02x}")[1].address
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
 

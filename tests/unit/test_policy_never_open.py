@@ -14,9 +14,9 @@ from datapath import identity as ids
 from datapath.errors import InvalidRequest
 from datapath.labels import Label, LabelSet
 from datapath.policy import MAX_DEPTH, MAX_NODES, Repository, Rule, parse_rules
-from datapath.policymap import Entries, compile_all, decide, enforcement
-from datapath.trace import Party, trace
-from ipam.store import MemoryStore
+from datapath.policy.compile import Entries, compile_all, decide, enforcement
+from datapath.policy.trace import Party, trace
+from datapath.store import MemoryStore
 
 TCP = 6
 NS = "io.kubernetes.pod.namespace"

@@ -11,7 +11,7 @@ import yaml
 from datapath.errors import InvalidRequest, NotFound, StateError
 from datapath.labels import Label
 from datapath.policy import MAX_PORTS, PeerRule, PortRange, Repository, Rule, parse_rule, parse_rules
-from ipam.store import MemoryStore
+from datapath.store import MemoryStore
 
 SEL = {"matchLabels": {"app": "web"}}
 TCP, UDP, SCTP, ICMP = 6, 17, 132, 1

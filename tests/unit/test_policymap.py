@@ -1,4 +1,4 @@
-"""datapath.policymap: port prefixes, compiling rules into LPM policy-map entries, and decide()."""
+"""datapath.policy.compile: port prefixes, compiling rules into LPM policy-map entries, and decide()."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from datapath import identity as ids
 from datapath.labels import Label, LabelSet
 from datapath.policy import parse_rules
-from datapath.policymap import (
+from datapath.policy.compile import (
     Entries,
     PolicyKey,
     PolicyValue,

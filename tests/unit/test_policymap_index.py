@@ -1,4 +1,4 @@
-"""datapath.policymap: the label index behind compile_all gives exactly the unindexed result."""
+"""datapath.policy.compile: the label index behind compile_all gives exactly the unindexed result."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from datapath import identity as ids
 from datapath.errors import InvalidRequest
 from datapath.labels import LabelSet, from_runtime
 from datapath.policy import Rule, Scope, Selector, parse_rules, parse_selector
-from datapath.policymap import Entries, LabelIndex, compile_all, compile_subject
+from datapath.policy.compile import Entries, LabelIndex, compile_all, compile_subject
 
 APPS, TIERS, NAMESPACES = ("a", "b", "c", "d"), ("x", "y"), ("default", "prod")
 MODES = ("default", "always", "never")

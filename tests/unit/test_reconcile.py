@@ -12,7 +12,7 @@ import pytest
 from datapath.errors import Conflict
 from datapath.fake import FakeKernel
 from datapath.model import Endpoint
-from ipam.allocator import LOCAL_SPACE, MAC_KEY, PoolRequest
+from ipam.allocator import LOCAL_SPACE, PoolRequest
 from ipam.pool import Pool
 from plugin.service import Agent, RuntimeView
 from tests.unit.helpers import FakeClock, hexid
@@ -97,8 +97,8 @@ def test_owner_less_addresses_go_once_no_request_can_claim_them(agent: Agent, sc
     pool, e1, e2 = scene
     # `docker run --ip6 <gateway>` on a dual-stack network: the IPv4 address was allocated, the
     # run failed, and Docker never released it
-    _, stray = agent.request_address(pool.id, None, {MAC_KEY: "02:42:0a:00:00:99"})
-    _, kept = agent.request_address(pool.id, None, {MAC_KEY: "02:42:0a:00:00:98"})
+    _, stray = agent.request_address(pool.id, None, mac="02:42:0a:00:00:99")
+    _, kept = agent.request_address(pool.id, None, mac="02:42:0a:00:00:98")
     alive = view(agent, networks=(NET_A,), endpoints=(EP1, EP2), addresses=(str(kept.address),))
     assert agent.reconcile(alive).empty  # both are young: a request may still claim them
     clock.advance(GRACE + 1)
@@ -129,7 +129,7 @@ def test_cni_attachments_are_reported_when_their_namespace_is_gone_and_removed_o
     pool = agent.request_pool(PoolRequest(LOCAL_SPACE, ipaddress.ip_network("10.7.0.0/24"), None, False))
     assert pool.gateway is not None
     agent.create_network(nid, [pool.prefixed(pool.gateway)], name="cgnet")
-    _, alloc = agent.ipam.request_address(pool.id, None, {}, owner=EP3)
+    _, alloc = agent.ipam.request_address(pool.id, None, owner=EP3)
     agent.create_endpoint(nid, EP3, pool.prefixed(alloc.address), None, origin="cni",  # type: ignore[arg-type]
                           attachment=("cgcontainer", "eth0"), sandbox="/nonexistent/cgnetns")
     clock.advance(GRACE + 1)
@@ -160,10 +160,10 @@ def test_docker_releasing_a_held_address_removes_the_endpoint_it_never_deleted(
 
 def test_an_endpoint_whose_address_the_ledger_lost_reserves_it(agent: Agent, clock: FakeClock) -> None:
     pool = make_network(agent, NET_A, "10.1.0.0/24")
-    _, alloc = agent.request_address(pool.id, None, {MAC_KEY: "02:42:0a:00:00:01"})
+    _, alloc = agent.request_address(pool.id, None, mac="02:42:0a:00:00:01")
     agent.ipam.release_address(pool.id, alloc.address)  # released before the (retried) CreateEndpoint
     agent.create_endpoint(NET_A, EP1, pool.prefixed(alloc.address), None, "02:42:0a:00:00:01")  # type: ignore[arg-type]
     found = agent.ipam.lookup(alloc.address)
     assert found is not None and found[1].owner == EP1
     with pytest.raises(Conflict):
-        agent.request_address(pool.id, alloc.address, {MAC_KEY: "02:42:0a:00:00:02"})
+        agent.request_address(pool.id, alloc.address, mac="02:42:0a:00:00:02")

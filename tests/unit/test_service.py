@@ -18,12 +18,12 @@ from datapath.labels import Label
 from datapath.model import Endpoint
 from datapath.plan import HostAddress, HostDevice, Neighbour, Programs, Route, Settings, Veth
 from datapath.policy import Repository, parse_rules
-from datapath.policymap import PolicyKey, PolicyValue
-from ipam.allocator import LOCAL_SPACE, MAC_KEY, Ipam, PoolRequest
+from datapath.policy.compile import PolicyKey, PolicyValue
+from datapath.store import MemoryStore
+from ipam.allocator import LOCAL_SPACE, Ipam, PoolRequest
 from ipam.pool import Pool
-from ipam.store import MemoryStore
-from plugin.policy import PolicyState
 from plugin.service import Agent
+from plugin.service.policy import PolicyState
 from tests.unit.helpers import FakeClock, hexid, snapshot
 
 NET_A, NET_B = hexid("net-a"), hexid("net-b")
@@ -41,7 +41,7 @@ def make_network(agent: Agent, nid: str, subnet: str) -> Pool:
 def make_endpoint(agent: Agent, nid: str, pool: Pool, eid: str, n: int = 1) -> Endpoint:
     """What `docker run` does: RequestAddress, then CreateEndpoint."""
     mac = f"02:42:0a:00:00:{n:02x}"
-    _, alloc = agent.request_address(pool.id, None, {MAC_KEY: mac})
+    _, alloc = agent.request_address(pool.id, None, mac=mac)
     address = pool.prefixed(alloc.address)
     v4 = address if address.version == 4 else None
     v6 = address if address.version == 6 else None
@@ -279,8 +279,8 @@ def test_dual_stack_endpoint(agent: Agent, kernel: FakeKernel) -> None:
     p4 = agent.request_pool(PoolRequest(LOCAL_SPACE, None, None, False))
     p6 = agent.request_pool(PoolRequest(LOCAL_SPACE, None, None, True))
     agent.create_network(NET_A, [p4.prefixed(p4.gateway), p6.prefixed(p6.gateway)])  # type: ignore[arg-type]
-    a4 = agent.request_address(p4.id, None, {})[1].address
-    a6 = agent.request_address(p6.id, None, {})[1].address
+    a4 = agent.request_address(p4.id, None)[1].address
+    a6 = agent.request_address(p6.id, None)[1].address
     ep = agent.create_endpoint(NET_A, EP1, p4.prefixed(a4), p6.prefixed(a6))  # type: ignore[arg-type]
     info = agent.join(NET_A, EP1, "/var/run/docker/netns/abc")
     assert (info.gateway4, info.gateway6) == (p4.gateway, p6.gateway)
@@ -366,7 +366,7 @@ def test_restore_drops_endpoints_whose_veth_vanished(
 ) -> None:
     gone, alive = two_endpoints
     kernel.vanish(gone.host_ifname)
-    assert ("endpoint-entry", gone.host_ifname) in kernel.objects  # map entries stay behind
+    assert ("endpoint-entry", "@" + gone.host_ifname) in kernel.objects  # map entries stay behind, by dead link
     report = agent.restore()
     assert report.removed_endpoints == [EP1]
     assert report.released == [str(gone.ipv4.ip)]  # type: ignore[union-attr]
@@ -481,7 +481,7 @@ def test_request_pool_avoids_foreign_host_routes(agent: Agent, kernel: FakeKerne
 def test_ipam_check_uses_live_endpoints(
     agent: Agent, pool_a: Pool, clock: FakeClock, two_endpoints: tuple[Endpoint, Endpoint]
 ) -> None:
-    stray = agent.request_address(pool_a.id, None, {})[1].address
+    stray = agent.request_address(pool_a.id, None)[1].address
     assert agent.ipam_check()[0].ok
     clock.advance(120)
     report, _ = agent.ipam_check(release=True)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from datapath.errors import StateError
-from ipam.store import JsonDir, MemoryStore, file_name, write_atomic
+from datapath.store import MemoryStore
+from ipam.store import JsonDir, file_name, write_atomic
 
 
 def test_put_load_delete_round_trip(tmp_path: Path) -> None:

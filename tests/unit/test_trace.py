@@ -1,4 +1,4 @@
-"""datapath.trace: rule-by-rule explanations whose verdict is the datapath's (decide over compiled entries)."""
+"""datapath.policy.trace: rule-by-rule explanations whose verdict is the datapath's (decide over compiled entries)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from datapath import identity as ids
 from datapath.labels import Label, LabelSet
 from datapath.policy import Rule, parse_rules
-from datapath.policymap import compile_all, decide
-from datapath.trace import Party, parse_dport, trace
+from datapath.policy.compile import compile_all, decide
+from datapath.policy.trace import Party, parse_dport, trace
 
 
 def L(*texts: str) -> LabelSet:

@@ -1,7 +1,8 @@
-"""`policy trace`: explain rule by rule why a flow is allowed or denied. Pure.
+"""`policy trace`: explain rule by rule why a flow is allowed or denied. Pure; imports the rules
+and compile, never parse or the repository.
 
 Both sides are explained: the sender's egress and the receiver's ingress. The verdict of
-each side comes from datapath.policymap.decide over the compiled entries, which is the
+each side comes from datapath.policy.compile.decide over the compiled entries, which is the
 kernel's own algorithm, so the trace cannot disagree with the datapath.
 """
 
@@ -12,8 +13,8 @@ from dataclasses import dataclass, field
 
 from datapath import identity as ids
 from datapath.labels import LabelSet, render
-from datapath.policy import PeerRule, PortRange, Rule
-from datapath.policymap import Decision, compile_subject, decide, enforcement
+from datapath.policy.compile import Decision, compile_subject, decide, enforcement
+from datapath.policy.rules import PeerRule, PortRange, Rule
 
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132, "icmp": 1, "icmpv6": 58}
 

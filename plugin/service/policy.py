@@ -17,9 +17,9 @@ from datapath.identity import Identities
 from datapath.labels import Label, LabelSet
 from datapath.model import Endpoint
 from datapath.policy import Change, Repository, Rule
-from datapath.policymap import ENFORCEMENT_MODES, Entries, PolicyKey, PolicyValue, compile_all, enforcement
+from datapath.policy.compile import ENFORCEMENT_MODES, Entries, PolicyKey, PolicyValue, compile_all, enforcement
+from datapath.policy.trace import Party, TraceResult, trace
 from datapath.ports import Kernel
-from datapath.trace import Party, TraceResult, trace
 
 log = logging.getLogger(__name__)
 

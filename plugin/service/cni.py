@@ -12,11 +12,8 @@ network rm`); Docker networks are Docker's to remove.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 from datapath import naming
@@ -25,98 +22,11 @@ from datapath.model import Endpoint, IPInterface, Network
 from datapath.ports import Netns
 from ipam.allocator import LOCAL_SPACE, PoolRequest
 from plugin import failpoints
-from plugin.service import Agent
+from plugin.cni import codes
+from plugin.cni.messages import AddRequest, Attachment, GcRequest
+from plugin.service.agent import Agent
 
 log = logging.getLogger(__name__)
-
-CONTAINER_ID = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]{0,255}$")
-IFNAME = re.compile(r"^[^/:\s]{1,15}$")
-NETWORK = re.compile(r"^[A-Za-z0-9][\w.\-]{0,127}$")
-MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
-
-# CNI error codes carried back to the binary
-CNI_INVALID_ENV = 4
-CNI_IO = 5
-CNI_INVALID_CONFIG = 7
-CNI_UNKNOWN_CONTAINER = 3
-CNI_INTERFACE_EXISTS = 100
-
-
-def cni_error(exc: CellgateError, code: int) -> CellgateError:
-    exc.cni_code = code  # type: ignore[attr-defined]
-    return exc
-
-
-def _str(body: Mapping[str, Any], key: str, pattern: re.Pattern[str] | None = None, required: bool = True) -> str:
-    value = body.get(key, "")
-    if not isinstance(value, str):
-        raise InvalidRequest(f"{key} must be a string")
-    if not value:
-        if required:
-            raise InvalidRequest(f"{key} is required")
-        return ""
-    if pattern is not None and not pattern.match(value):
-        raise InvalidRequest(f"{key} {value[:80]!r} is not valid")
-    return value
-
-
-@dataclass(frozen=True)
-class Attachment:
-    network: str
-    container_id: str
-    ifname: str
-    netns: str
-
-    @property
-    def endpoint_id(self) -> str:
-        return naming.endpoint_id_for(self.container_id, self.ifname)
-
-    @classmethod
-    def parse(cls, body: Mapping[str, Any], netns_required: bool) -> Attachment:
-        netns = _str(body, "netns", required=netns_required)
-        if netns and (not netns.startswith("/") or "\0" in netns or len(netns) > 4096):
-            raise cni_error(InvalidRequest(f"netns {netns[:80]!r} must be an absolute path"), CNI_INVALID_ENV)
-        try:
-            return cls(_str(body, "network", NETWORK), _str(body, "container_id", CONTAINER_ID),
-                       _str(body, "ifname", IFNAME), netns)
-        except InvalidRequest as exc:
-            raise cni_error(exc, CNI_INVALID_ENV) from None
-
-
-@dataclass(frozen=True)
-class AddRequest:
-    attachment: Attachment
-    labels: dict[str, str]
-    label_source: str
-    subnet: ipaddress.IPv4Network | None
-    ipv6: bool
-    subnet6: ipaddress.IPv6Network | None
-    ips: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]
-    mac: str
-    name: str
-
-    @classmethod
-    def parse(cls, body: Mapping[str, Any]) -> AddRequest:
-        att = Attachment.parse(body, netns_required=True)
-        labels = body.get("labels") or {}
-        if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                   for k, v in labels.items()):
-            raise InvalidRequest("labels must be an object of strings")
-        source = _str(body, "label_source", required=False) or "cni"
-        if source not in ("cni", "mesos"):
-            raise InvalidRequest(f"label_source {source!r} must be cni or mesos")
-        try:
-            subnet = ipaddress.IPv4Network(body["subnet"]) if body.get("subnet") else None
-            subnet6 = ipaddress.IPv6Network(body["ipv6_subnet"]) if body.get("ipv6_subnet") else None
-            ips = tuple(ipaddress.ip_address(str(x).split("/")[0]) for x in body.get("ips") or [])
-        except (ValueError, TypeError) as exc:
-            raise InvalidRequest(str(exc)) from None
-        mac = _str(body, "mac", required=False)
-        if mac and (not MAC.match(mac) or int(mac[:2], 16) & 1):
-            raise cni_error(InvalidRequest(f"MAC {mac!r} is not a unicast MAC address"), CNI_INVALID_ENV)
-        return cls(att, dict(labels), source, subnet, bool(body.get("ipv6")) or subnet6 is not None, subnet6, ips,
-                   mac.lower(), _str(body, "name", required=False)[:253])
-
 
 def network_id(name: str) -> str:
     return naming.cni_network_id(name)
@@ -136,17 +46,17 @@ class CniService:
             try:
                 self.netns.check(att.netns)
             except InvalidRequest as exc:
-                raise cni_error(exc, CNI_INVALID_ENV) from None
+                raise InvalidRequest(str(exc), cni_code=codes.INVALID_ENV) from None
             eid = att.endpoint_id
             if eid in agent.endpoints:
-                raise cni_error(Conflict(f"container {att.container_id} already has {att.ifname} on this host"),
-                                CNI_INTERFACE_EXISTS)
+                raise Conflict(f"container {att.container_id} already has {att.ifname} on this host",
+                               cni_code=codes.INTERFACE_EXISTS)
             try:
                 if self.netns.interface(att.netns, att.ifname) is not None:
-                    raise cni_error(Conflict(f"interface {att.ifname} already exists in {att.netns}"),
-                                    CNI_INTERFACE_EXISTS)
+                    raise Conflict(f"interface {att.ifname} already exists in {att.netns}",
+                                   cni_code=codes.INTERFACE_EXISTS)
             except InvalidRequest as exc:
-                raise cni_error(exc, CNI_INVALID_ENV) from None
+                raise InvalidRequest(str(exc), cni_code=codes.INVALID_ENV) from None
             created = network_id(att.network) not in agent.networks
             net = self._network(att.network, req)
             allocated: list[tuple[str, Any]] = []
@@ -177,11 +87,11 @@ class CniService:
         if net is not None:
             for want in (req.subnet, req.subnet6):
                 if want is not None and not any(g.network == want for g in net.gateways):
-                    raise cni_error(InvalidRequest(f"CNI network {name!r} already uses "
-                                                   f"{', '.join(str(g.network) for g in net.gateways)}"),
-                                    CNI_INVALID_CONFIG)
+                    raise InvalidRequest(f"CNI network {name!r} already uses "
+                                         f"{', '.join(str(g.network) for g in net.gateways)}",
+                                         cni_code=codes.INVALID_CONFIG)
             if req.ipv6 and not any(g.version == 6 for g in net.gateways):
-                raise cni_error(InvalidRequest(f"CNI network {name!r} was created without IPv6"), CNI_INVALID_CONFIG)
+                raise InvalidRequest(f"CNI network {name!r} was created without IPv6", cni_code=codes.INVALID_CONFIG)
             return net
         pools = []
         try:
@@ -193,7 +103,9 @@ class CniService:
         except CellgateError as exc:
             for pool in pools:
                 agent.ipam.release_pool(pool.id)
-            raise cni_error(exc, getattr(exc, "cni_code", CNI_INVALID_CONFIG)) from None
+            if not exc.cni_code:  # a network that cannot be made: the configuration's to fix
+                exc.cni_code = codes.INVALID_CONFIG
+            raise exc from None
 
     def _addresses(self, net: Network, req: AddRequest, allocated: list[tuple[str, Any]]) -> list[IPInterface]:
         out: list[IPInterface] = []
@@ -202,14 +114,14 @@ class CniService:
             if pool is None:
                 raise NotFound(f"no address pool for {gw.network}")
             wanted = next((ip for ip in req.ips if ip in gw.network), None)
-            _, alloc = self.agent.ipam.request_address(pool.id, wanted, {}, owner=req.attachment.endpoint_id)
+            _, alloc = self.agent.ipam.request_address(pool.id, wanted, owner=req.attachment.endpoint_id)
             allocated.append((pool.id, alloc.address))
             out.append(pool.prefixed(alloc.address))
         unplaced = [ip for ip in req.ips if not any(ip in g.network for g in net.gateways)]
         if unplaced:
             where = req.attachment.network
-            raise cni_error(InvalidRequest(f"address {unplaced[0]} is not in a subnet of network {where}"),
-                            CNI_INVALID_CONFIG)
+            raise InvalidRequest(f"address {unplaced[0]} is not in a subnet of network {where}",
+                                 cni_code=codes.INVALID_CONFIG)
         return out
 
     def _undo(self, eid: str, net: Network, allocated: Sequence[tuple[str, Any]], att: Attachment) -> None:
@@ -277,13 +189,13 @@ class CniService:
         agent = self.agent
         ep = agent.endpoints.get(att.endpoint_id)
         if ep is None:
-            raise cni_error(NotFound(f"no cellgate endpoint for {att.container_id}/{att.ifname}"),
-                            CNI_UNKNOWN_CONTAINER)
+            raise NotFound(f"no cellgate endpoint for {att.container_id}/{att.ifname}",
+                           cni_code=codes.UNKNOWN_CONTAINER)
         problems = agent.check_endpoint(ep)
         try:
             state = self.netns.interface(att.netns, att.ifname)
         except InvalidRequest as exc:
-            raise cni_error(exc, CNI_INVALID_ENV) from None
+            raise InvalidRequest(str(exc), cni_code=codes.INVALID_ENV) from None
         if state is None:
             problems.append(f"interface {att.ifname} is missing from {att.netns}")
         else:
@@ -293,7 +205,7 @@ class CniService:
                 if addr not in state.addresses:
                     problems.append(f"{att.ifname} lacks address {addr}")
         if problems:
-            raise cni_error(InvalidRequest("; ".join(problems)), CNI_IO)
+            raise InvalidRequest("; ".join(problems), cni_code=codes.IO_FAILURE)
 
     # -- networks ---------------------------------------------------------------------------
 
@@ -329,10 +241,10 @@ class CniService:
             raise InvalidRequest(f"{ident!r} matches {len(matches)} networks; give more of the ID")
         return matches[0]
 
-    def gc(self, network: str, valid: Sequence[tuple[str, str]]) -> list[str]:
-        """Remove this network's attachments that are not in `valid`; returns their endpoint IDs."""
-        keep = {naming.endpoint_id_for(cid, ifname) for cid, ifname in valid}
-        nid = network_id(network)
+    def gc(self, req: GcRequest) -> list[str]:
+        """Remove this network's attachments that are not in `req.valid`; returns their endpoint IDs."""
+        keep = {naming.endpoint_id_for(cid, ifname) for cid, ifname in req.valid}
+        nid = network_id(req.network)
         removed = []
         with self.agent._lock:
             for ep in list(self.agent.endpoints.values()):

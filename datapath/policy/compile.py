@@ -1,6 +1,7 @@
 """Compile policy rules into policy-map entries, and decide a packet exactly as the kernel does.
+Pure; imports the rules and selectors, never parse, the repository or trace. (Was datapath.policymap.)
 
-Pure. The kernel map is an LPM trie keyed by (subject, peer, direction, protocol, port
+The kernel map is an LPM trie keyed by (subject, peer, direction, protocol, port
 prefix); the datapath looks up the peer's identity and the wildcard peer (0) and takes
 deny over allow, allow over nothing. `decide` below is that same algorithm, so
 `policy trace` and the tests can predict the datapath exactly.
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 
 from datapath import identity as ids
 from datapath.labels import LabelSet
-from datapath.policy import PeerRule, PortRange, Rule, Selector, namespaces_of
+from datapath.policy.rules import PeerRule, PortRange, Rule
+from datapath.policy.selectors import Selector, namespaces_of
 
 ENFORCEMENT_MODES = ("default", "always", "never")
 

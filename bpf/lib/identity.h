@@ -1,0 +1,42 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Security identities of the parties of a packet: a local endpoint carries its own
+ * (cg_endpoints / cg_ips); any other address is looked up in the ipcache, else world.
+ * Family-neutral: addresses are byte arrays of the family's length.
+ */
+#pragma once
+
+#include "lib/common.h"
+#include "lib/maps.h"
+#include "lib/route.h"
+
+/* Identity of a non-endpoint address: host addresses and known prefixes; else world. */
+static __always_inline __u32 cg_ipcache_identity(__u8 family, const __u8 *addr)
+{
+	struct cg_ipcache_key key = {};
+	struct cg_ipcache_value *val;
+
+	key.family = family;
+	if (family == 4) {
+		key.prefixlen = 32 + 32;
+		__builtin_memcpy(key.addr, addr, 4);
+	} else {
+		key.prefixlen = 32 + 128;
+		__builtin_memcpy(key.addr, addr, 16);
+	}
+	val = cg_ipcache.lookup(&key);
+	return val ? val->identity : CG_ID_WORLD;
+}
+
+/* The identity of a sender reached through the host stack. */
+static __always_inline __u32 cg_peer_identity(__u8 family, const __u8 *addr)
+{
+	struct cg_endpoint *local = cg_lookup_ip(family, addr);
+
+	return local ? local->identity : cg_ipcache_identity(family, addr);
+}
+
+/* The identity of a receiver: the local endpoint `dst` if there is one, else the ipcache's. */
+static __always_inline __u32 cg_dst_identity(const struct cg_endpoint *dst, __u8 family, const __u8 *addr)
+{
+	return dst ? dst->identity : cg_ipcache_identity(family, addr);
+}

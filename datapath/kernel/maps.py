@@ -1,0 +1,248 @@
+"""Handlers of the pinned-map kinds (endpoints, addresses, ipcache), and the maps the agent writes
+outside plans: policy in batches, conntrack, config. Layouts come from datapath.kernel.layout.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from datapath.errors import KernelError
+from datapath.kernel import layout
+from datapath.kernel.context import KernelContext, Replacing
+from datapath.plan import AddressEntry, EndpointEntry, IpcacheEntry, Key
+from datapath.policy.compile import PolicyKey, PolicyValue
+
+BATCH = 4096
+
+
+class _Endpoints(Replacing):
+    kind = EndpointEntry.kind
+
+    def __init__(self, ctx: KernelContext) -> None:
+        self.ctx = ctx
+
+    def observe(self, key: Key) -> EndpointEntry | None:
+        link = self.ctx.link(key[1])
+        if link is None or self.ctx.dp is None:
+            return None
+        return self._entry(int(link["index"]), key[1])
+
+    def observe_all(self) -> Iterable[EndpointEntry]:
+        if self.ctx.dp is None:
+            return
+        names = self.ctx.owned_names()
+        for key, _leaf in list(self.ctx.dp.endpoints.items()):
+            index = int(key.value)
+            entry = self._entry(index, names.get(index, f"@{index}"))
+            if entry is not None:
+                yield entry
+
+    def _entry(self, index: int, dev: str) -> EndpointEntry | None:
+        try:
+            leaf = self.ctx.need_dp().endpoints[ctypes.c_uint32(index)]
+        except KeyError:
+            return None
+        return EndpointEntry(dev, layout.endpoint_value(layout.CgEndpoint.from_buffer_copy(bytes(leaf))))
+
+    def add(self, obj: EndpointEntry) -> None:
+        dp = self.ctx.need_dp()
+        index = self.ctx.index(obj.dev)
+        dp.endpoints[ctypes.c_uint32(index)] = layout.endpoint_struct(obj.value, index)
+
+    def remove(self, obj: EndpointEntry) -> None:
+        dp = self.ctx.need_dp()
+        index = int(obj.dev[1:]) if obj.dev.startswith("@") else None
+        if index is None:
+            link = self.ctx.link(obj.dev)
+            index = int(link["index"]) if link is not None else None
+        if index is not None:
+            dp.endpoints.pop(ctypes.c_uint32(index), None)
+
+
+class _Addresses(Replacing):
+    kind = AddressEntry.kind
+
+    def __init__(self, ctx: KernelContext) -> None:
+        self.ctx = ctx
+
+    def observe(self, key: Key) -> AddressEntry | None:
+        return self._entry(ipaddress.ip_address(key[1]))
+
+    def observe_all(self) -> Iterable[AddressEntry]:
+        if self.ctx.dp is None:
+            return
+        names = self.ctx.owned_names()
+        for key in list(self.ctx.dp.ips.keys()):
+            entry = self._entry(layout.key_address(layout.CgIpKey.from_buffer_copy(bytes(key))), names)
+            if entry is not None:
+                yield entry
+
+    def _entry(self, address: Any, names: dict[int, str] | None = None) -> AddressEntry | None:
+        try:
+            leaf = self.ctx.need_dp().ips[layout.ip_key(address)]
+        except KeyError:
+            return None
+        raw = layout.CgEndpoint.from_buffer_copy(bytes(leaf))
+        dev = (names or {}).get(raw.ifindex) or self.ctx.ifname(raw.ifindex) or f"@{raw.ifindex}"
+        return AddressEntry(address, dev, layout.endpoint_value(raw))
+
+    def add(self, obj: AddressEntry) -> None:
+        dp = self.ctx.need_dp()
+        index = self.ctx.index(obj.dev)
+        dp.ips[layout.ip_key(obj.address)] = layout.endpoint_struct(obj.value, index)
+
+    def remove(self, obj: AddressEntry) -> None:
+        dp = self.ctx.need_dp()
+        key = layout.ip_key(obj.address)
+        try:
+            index = layout.CgEndpoint.from_buffer_copy(bytes(dp.ips[key])).ifindex
+        except KeyError:
+            return
+        dp.ips.pop(key, None)
+        if self.ctx.ifname(index) is None:
+            # The link vanished behind our back (its netns was destroyed), so the endpoint
+            # entry can no longer be found by name; it is keyed by the dead ifindex.
+            dp.endpoints.pop(ctypes.c_uint32(index), None)
+
+
+class _Ipcache(Replacing):
+    kind = IpcacheEntry.kind
+
+    def __init__(self, ctx: KernelContext) -> None:
+        self.ctx = ctx
+
+    def observe(self, key: Key) -> IpcacheEntry | None:
+        if self.ctx.dp is None:
+            return None
+        prefix = ipaddress.ip_network(key[1])
+        try:
+            value = layout.CgIpcacheValue.from_buffer_copy(bytes(self.ctx.dp.ipcache[layout.ipcache_key(prefix)]))
+        except KeyError:
+            return None
+        return IpcacheEntry(prefix, value.identity)
+
+    def observe_all(self) -> Iterable[IpcacheEntry]:
+        if self.ctx.dp is None:
+            return
+        for key, value in list(self.ctx.dp.ipcache.items()):
+            prefix = layout.ipcache_prefix(layout.CgIpcacheKey.from_buffer_copy(bytes(key)))
+            yield IpcacheEntry(prefix, layout.CgIpcacheValue.from_buffer_copy(bytes(value)).identity)
+
+    def add(self, obj: IpcacheEntry) -> None:
+        value = layout.CgIpcacheValue()
+        value.identity = obj.identity
+        self.ctx.need_dp().ipcache[layout.ipcache_key(obj.prefix)] = value
+
+    def remove(self, obj: IpcacheEntry) -> None:
+        self.ctx.need_dp().ipcache.pop(layout.ipcache_key(obj.prefix), None)
+
+
+HANDLERS = (_Endpoints, _Addresses, _Ipcache)
+
+
+# -- maps written outside plans -----------------------------------------------------------------
+
+
+class Config:
+    """cg_config: runtime switches, conntrack timeouts and the policy revision."""
+
+    def __init__(self, ctx: KernelContext) -> None:
+        self.ctx = ctx
+        self._lock = threading.Lock()
+        self._config: layout.CgConfig | None = None  # what cg_config holds, once we wrote it
+
+    def set(self, trace: bool, timeouts: dict[str, float], verdicts: bool = True) -> None:
+        cfg = layout.CgConfig()
+        cfg.flags = (layout.CG_CFG_TRACE if trace else 0) | (0 if verdicts else layout.CG_CFG_QUIET)
+        for name, seconds in timeouts.items():
+            setattr(cfg, f"{name}_timeout_ns", int(seconds * 1e9))
+        self.write(cfg)
+
+    def policy_revision(self) -> int:
+        with self._lock:
+            return int(self._current().policy_rev)
+
+    def _current(self) -> layout.CgConfig:
+        if self._config is None:
+            try:
+                raw = self.ctx.need_dp().config[ctypes.c_uint32(0)]
+            except KeyError:
+                return layout.CgConfig()
+            return layout.CgConfig.from_buffer_copy(bytes(raw))
+        return self._config
+
+    def write(self, cfg: layout.CgConfig | None = None, bump: bool = False) -> None:
+        """Write cg_config, keeping the policy revision, which moves forward (never to 0) when
+        the policy map changed, and on this executor's first write: a predecessor may have died
+        between changing the map and bumping it, so verdicts cached before are all decided again."""
+        dp = self.ctx.need_dp()
+        with self._lock:
+            current = self._current()
+            new = layout.CgConfig.from_buffer_copy(bytes(cfg if cfg is not None else current))
+            new.policy_rev = current.policy_rev
+            if bump or self._config is None:
+                new.policy_rev = current.policy_rev % 0xFFFFFFFF + 1
+            dp.config[ctypes.c_uint32(0)] = new
+            self._config = new
+
+
+class PolicyMap:
+    """cg_policy, written in batches; every change bumps the policy revision after the writes."""
+
+    def __init__(self, ctx: KernelContext, config: Config) -> None:
+        self.ctx = ctx
+        self.config = config
+
+    def entries(self) -> dict[PolicyKey, PolicyValue]:
+        out: dict[PolicyKey, PolicyValue] = {}
+        for key, value in self.ctx.need_dp().policy.items():
+            raw_key = layout.CgPolicyKey.from_buffer_copy(bytes(key))
+            out[layout.policy_key_value(raw_key)] = layout.policy_value_value(
+                layout.CgPolicyValue.from_buffer_copy(bytes(value)))
+        return out
+
+    def update(self, upserts: dict[PolicyKey, PolicyValue], deletes: Iterable[PolicyKey]) -> None:
+        """Write and remove policy entries, in batches; upserts first, so nothing opens up."""
+        dp = self.ctx.need_dp()
+        items = list(upserts.items())
+        gone = list(deletes)
+        try:
+            for start in range(0, len(items), BATCH):
+                chunk = items[start:start + BATCH]
+                dp.policy.items_update_batch(layout.policy_keys([k for k, _ in chunk]),
+                                             layout.policy_values([v for _, v in chunk]))
+            for start in range(0, len(gone), BATCH):
+                doomed = gone[start:start + BATCH]
+                try:  # all-or-nothing per key: a key that is already gone fails the batch
+                    dp.policy.items_delete_batch(layout.policy_keys(doomed))
+                except Exception:  # BCC raises bare Exception; one by one instead
+                    for key in doomed:
+                        dp.policy.pop(layout.policy_key(key), None)
+        except Exception as exc:  # BCC raises bare Exception on syscall errors
+            raise KernelError(f"policy map update failed: {exc}") from exc
+        finally:
+            if items or gone:
+                self.config.write(bump=True)  # after the writes: cached verdicts decide again
+
+
+class Conntrack:
+    """cg_ct: the agent reads it and deletes what expired."""
+
+    def __init__(self, ctx: KernelContext) -> None:
+        self.ctx = ctx
+
+    def entries(self) -> list[tuple[layout.CgCtKey, layout.CgCtValue]]:
+        return [(layout.CgCtKey.from_buffer_copy(bytes(k)), layout.CgCtValue.from_buffer_copy(bytes(v)))
+                for k, v in self.ctx.need_dp().ct.items()]
+
+    def gc(self, now_ns: int) -> int:
+        """Delete expired conntrack entries; returns how many."""
+        ct = self.ctx.need_dp().ct
+        expired = [k for k, v in ct.items() if v.expires <= now_ns]
+        for key in expired:
+            ct.pop(key, None)
+        return len(expired)

@@ -1,0 +1,314 @@
+"""Strict parsing of decoded JSON/YAML into rules (plain rules and Cilium CRDs), with the bounds a
+policy must stay within. Pure; imports selectors and rules, never the repository or compile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+from datapath.errors import InvalidRequest
+from datapath.labels import Label
+from datapath.policy.rules import (
+    CCNP,
+    CNP,
+    ENTITIES,
+    MAX_PORTS,
+    NOT_YET,
+    PLAIN,
+    PORTED,
+    PROTOCOLS,
+    PeerRule,
+    PortRange,
+    Rule,
+    Scope,
+)
+from datapath.policy.selectors import DEFAULT_NAMESPACE, Selector, _only, parse_selector
+
+# -- bounds of what a policy may be ------------------------------------------------------------
+
+MAX_BYTES = 1 << 20  # a policy as JSON (what the agent's REST API takes, plugin.api.app.MAX_BODY)
+MAX_DEPTH = 32  # nesting levels; a real policy needs about 12
+MAX_NODES = 200_000  # values after YAML aliases are expanded; 1 MiB of real rules is about 90k
+
+
+def check_shape(data: Any) -> None:
+    """Refuse input nested deeper than MAX_DEPTH or holding more than MAX_NODES values (shared
+    values count every time they appear, as after YAML alias expansion; a cycle is infinitely
+    deep). Stops at the first excess, so hostile input costs little; recursion is bounded by
+    MAX_DEPTH."""
+    count = 1
+
+    def walk(value: Any, depth: int) -> None:
+        nonlocal count
+        if depth > MAX_DEPTH:
+            raise InvalidRequest(f"the policy is nested too deeply: more than {MAX_DEPTH} levels")
+        count += len(value)
+        if count > MAX_NODES:
+            raise InvalidRequest(f"the policy is too large: more than {MAX_NODES} values")
+        for v in value.values() if isinstance(value, dict) else value:
+            if isinstance(v, (dict, list)):
+                walk(v, depth + 1)
+
+    if isinstance(data, (dict, list)):
+        walk(data, 1)
+
+
+_NAMESPACE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # a Kubernetes namespace (DNS-1123 label)
+
+
+RULE_FIELDS = ("endpointSelector", "ingress", "egress", "ingressDeny", "egressDeny", "labels", "description",
+               "enableDefaultDeny")
+RULE_NOT_YET = {"nodeSelector": "host policies (nodeSelector) are not supported yet",
+                "log": "policy logging (log) is not supported yet"}
+SECTIONS = (("ingress", False), ("egress", True), ("ingressDeny", False), ("egressDeny", True))
+NO_SECTION = "rule must have at least one of Ingress, IngressDeny, Egress, EgressDeny"  # Cilium's words
+
+
+def parse_rules(data: Any) -> list[Rule]:
+    """Rules from decoded JSON/YAML: a list of rules, one rule, or CiliumNetworkPolicy /
+    CiliumClusterwideNetworkPolicy objects (or a mix)."""
+    check_shape(data)
+    docs = data if isinstance(data, list) else [data]
+    rules: list[Rule] = []
+    for i, doc in enumerate(docs):
+        if isinstance(doc, dict) and ("spec" in doc or "specs" in doc or "kind" in doc):
+            rules.extend(_parse_crd(doc, i))
+        else:
+            rules.append(parse_rule(doc, f"rule {i}"))
+    if not rules:
+        raise InvalidRequest("the policy holds no rules")
+    return rules
+
+
+def _parse_crd(doc: dict[str, Any], index: int) -> list[Rule]:
+    """A CRD's rules, as Cilium's CiliumNetworkPolicy.Parse: `spec` and then every one of `specs`."""
+    where = f"policy {index}"
+    _only(doc, ("apiVersion", "kind", "metadata", "spec", "specs"), where)
+    kind = doc.get("kind", CNP)
+    if kind not in (CNP, CCNP):
+        raise InvalidRequest(f"{where}: unsupported kind {kind!r}")
+    metadata = doc.get("metadata") or {}
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("name", ""), str):
+        raise InvalidRequest(f"{where}: metadata must be an object with a string name")
+    name = metadata.get("name", "")
+    namespace = metadata.get("namespace")
+    if kind == CCNP:
+        if namespace not in (None, ""):
+            raise InvalidRequest(f"{where}: metadata.namespace: a {CCNP} is clusterwide and has no namespace")
+        scope = Scope(CCNP)
+    else:
+        if namespace is None or namespace == "":
+            namespace = DEFAULT_NAMESPACE
+        if not isinstance(namespace, str) or not _NAMESPACE_NAME.match(namespace):
+            raise InvalidRequest(f"{where}: metadata.namespace: {namespace!r} is not a namespace name "
+                                 "(lower-case letters, digits and '-', at most 63)")
+        scope = Scope(CNP, namespace)
+    specs: list[tuple[str, Any]] = []
+    if doc.get("spec") is not None:
+        specs.append((f"{where} spec", doc["spec"]))
+    if doc.get("specs") is not None:
+        if not isinstance(doc["specs"], list):
+            raise InvalidRequest(f"{where}: specs must be a list of rules")
+        specs.extend((f"{where} specs[{j}]", spec) for j, spec in enumerate(doc["specs"]))
+    if not specs:
+        raise InvalidRequest(f"{where}: a {kind} needs spec or specs (it holds no rules)")
+    out = []
+    for place, spec in specs:
+        rule = parse_rule(spec, place, scope)
+        if name and not rule.labels:  # named by the object: the stored spec carries it too
+            labels = [Label("unspec", "name", name)]
+            if scope.namespace:  # two namespaces' policies of one name are two policies
+                labels.append(Label("unspec", "namespace", scope.namespace))
+            rule = dataclasses.replace(rule, labels=tuple(labels), spec={
+                **spec, "labels": [{"key": lb.key, "value": lb.value, "source": lb.source} for lb in labels]})
+        out.append(rule)
+    return out
+
+
+def parse_rule(raw: Any, where: str, scope: Scope = PLAIN, strict: bool = True) -> Rule:
+    """One rule. `strict=False` is for rules an older agent stored: it still takes what was
+    accepted then and has since been refused (each was a no-op or as open as it reads), so a
+    restart never drops a rule in force."""
+    if not isinstance(raw, dict):
+        raise InvalidRequest(f"{where}: must be an object")
+    for key, why in RULE_NOT_YET.items():
+        if key in raw:
+            raise InvalidRequest(f"{where}: {key}: {why}")
+    _only(raw, RULE_FIELDS, where)
+    if "endpointSelector" not in raw or raw["endpointSelector"] is None:
+        raise InvalidRequest(f"{where}: endpointSelector is required")
+    selector = parse_selector(raw["endpointSelector"], f"{where}: endpointSelector")
+    if strict or scope.kind:
+        selector = scope.subject(selector, f"{where}: endpointSelector")
+    parts: dict[str, tuple[PeerRule, ...]] = {}
+    for key, egress in SECTIONS:
+        value = raw.get(key)
+        if value is None:
+            parts[key] = ()
+            continue
+        if not isinstance(value, list):
+            raise InvalidRequest(f"{where}: {key} must be a list")
+        if not value and strict and not key.endswith("Deny"):
+            raise InvalidRequest(f"{where}: {key}: an empty list enforces nothing (Cilium ignores it); write "
+                                 f"{key}: [{{}}] to deny all {key}, or leave it out")
+        parts[key] = tuple(_peer_rule(p, f"{where}: {key}[{j}]", egress, key.endswith("Deny"), scope, strict)
+                           for j, p in enumerate(value))
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise InvalidRequest(f"{where}: description must be a string")
+    edd = raw.get("enableDefaultDeny")
+    default_deny: tuple[bool | None, bool | None] = (None, None)
+    if edd is not None:
+        if not isinstance(edd, dict):
+            raise InvalidRequest(f"{where}: enableDefaultDeny must be an object with ingress/egress booleans")
+        _only(edd, ("ingress", "egress"), f"{where}: enableDefaultDeny")
+        for key in ("ingress", "egress"):
+            if key in edd and not isinstance(edd[key], bool):
+                raise InvalidRequest(f"{where}: enableDefaultDeny.{key} must be true or false")
+        default_deny = (edd.get("ingress"), edd.get("egress"))
+    labels = _rule_labels(raw.get("labels"), where)
+    if strict and not any(parts.values()):
+        raise InvalidRequest(f"{where}: {NO_SECTION} (egress: [{{}}] denies all egress)")
+    return Rule(
+        selector=selector,
+        ingress=parts["ingress"],
+        egress=parts["egress"],
+        ingress_deny=parts["ingressDeny"],
+        egress_deny=parts["egressDeny"],
+        labels=labels,
+        description=description,
+        spec=raw,
+        enable_default_deny=default_deny,
+        scope=scope,
+    )
+
+
+def _rule_labels(raw: Any, where: str) -> tuple[Label, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise InvalidRequest(f"{where}: labels must be a list")
+    out = []
+    for i, item in enumerate(raw):
+        if isinstance(item, str):
+            try:
+                label = Label.parse(item, "unspec")
+            except ValueError as exc:
+                raise InvalidRequest(f"{where}: labels[{i}]: {exc}") from None
+        elif isinstance(item, dict):
+            _only(item, ("key", "value", "source"), f"{where}: labels[{i}]")
+            if not isinstance(item.get("key"), str) or not item["key"]:
+                raise InvalidRequest(f"{where}: labels[{i}].key is required")
+            label = Label(str(item.get("source") or "unspec"), item["key"], str(item.get("value", "")))
+        else:
+            raise InvalidRequest(f"{where}: labels[{i}] must be an object or 'key=value'")
+        out.append(label)
+    return tuple(sorted(out))
+
+
+def _peer_rule(raw: Any, where: str, egress: bool, deny: bool, scope: Scope = PLAIN, strict: bool = True) -> PeerRule:
+    if not isinstance(raw, dict):
+        raise InvalidRequest(f"{where}: must be an object")
+    allowed = _PEER_KEYS[egress]
+    endpoints_key, requires_key, entities_key, _ = allowed
+    for key in raw:
+        if key not in allowed and (key in NOT_YET or key.replace("from", "to", 1) in NOT_YET):
+            raise InvalidRequest(f"{where}: {key}: {NOT_YET.get(key) or NOT_YET[key.replace('from', 'to', 1)]} "
+                                 "are not supported yet")
+    _only(raw, allowed, where)
+    endpoints_raw = raw.get(endpoints_key)
+    endpoints = _selectors(endpoints_raw, f"{where}.{endpoints_key}", scope, entities_key)
+    requires = _selectors(raw.get(requires_key), f"{where}.{requires_key}", scope, entities_key)
+    if deny and requires:
+        raise InvalidRequest(f"{where}: {requires_key} is not allowed in a deny rule")
+    entities_raw = raw.get(entities_key)
+    entities: tuple[str, ...] = ()
+    if entities_raw is not None:
+        if not isinstance(entities_raw, list):
+            raise InvalidRequest(f"{where}.{entities_key}: must be a list")
+        for e in entities_raw:
+            if e not in ENTITIES:
+                raise InvalidRequest(f"{where}.{entities_key}: unknown entity {e!r} "
+                                     f"(known: {', '.join(ENTITIES)})")
+        entities = tuple(entities_raw)
+    if endpoints_raw is not None and entities_raw is not None:
+        raise InvalidRequest(f"{where}: combining {endpoints_key} and {entities_key} is not supported")
+    ports_raw = raw.get("toPorts")
+    if ports_raw == [] and strict:
+        raise InvalidRequest(f"{where}.toPorts: an empty list would mean every port and protocol (Cilium reads it "
+                             "as if left out); leave it out for every port, or name the ports")
+    ports = _ports(ports_raw, f"{where}.toPorts")
+    # Cilium >= 1.15: an empty list of peers selects no peer (not, as an absent one, every peer)
+    nobody = endpoints_raw == [] or entities_raw == []
+    return PeerRule(endpoints, requires, entities, ports, nobody)
+
+
+_PEER_KEYS = {egress: (f"{p}Endpoints", f"{p}Requires", f"{p}Entities", "toPorts")
+              for egress, p in ((False, "from"), (True, "to"))}
+
+
+def _selectors(raw: Any, where: str, scope: Scope = PLAIN, entities: str = "fromEntities") -> tuple[Selector, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise InvalidRequest(f"{where}: must be a list of selectors")
+    if not scope.kind:
+        return tuple(parse_selector(s, f"{where}[{i}]") for i, s in enumerate(raw))
+    return tuple(scope.peer(parse_selector(s, f"{where}[{i}]"), f"{where}[{i}]", entities)
+                 for i, s in enumerate(raw))
+
+
+def _ports(raw: Any, where: str) -> tuple[PortRange, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise InvalidRequest(f"{where}: must be a list")
+    out: list[PortRange] = []
+    for i, pr in enumerate(raw):
+        w = f"{where}[{i}]"
+        if not isinstance(pr, dict):
+            raise InvalidRequest(f"{w}: must be an object")
+        if pr.get("rules"):
+            raise InvalidRequest(f"{w}.rules: L7 rules (http, kafka, dns) are not supported yet")
+        if "listener" in pr or "originatingTLS" in pr or "terminatingTLS" in pr or "serverNames" in pr:
+            raise InvalidRequest(f"{w}: L7 listeners and TLS are not supported yet")
+        _only(pr, ("ports", "rules"), w)
+        ports = pr.get("ports")
+        if not isinstance(ports, list) or not ports:
+            raise InvalidRequest(f"{w}.ports: must be a non-empty list")
+        if len(ports) > MAX_PORTS:
+            raise InvalidRequest(f"{w}.ports: at most {MAX_PORTS} ports per rule")
+        for j, p in enumerate(ports):
+            out.extend(_port(p, f"{w}.ports[{j}]"))
+    return tuple(out)
+
+
+def _port(raw: Any, where: str) -> list[PortRange]:
+    if not isinstance(raw, dict):
+        raise InvalidRequest(f"{where}: must be an object")
+    _only(raw, ("port", "endPort", "protocol"), where)
+    proto_name = str(raw.get("protocol") or "ANY").upper()
+    if proto_name not in PROTOCOLS:
+        raise InvalidRequest(f"{where}.protocol: must be one of TCP, UDP, SCTP, ICMP, ICMPv6, ANY")
+    proto = PROTOCOLS[proto_name]
+    port_raw = raw.get("port", 0)
+    if isinstance(port_raw, bool) or not isinstance(port_raw, (int, str)):
+        raise InvalidRequest(f"{where}.port: must be a number")
+    if isinstance(port_raw, str):
+        if not (port_raw.isascii() and port_raw.isdigit()):
+            raise InvalidRequest(f"{where}.port: {port_raw!r} is not a port number (named ports are not supported)")
+        port_raw = int(port_raw)
+    limit = 255 if proto in (1, 58) else 65535
+    if not 0 <= port_raw <= limit:
+        raise InvalidRequest(f"{where}.port: must be between 1 and {limit}")
+    end = raw.get("endPort")
+    if end is None or end == 0:
+        end = port_raw
+    elif isinstance(end, bool) or not isinstance(end, int) or not port_raw <= end <= limit or port_raw == 0:
+        raise InvalidRequest(f"{where}.endPort: must be between port ({port_raw}) and {limit}")
+    if proto == 0 and port_raw:
+        return [PortRange(p, port_raw, end) for p in PORTED]
+    return [PortRange(proto, port_raw, end)]
+

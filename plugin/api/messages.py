@@ -1,0 +1,159 @@
+"""REST API requests parsed at the door into frozen values.
+
+Our own format: unknown fields are refused and named; a bad value raises InvalidRequest.
+Bodies come from plugin.api.wire.read_body, query strings from the request's args.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from datapath.errors import InvalidRequest
+from datapath.labels import Label
+from datapath.policy import Rule, parse_rules
+
+EVENT_TYPES = frozenset({"drop", "verdict", "trace"})
+PARTY_KINDS_HELP = ('send {"src": {KIND: VALUE}, "dst": {KIND: VALUE}, "dport": "80/tcp"} '
+                    "with KIND endpoint, identity or labels")
+
+
+def labels_arg(text: str) -> list[Label] | None:
+    """`k=v,k=v` (a query argument) as labels; None when empty."""
+    if not text.strip():
+        return None
+    try:
+        return [Label.parse(t.strip(), "unspec") for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class PolicyImport:
+    rules: list[Rule]
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> PolicyImport:
+        if set(body) - {"rules"} or "rules" not in body:
+            raise InvalidRequest("send {\"rules\": [...]}")
+        return cls(parse_rules(body["rules"]))
+
+
+@dataclass(frozen=True)
+class PolicyQuery:
+    labels: list[Label] | None
+    text: str
+
+    @classmethod
+    def parse(cls, args: Mapping[str, str]) -> PolicyQuery:
+        text = args.get("labels", "")
+        return cls(labels_arg(text), text)
+
+
+@dataclass(frozen=True)
+class PolicyDelete:
+    labels: list[Label] | None  # None: every rule (the caller sent all: true)
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> PolicyDelete:
+        if set(body) - {"labels", "all"}:
+            raise InvalidRequest("send {\"labels\": [\"k=v\", ...]} or {\"all\": true}")
+        if body.get("all") is True:
+            return cls(None)
+        raw = body.get("labels")
+        labels = labels_arg(",".join(raw)) if isinstance(raw, list) and all(isinstance(x, str) for x in raw) \
+            else None
+        if not labels:  # never None here: that would delete every rule
+            raise InvalidRequest("labels must be a non-empty list of key=value strings (or send all: true)")
+        return cls(labels)
+
+
+@dataclass(frozen=True)
+class PolicyWait:
+    revision: int
+    timeout: float  # seconds, 0 to 300
+
+    @classmethod
+    def parse(cls, args: Mapping[str, str]) -> PolicyWait:
+        try:
+            revision = int(args.get("revision", ""))
+            timeout = float(args.get("timeout", "30"))
+        except ValueError:
+            raise InvalidRequest("revision must be a number (and timeout seconds)") from None
+        if not math.isfinite(timeout):  # NaN would never pass the deadline
+            raise InvalidRequest("timeout must be a finite number of seconds")
+        return cls(revision, min(max(timeout, 0.0), 300.0))
+
+
+@dataclass(frozen=True)
+class PartySpec:
+    kind: str  # endpoint, identity or labels (the use case judges the kind and the value)
+    value: str
+
+    @classmethod
+    def parse(cls, spec: Mapping[str, Any], side: str) -> PartySpec:
+        if len(spec) != 1:
+            raise InvalidRequest(f"{side}: give exactly one of endpoint, identity, labels")
+        ((kind, value),) = spec.items()
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise InvalidRequest(f"{side}.{kind}: must be a string")
+        return cls(str(kind), str(value))
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    src: PartySpec
+    dst: PartySpec
+    dport: str
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> TraceRequest:
+        unknown = set(body) - {"src", "dst", "dport"}
+        if unknown or not isinstance(body.get("src"), dict) or not isinstance(body.get("dst"), dict):
+            raise InvalidRequest(PARTY_KINDS_HELP)
+        src, dst = (PartySpec.parse(body[side], side) for side in ("src", "dst"))
+        dport = body.get("dport") or ""
+        if not isinstance(dport, str):
+            raise InvalidRequest("dport must be a string like 80/tcp")
+        return cls(src, dst, dport)
+
+
+@dataclass(frozen=True)
+class IpamCheck:
+    release: bool
+    grace: float
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> IpamCheck:
+        unknown = set(body) - {"release", "grace"}
+        if unknown:
+            raise InvalidRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+        release = body.get("release", False)
+        grace = body.get("grace", 60.0)
+        if not isinstance(release, bool):
+            raise InvalidRequest("release must be true or false")
+        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not math.isfinite(grace) or grace < 0:
+            raise InvalidRequest("grace must be a number of seconds >= 0")
+        return cls(release, float(grace))
+
+
+@dataclass(frozen=True)
+class MonitorQuery:
+    type: str  # "" = drops and verdicts (traces only when asked for)
+    endpoint: str  # endpoint ID prefix, "" = every endpoint
+
+    @classmethod
+    def parse(cls, args: Mapping[str, str]) -> MonitorQuery:
+        wanted = args.get("type", "")
+        if wanted and wanted not in EVENT_TYPES:
+            raise InvalidRequest(f"unknown event type {wanted!r} (known: {', '.join(sorted(EVENT_TYPES))})")
+        return cls(wanted, args.get("endpoint", ""))
+
+    def accepts(self, ev: Mapping[str, Any]) -> bool:
+        if self.type and ev.get("type") != self.type:
+            return False
+        if not self.type and ev.get("type") == "trace":
+            return False  # traces only when asked for
+        return not self.endpoint or str(ev.get("endpoint", "")).startswith(self.endpoint)

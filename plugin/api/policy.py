@@ -1,0 +1,77 @@
+"""REST blueprint of policy: import, show, delete, wait for enforcement, trace."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Blueprint, Response, request
+
+from datapath.errors import InvalidRequest, NotFound
+from plugin.api import views
+from plugin.api.context import ctx
+from plugin.api.messages import PolicyDelete, PolicyImport, PolicyQuery, PolicyWait, TraceRequest
+from plugin.api.wire import problem, read_body, reply
+
+policy = Blueprint("policy", __name__)
+
+
+@policy.post("/v1/policy")
+def policy_import() -> Response:
+    req = PolicyImport.parse(read_body())
+    return reply({"revision": ctx().agent.policy_import(req.rules)})
+
+
+@policy.get("/v1/policy")
+def policy_get() -> Response:
+    req = PolicyQuery.parse(request.args)
+    revision, rules = ctx().agent.policy_rules(req.labels)
+    if req.labels and not rules:
+        raise NotFound("no rule has labels " + req.text)
+    return reply({"revision": revision, "rules": [views.rule(r) for r in rules]})
+
+
+@policy.delete("/v1/policy")
+def policy_delete() -> Response:
+    req = PolicyDelete.parse(read_body())
+    revision, count = ctx().agent.policy_delete(req.labels)
+    return reply({"revision": revision, "deleted": count})
+
+
+@policy.get("/v1/policy/wait")
+def policy_wait() -> Response:
+    req = PolicyWait.parse(request.args)
+    c = ctx()
+    deadline = time.monotonic() + req.timeout
+    with c.waits.held():
+        while True:
+            realized, latest = c.agent.policy_revisions()
+            if realized >= req.revision:
+                break
+            if req.revision > latest:
+                raise InvalidRequest(f"revision {req.revision} does not exist yet (latest is {latest})")
+            if time.monotonic() >= deadline:
+                return problem(f"revision {req.revision} not enforced yet", 504)
+            time.sleep(0.05)
+    return reply({"revision": c.agent.policy_revisions()[0], "endpoints": c.agent.endpoint_count()})
+
+
+@policy.post("/v1/policy/trace")
+def policy_trace() -> Response:
+    req = TraceRequest.parse(read_body())
+    agent = ctx().agent
+    src, dst = (agent.party(side.kind, side.value) for side in (req.src, req.dst))
+    result = agent.trace(src, dst, req.dport)
+    return reply({
+        "lines": result.lines,
+        "verdict": "ALLOWED" if result.allowed else "DENIED",
+        "egress": _decision(result.egress),
+        "ingress": _decision(result.ingress),
+    })
+
+
+def _decision(decision: Any) -> Any:
+    if decision is None:
+        return None
+    return {"allowed": decision.allowed, "rule": decision.rule,
+            "entry": decision.key.describe() if decision.key else None}

@@ -1,0 +1,397 @@
+"""Use cases of networks and endpoints: the Agent's state, behind one lock.
+
+Edges (Docker, REST, CLI) call these with parsed values; this module decides what the
+kernel should hold (datapath.plan), persists first, then applies through the Kernel
+port. It never calls Docker or any other runtime, and imports no door (plugin/docker, api, cni).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from datapath import identity as ids
+from datapath import naming, plan
+from datapath.errors import CellgateError, Conflict, InvalidRequest, KernelError, NotFound
+from datapath.identity import Identities
+from datapath.labels import LabelSet, from_runtime
+from datapath.model import Endpoint, IPAddress, IPInterface, Network
+from datapath.plan import KernelObject, Settings
+from datapath.policy import Repository
+from datapath.ports import Kernel
+from datapath.store import DocumentStore, MemoryStore
+from ipam.allocator import Ipam
+from ipam.pool import check_routable, host_address_problem
+from plugin.service.policy import PolicyState
+
+if TYPE_CHECKING:
+    from plugin.service.restore import RuntimeView
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JoinInfo:
+    interface: str  # name of the container-side veth in the host namespace
+    gateway4: ipaddress.IPv4Address | None
+    gateway6: ipaddress.IPv6Address | None
+
+
+class AgentBase:
+    """The agent's state (networks, endpoints) and the use cases that change it, behind one lock."""
+
+    def __init__(
+        self,
+        networks: DocumentStore,
+        endpoints: DocumentStore,
+        ipam: Ipam,
+        kernel: Kernel,
+        settings: Settings,
+        clock: Callable[[], float] = time.time,
+        policy: PolicyState | None = None,
+    ) -> None:
+        self._net_store = networks
+        self._ep_store = endpoints
+        self.ipam = ipam
+        self.kernel = kernel
+        self.settings = settings
+        self._clock = clock
+        self._lock = threading.RLock()
+        self.networks: dict[str, Network] = {}
+        self.endpoints: dict[str, Endpoint] = {}
+        self.host_addresses: list[IPAddress] = []
+        self.policy = policy or PolicyState(Identities(MemoryStore()), Repository(), kernel)
+        self.timeouts: dict[str, float] = {}  # conntrack timeouts in seconds; empty = datapath defaults
+        self._trace = False  # trace events of forwarded packets (while a trace monitor runs)
+        self._verdicts = False  # events of allowed new flows (while a verdict monitor runs)
+        self.started = clock()
+        # Reconciliation with the runtimes: how old state must be before a runtime's silence
+        # about it means it is gone (Docker retries a lost call for 30 s), and where Docker's
+        # view comes from (the composition root wires the Docker watcher in; None: not judged).
+        self.reconcile_grace = 60.0
+        self.runtime_view: Callable[[], RuntimeView] | None = None
+        self.networks.update(_load(networks, Network.from_doc, "network"))
+        self.endpoints.update(_load(endpoints, Endpoint.from_doc, "endpoint"))
+
+    # -- kernel helpers ---------------------------------------------------------------------
+
+    def _desired(self, scope: set[plan.Key] | None = None) -> set[KernelObject]:
+        return plan.desired_state(self.networks.values(), self.endpoints.values(), self.settings,
+                                  self.host_addresses, scope)
+
+    def _converge(self, scope: Iterable[plan.Key]) -> None:
+        """Make the kernel match the desired state for the keys in `scope`."""
+        scope = set(scope)
+        desired = {o for o in self._desired(scope) if o.key in scope}
+        actual = self.kernel.observe(scope)
+        change = plan.diff(desired, actual, scope)
+        if change:
+            self.kernel.apply(change)
+
+    # -- networks ---------------------------------------------------------------------------
+
+    def create_network(self, network_id: str, gateways: Sequence[IPInterface], name: str = "") -> Network:
+        if not gateways:
+            raise InvalidRequest("a network needs at least one subnet with a gateway")
+        for gw in gateways:  # whoever allocated them (our IPAM or another driver)
+            check_routable(gw.network)
+            problem = host_address_problem(gw.ip, gw.network)
+            if problem:
+                raise InvalidRequest(f"gateway {gw} {problem}")
+        with self._lock:
+            net = Network(network_id, tuple(gateways), self._clock(), name)
+            existing = self.networks.get(network_id)
+            if existing is not None:
+                if existing.gateways != net.gateways:
+                    raise Conflict(f"network {network_id[:12]} exists with other subnets")
+                return existing
+            for other in self.networks.values():
+                for gw in gateways:
+                    for ogw in other.gateways:
+                        if gw.version == ogw.version and gw.network.overlaps(ogw.network):  # type: ignore[arg-type]
+                            raise Conflict(f"subnet {gw.network} overlaps network {other.id[:12]} ({ogw.network})")
+            self.ipam.bind_network(network_id, [g.network for g in gateways])
+            try:
+                self._net_store.put(net.id, net.to_doc())
+            except CellgateError:
+                self.ipam.unbind_network(network_id)
+                raise
+            self.networks[net.id] = net
+            try:
+                self._converge(plan.keys(plan.network_objects(net, self.settings)))
+            except CellgateError:
+                del self.networks[net.id]
+                self._net_store.delete(net.id)
+                self.ipam.unbind_network(net.id)
+                self._converge(plan.keys(plan.network_objects(net, self.settings)))
+                raise
+            log.info("network %s created (%s)", network_id[:12], ", ".join(str(g.network) for g in gateways))
+            return net
+
+    def delete_network(self, network_id: str) -> None:
+        with self._lock:
+            net = self.networks.get(network_id)
+            if net is None:
+                return
+            for ep in [e for e in self.endpoints.values() if e.network_id == network_id]:
+                log.warning("network %s deleted with endpoint %s still present; removing it",
+                            network_id[:12], ep.id[:12])
+                self._remove_endpoint(ep)
+            del self.networks[network_id]
+            self._converge(plan.keys(plan.network_objects(net, self.settings)))
+            self._net_store.delete(network_id)
+            self.ipam.unbind_network(network_id)
+            log.info("network %s deleted", network_id[:12])
+
+    def drop_network(self, network_id: str) -> list[str]:
+        """Remove a network for good with the pools it was given (no ReleasePool will come:
+        a CNI network, or one Docker forgot); returns the pools removed."""
+        with self._lock:
+            pools = [p.id for p in self.ipam.pools() if p.network_id == network_id]
+            self.delete_network(network_id)
+            for pid in pools:
+                self.ipam.remove_pool(pid)
+            return pools
+
+    def network(self, network_id: str) -> Network:
+        net = self.networks.get(network_id)
+        if net is None:
+            raise NotFound(f"unknown network {network_id[:12]}")
+        return net
+
+    # -- endpoints --------------------------------------------------------------------------
+
+    def create_endpoint(
+        self,
+        network_id: str,
+        endpoint_id: str,
+        ipv4: ipaddress.IPv4Interface | None,
+        ipv6: ipaddress.IPv6Interface | None,
+        mac: str = "",
+        origin: str = "docker",
+        labels: dict[str, str] | None = None,
+        label_source: str = "container",
+        attachment: tuple[str, str] = ("", ""),
+        sandbox: str = "",
+    ) -> Endpoint:
+        """Create (or return the identical existing) endpoint with its veth and datapath state.
+
+        `attachment` (CNI container ID and interface) and `sandbox` are known up front on the
+        CNI path, so the endpoint is written once, complete.
+        """
+        if ipv4 is None and ipv6 is None:
+            raise InvalidRequest("an endpoint needs an IPv4 or IPv6 address")
+        with self._lock:
+            net = self.network(network_id)
+            gw4 = gw6 = None
+            for addr in (ipv4, ipv6):
+                if addr is None:
+                    continue
+                gw = net.gateway_for(addr)
+                if gw is None:
+                    raise InvalidRequest(f"address {addr} is not in a subnet of network {network_id[:12]}")
+                if addr.network != gw.network:
+                    raise InvalidRequest(f"endpoint address {addr} has prefix length /{addr.network.prefixlen}, "
+                                         f"but network {network_id[:12]} is {gw.network}")
+                problem = host_address_problem(addr.ip, gw.network)
+                if problem:
+                    raise InvalidRequest(f"endpoint address {addr} {problem}")
+                if gw.ip == addr.ip:
+                    raise Conflict(f"address {addr.ip} is the gateway of network {network_id[:12]}")
+                if addr.version == 4:
+                    gw4 = gw.ip
+                else:
+                    gw6 = gw.ip
+            ep = Endpoint(
+                id=endpoint_id,
+                network_id=network_id,
+                host_ifname=naming.host_ifname(endpoint_id),
+                peer_ifname=naming.peer_ifname(endpoint_id),
+                mac=(mac or naming.container_mac(endpoint_id)).lower(),
+                host_mac=naming.host_mac(endpoint_id),
+                ipv4=ipv4,
+                ipv6=ipv6,
+                gateway4=gw4,  # type: ignore[arg-type]
+                gateway6=gw6,  # type: ignore[arg-type]
+                created=self._clock(),
+                origin=origin,
+                container_id=attachment[0],
+                ifname=attachment[1],
+                sandbox=sandbox,
+            )
+            existing = self.endpoints.get(endpoint_id)
+            if existing is not None:
+                same = replace(ep, sandbox="", labels=existing.labels, identity=existing.identity,
+                               labels_known=existing.labels_known, created=existing.created,
+                               container_id=existing.container_id, ifname=existing.ifname)
+                if replace(existing, sandbox="") != same:
+                    raise Conflict(f"endpoint {endpoint_id[:12]} exists with other settings")
+                self._converge(plan.keys(plan.endpoint_objects(existing, self.settings)))
+                return existing
+            for other in self.endpoints.values():
+                if other.host_ifname == ep.host_ifname:
+                    raise Conflict(f"endpoint {endpoint_id[:12]} clashes with {other.id[:12]} on {ep.host_ifname}")
+                clash = {a.ip for a in other.addresses} & {a.ip for a in ep.addresses}
+                if clash:
+                    raise Conflict(f"address {clash.pop()} is in use by endpoint {other.id[:12]}")
+            for addr in ep.addresses:
+                # An address the ledger does not hold (Docker released it meanwhile, or a direct
+                # caller) is reserved now: an address a live endpoint uses is never handed out.
+                self.ipam.ensure_allocated(addr.ip, endpoint_id)
+                self.ipam.bind_endpoint(addr.ip, endpoint_id)
+            if labels is not None:
+                ep = self._with_identity(ep, labels, label_source)
+            try:
+                self._ep_store.put(ep.id, ep.to_doc())
+            except CellgateError:
+                if self.policy.identities.release(ep.id):
+                    self.policy.sync(self.endpoints.values())
+                raise
+            self.endpoints[ep.id] = ep
+            try:
+                self._converge(plan.keys(plan.endpoint_objects(ep, self.settings)))
+            except CellgateError:
+                self._remove_endpoint(ep)
+                raise
+            log.info("endpoint %s created on %s (%s)", endpoint_id[:12], ep.host_ifname,
+                     ", ".join(str(a) for a in ep.addresses))
+            return ep
+
+    def join(self, network_id: str, endpoint_id: str, sandbox: str) -> JoinInfo:
+        with self._lock:
+            ep = self.endpoint(endpoint_id)
+            if ep.network_id != network_id:
+                raise InvalidRequest(f"endpoint {endpoint_id[:12]} is not on network {network_id[:12]}")
+            if ep.sandbox != sandbox:
+                ep = self._update(replace(ep, sandbox=sandbox))
+                log.info("endpoint %s joined %s", endpoint_id[:12], sandbox)
+            return JoinInfo(ep.peer_ifname, ep.gateway4, ep.gateway6)
+
+    def leave(self, network_id: str, endpoint_id: str) -> None:
+        with self._lock:
+            ep = self.endpoints.get(endpoint_id)
+            if ep is None or not ep.sandbox:
+                return
+            self._update(replace(ep, sandbox=""))
+            log.info("endpoint %s left its sandbox", endpoint_id[:12])
+
+    def delete_endpoint(self, network_id: str, endpoint_id: str) -> None:
+        with self._lock:
+            ep = self.endpoints.get(endpoint_id)
+            if ep is None:
+                return
+            self._remove_endpoint(ep)
+            log.info("endpoint %s deleted", endpoint_id[:12])
+
+    def _with_identity(self, ep: Endpoint, raw: dict[str, str], source: str) -> Endpoint:
+        """The endpoint with its labels and identity, whose policy is already in force."""
+        labels = from_runtime(raw, source)
+        number = self.policy.identities.acquire(labels, ep.id)
+        # The new identity's policy (as subject and as peer) goes in before anything uses it.
+        self.policy.sync(self.endpoints.values(), extra={number: labels}, delete=False)
+        return replace(ep, labels=tuple(sorted(str(x) for x in labels)), identity=number, labels_known=True)
+
+    def set_labels(self, endpoint_id: str, labels: dict[str, str], source: str = "container") -> Endpoint:
+        """Labels learned from the runtime: give the endpoint its identity (fail-closed until now)."""
+        with self._lock:
+            ep = self.endpoint(endpoint_id)
+            rendered = tuple(sorted(str(x) for x in from_runtime(labels, source)))
+            if ep.labels_known and ep.labels == rendered:
+                return ep
+            old = ep.identity
+            try:
+                ep = self._update(self._with_identity(ep, labels, source))
+            except CellgateError:
+                self._drop_new_identity(ep.id, from_runtime(labels, source), old)
+                raise
+            if old not in (ep.identity, ids.INIT):
+                self.policy.identities.release_one(ep.id, old)
+            self.policy.sync(self.endpoints.values())
+            log.info("endpoint %s has identity %d (%s)", ep.id[:12], ep.identity, ", ".join(ep.labels) or "no labels")
+            return ep
+
+    def check_endpoint(self, ep: Endpoint) -> list[str]:
+        """What is missing or wrong in the kernel for an endpoint (empty when all is well)."""
+        with self._lock:
+            want = plan.endpoint_objects(ep, self.settings)
+            have = self.kernel.observe(plan.keys(want))
+            change = plan.diff(want, have)
+            return [f"missing {o.key[0]} {o.key[-1]}" for o in change.add] + \
+                   [f"wrong {new.key[0]} {new.key[-1]}" for _, new in change.change]
+
+    def _drop_new_identity(self, owner: str, labels: LabelSet, old: int) -> None:
+        """Undo the hold a failed set_labels took (the endpoint keeps `old`), and its entries."""
+        number = self.policy.identities.number_of(labels)
+        if number is None or number == old or not self.policy.identities.release_one(owner, number):
+            return
+        try:
+            self.policy.sync(self.endpoints.values())
+        except CellgateError as exc:
+            log.error("cannot remove the policy of identity %d: %s", number, exc)
+
+    def endpoint(self, endpoint_id: str) -> Endpoint:
+        ep = self.endpoints.get(endpoint_id)
+        if ep is None:
+            raise NotFound(f"unknown endpoint {endpoint_id[:12]}")
+        return ep
+
+    def find_endpoint(self, prefix: str) -> Endpoint:
+        """An endpoint by ID, ID prefix, host interface name or address."""
+        with self._lock:
+            if prefix in self.endpoints:
+                return self.endpoints[prefix]
+            matches = [
+                e for e in self.endpoints.values()
+                if e.id.startswith(prefix) or e.host_ifname == prefix or prefix in {str(a.ip) for a in e.addresses}
+            ]
+        if not matches:
+            raise NotFound(f"no endpoint matches {prefix!r}")
+        if len(matches) > 1:
+            raise InvalidRequest(f"{prefix!r} matches {len(matches)} endpoints; give more of the ID")
+        return matches[0]
+
+    def _update(self, ep: Endpoint) -> Endpoint:
+        """Persist a changed endpoint and apply only the kernel objects that differ."""
+        old = self.endpoints[ep.id]
+        before = plan.endpoint_objects(old, self.settings)
+        after = plan.endpoint_objects(ep, self.settings)
+        self._ep_store.put(ep.id, ep.to_doc())
+        self.endpoints[ep.id] = ep
+        try:
+            self._converge(plan.keys(before ^ after))
+        except CellgateError:
+            self._ep_store.put(old.id, old.to_doc())
+            self.endpoints[old.id] = old
+            raise
+        return ep
+
+    def _remove_endpoint(self, ep: Endpoint) -> None:
+        """Tear down the kernel side first, then forget the endpoint."""
+        scope = plan.keys(plan.endpoint_objects(ep, self.settings))
+        self.endpoints.pop(ep.id, None)
+        try:
+            self._converge(scope)
+        except KernelError:
+            self.endpoints[ep.id] = ep
+            raise
+        self._ep_store.delete(ep.id)
+        if self.policy.identities.release(ep.id):
+            self.policy.sync(self.endpoints.values())
+
+
+def _load(store: DocumentStore, parse: Callable[[Mapping[str, Any]], Any], what: str) -> dict[str, Any]:
+    """Every readable document of `store` by ID; an unreadable one is logged and skipped."""
+    out = {}
+    for _, doc in store.load():
+        try:
+            value = parse(doc)
+        except (KeyError, ValueError, TypeError) as exc:
+            log.warning("skipping unreadable %s document: %s", what, exc)
+            continue
+        out[value.id] = value
+    return out
