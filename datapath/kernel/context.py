@@ -64,7 +64,14 @@ class Handler(Protocol):
     def remove(self, obj: Any) -> None: ...
 
 
-class Replacing:
+class OnContext:
+    """A handler that works on the executor's shared context."""
+
+    def __init__(self, ctx: KernelContext) -> None:
+        self.ctx = ctx
+
+
+class Replacing(OnContext):
     """Handlers whose add overwrites in place (map update, filter or route replace): a change is
     an add of the new value, so the object is never absent in between."""
 

@@ -20,7 +20,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from datapath import failpoints, naming
 from datapath.errors import InvalidRequest, KernelError
 from datapath.kernel import layout
-from datapath.kernel.context import KernelContext, Replacing, attr, gone_ok
+from datapath.kernel.context import KernelContext, OnContext, Replacing, attr, gone_ok
 from datapath.kernel.netns import open_netns, refuse_own
 from datapath.plan import HostAddress, HostDevice, IPNetwork, Key, Neighbour, Programs, Route, Veth
 
@@ -43,13 +43,10 @@ def sysctl(path: str, value: str) -> None:
         log.debug("sysctl %s=%s: %s", path, value, exc)
 
 
-class _Link:
+class _Link(OnContext):
     """What host devices and veths share: observed by name, tagged after creation, deleted whole."""
 
     cls: type[HostDevice] | type[Veth]
-
-    def __init__(self, ctx: KernelContext) -> None:
-        self.ctx = ctx
 
     def _object(self, link: Any) -> HostDevice | Veth | None:
         ctx = self.ctx
@@ -192,11 +189,8 @@ def _links_of(ctx: KernelContext, kinds: tuple[str, ...]) -> Iterable[tuple[int,
             yield int(link["index"]), str(attr(link, "IFLA_IFNAME"))
 
 
-class _HostAddresses:
+class _HostAddresses(OnContext):
     kind = HostAddress.kind
-
-    def __init__(self, ctx: KernelContext) -> None:
-        self.ctx = ctx
 
     def observe(self, key: Key) -> HostAddress | None:
         link = self.ctx.owned_link(key[1])
@@ -227,9 +221,6 @@ class _HostAddresses:
 
 class _Programs(Replacing):
     kind = Programs.kind
-
-    def __init__(self, ctx: KernelContext) -> None:
-        self.ctx = ctx
 
     def observe(self, key: Key) -> Programs | None:
         link = self.ctx.owned_link(key[1])
@@ -287,9 +278,6 @@ class _Programs(Replacing):
 class _Neighbours(Replacing):
     kind = Neighbour.kind
 
-    def __init__(self, ctx: KernelContext) -> None:
-        self.ctx = ctx
-
     def observe(self, key: Key) -> Neighbour | None:
         link = self.ctx.owned_link(key[1])
         if link is None:
@@ -328,11 +316,8 @@ class _Neighbours(Replacing):
                                family=layout.AF[obj.address.version])
 
 
-class _Routes:
+class _Routes(OnContext):
     kind = Route.kind
-
-    def __init__(self, ctx: KernelContext) -> None:
-        self.ctx = ctx
 
     def observe(self, key: Key) -> Route | None:
         """Our route for exactly `dst`, found with a FIB-match lookup instead of a table dump."""

@@ -22,9 +22,6 @@ BATCH = 4096
 class _Endpoints(Replacing):
     kind = EndpointEntry.kind
 
-    def __init__(self, ctx: KernelContext) -> None:
-        self.ctx = ctx
-
     def observe(self, key: Key) -> EndpointEntry | None:
         link = self.ctx.link(key[1])
         if link is None or self.ctx.dp is None:
@@ -65,9 +62,6 @@ class _Endpoints(Replacing):
 
 class _Addresses(Replacing):
     kind = AddressEntry.kind
-
-    def __init__(self, ctx: KernelContext) -> None:
-        self.ctx = ctx
 
     def observe(self, key: Key) -> AddressEntry | None:
         return self._entry(ipaddress.ip_address(key[1]))
@@ -111,9 +105,6 @@ class _Addresses(Replacing):
 
 class _Ipcache(Replacing):
     kind = IpcacheEntry.kind
-
-    def __init__(self, ctx: KernelContext) -> None:
-        self.ctx = ctx
 
     def observe(self, key: Key) -> IpcacheEntry | None:
         if self.ctx.dp is None:
