@@ -8,7 +8,7 @@ PACKAGES=(
   python3-bpfcc python3-venv linux-headers-amd64 kmod iproute2 iptables bpftool
   docker.io busybox-static iputils-ping netcat-openbsd
   podman containernetworking-plugins
-  mmdebstrap
+  mmdebstrap etcd-server etcd-client
 )
 
 missing=()

@@ -27,6 +27,7 @@ from datapath.plan import (
     Plan,
     Programs,
     Route,
+    TunnelDevice,
     Veth,
 )
 from datapath.policy.compile import PolicyKey, PolicyValue
@@ -94,6 +95,25 @@ class _Links(_Stored):
         self.fake.drop_link(obj.name)
 
 
+class _Tunnels(_Stored):
+    """The VXLAN device: one link of ours; the routes into it go when it goes. While it exists,
+    encapsulation is on (`FakeKernel.tunnel`, as cg_config.tunnel_ifindex in the kernel)."""
+
+    def add(self, obj: KernelObject) -> None:
+        assert isinstance(obj, TunnelDevice)
+        if obj.name in self.fake.foreign:
+            raise KernelError(f"link {obj.name} exists and is not owned by cellgate instance")
+        super().add(obj)
+        self.fake.tunnel = obj.name
+
+    def remove(self, obj: KernelObject) -> None:
+        assert isinstance(obj, TunnelDevice)
+        self.fake.objects.pop(obj.key, None)
+        if self.fake.tunnel == obj.name:
+            self.fake.tunnel = ""
+        self.fake.drop_link(obj.name)
+
+
 # One in-memory handler per plan kind, as datapath.kernel.executor has one real handler per kind.
 HANDLERS: dict[str, type[_Stored]] = {
     HostDevice.kind: _Links,
@@ -106,6 +126,7 @@ HANDLERS: dict[str, type[_Stored]] = {
     AddressEntry.kind: _AddressEntries,
     IpcacheEntry.kind: _Stored,
     Masquerade.kind: _Stored,
+    TunnelDevice.kind: _Tunnels,
 }
 
 
@@ -121,6 +142,7 @@ class FakeKernel:
         self.fail_policy = False  # make the next policy_update fail
         self.addresses: list[IPAddress] = []
         self.config: tuple[bool, dict[str, float]] = (False, {})
+        self.tunnel = ""  # the tunnel device encapsulation uses; "" = off
 
     def observe(self, keys: Iterable[Key] | None = None) -> set[KernelObject]:
         if keys is None:

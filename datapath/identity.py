@@ -37,7 +37,18 @@ RESERVED = {
 RESERVED_LABELS: dict[int, LabelSet] = {num: reserved(name) for num, name in RESERVED.items()}
 
 FIRST_ALLOCATED = 256
-LAST_ALLOCATED = 65535
+LAST_ALLOCATED = 65535  # a single host numbers its identities up to here
+# In a cluster, identities are numbered cluster-wide below 2^24 (they travel in the VXLAN VNI).
+CLUSTER_LAST = (1 << 24) - 1
+# Node-local scopes above 2^24 never leave the host: CIDR identities, and the temporary numbers
+# of endpoints whose cluster identity cannot be allocated yet (kvstore down; fail closed across nodes).
+LOCAL_SCOPE = 1 << 24
+PENDING_FIRST = 1 << 25
+PENDING_LAST = PENDING_FIRST + (1 << 20) - 1
+
+
+def is_pending(number: int) -> bool:
+    return PENDING_FIRST <= number <= PENDING_LAST
 
 
 @dataclass
@@ -75,11 +86,15 @@ class Identities:
             except (KeyError, TypeError, ValueError) as exc:
                 log.warning("skipping unreadable identity document: %s", exc)
                 continue
-            if not FIRST_ALLOCATED <= number <= LAST_ALLOCATED:
+            if not self._loadable(number):
                 continue
             ident = Identity(number, labels, owners)
             self._by_number[number] = ident
             self._by_labels[canonical(labels)] = ident
+
+    def _loadable(self, number: int) -> bool:
+        """Numbers this registry can hold (a cluster also holds cluster-wide and pending ones)."""
+        return FIRST_ALLOCATED <= number <= LAST_ALLOCATED
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -117,7 +132,7 @@ class Identities:
         with self._lock:
             ident = self._by_labels.get(canonical(labels))
             if ident is None:
-                ident = Identity(self._next_number(), labels, {owner})
+                ident = Identity(self._allocate(labels), labels, {owner})
                 self._store.put(str(ident.number), ident.to_doc())
                 self._by_number[ident.number] = ident
                 self._by_labels[canonical(labels)] = ident
@@ -136,11 +151,8 @@ class Identities:
                 if owner not in ident.owners:
                     continue
                 if len(ident.owners) == 1:
-                    self._store.delete(str(ident.number))
-                    del self._by_number[ident.number]
-                    del self._by_labels[canonical(ident.labels)]
+                    self._forget(ident)
                     freed.append(ident.number)
-                    log.info("identity %d released", ident.number)
                 else:
                     ident.owners.discard(owner)  # see acquire: holders are rebuilt on restart
         return freed
@@ -152,10 +164,7 @@ class Identities:
             if ident is None or owner not in ident.owners:
                 return False
             if len(ident.owners) == 1:
-                self._store.delete(str(number))
-                del self._by_number[number]
-                del self._by_labels[canonical(ident.labels)]
-                log.info("identity %d released", number)
+                self._forget(ident)
                 return True
             ident.owners.discard(owner)
             return False
@@ -174,6 +183,38 @@ class Identities:
                     if stale and self.release_one(owner, ident.number):
                         freed.append(ident.number)
             return freed
+
+    def _forget(self, ident: Identity) -> None:
+        self._store.delete(str(ident.number))
+        del self._by_number[ident.number]
+        del self._by_labels[canonical(ident.labels)]
+        log.info("identity %d released", ident.number)
+        self._freed(ident)
+
+    # -- numbering: a single host numbers locally; a cluster overrides these two ----------
+
+    def _allocate(self, labels: LabelSet) -> int:
+        return self._next_number()
+
+    def _freed(self, ident: Identity) -> None:
+        """The last holder on this host is gone (called under the lock)."""
+
+    def renumber(self, old: int, new: int) -> Identity | None:
+        """Give the label set numbered `old` the number `new` (its cluster number), holders kept."""
+        with self._lock:
+            ident = self._by_number.get(old)
+            if ident is None or old == new:
+                return ident
+            if new in self._by_number:
+                raise ValueError(f"identity {new} is in use here already")
+            moved = Identity(new, ident.labels, set(ident.owners))
+            self._store.put(str(new), moved.to_doc())
+            self._store.delete(str(old))
+            del self._by_number[old]
+            self._by_number[new] = moved
+            self._by_labels[canonical(moved.labels)] = moved
+            log.info("identity %d is now %d", old, new)
+            return moved
 
     def _next_number(self) -> int:
         used = self._by_number

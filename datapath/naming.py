@@ -38,6 +38,11 @@ def host_device(instance: str) -> str:
     return "cg_" + instance
 
 
+def tunnel_device(instance: str) -> str:
+    """The instance's VXLAN device ('x' is not hex: never an endpoint's host veth)."""
+    return "cgx" + instance
+
+
 def link_tag(instance: str) -> str:
     """Alias (IFLA_IFALIAS) prefix of every link an instance owns."""
     return f"cellgate:{instance}:"

@@ -10,10 +10,13 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from datapath import naming
 from datapath.model import Endpoint, IPAddress, Network
+
+if TYPE_CHECKING:
+    from datapath.nodes import ClusterView
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -28,6 +31,9 @@ class Settings:
     instance: str = "cellgate"
     masquerade: bool = True
     program_revision: str = ""  # identity of the compiled programs every endpoint must run
+    # Destinations inside the cluster (every node's endpoint ranges): never masqueraded, so the
+    # receiving node sees the sender's own address (and the ipcache its identity).
+    cluster_cidrs: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -84,10 +90,28 @@ class IpcacheEntry:
     kind: ClassVar[str] = "ipcache"
     prefix: IPNetwork
     identity: int
+    # The node that hosts the address (VXLAN mode: where packets to it are tunnelled); None for
+    # host addresses, other prefixes, and every entry in native-routing mode's routes' sense.
+    tunnel_endpoint: ipaddress.IPv4Address | None = None
 
     @property
     def key(self) -> tuple[str, ...]:
         return (self.kind, str(self.prefix))
+
+
+@dataclass(frozen=True)
+class TunnelDevice:
+    """The instance's collect-metadata ("external") VXLAN device, with cg_overlay on it: one per
+    node; the identity of the sender travels as the VNI, the peer node is chosen per packet."""
+
+    kind: ClassVar[str] = "tunnel"
+    name: str
+    tag: str
+    port: int = 8472
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return (self.kind, self.name)
 
 
 @dataclass(frozen=True)
@@ -164,8 +188,9 @@ class Route:
     kind: ClassVar[str] = "route"
     scoped_by: ClassVar[str] = "host-route"
     dst: IPNetwork
-    dev: str
+    dev: str  # "" for a route through a gateway (`via`) whose device the kernel picks
     src: IPAddress | None = None
+    via: IPAddress | None = None  # native routing: the peer node that hosts `dst`
 
     @property
     def key(self) -> tuple[str, ...]:
@@ -176,6 +201,7 @@ class Route:
 class Masquerade:
     kind: ClassVar[str] = "masquerade"
     subnet: ipaddress.IPv4Network
+    exempt: tuple[ipaddress.IPv4Network, ...] = ()  # destinations left alone (the cluster's ranges)
 
     @property
     def key(self) -> tuple[str, ...]:
@@ -183,13 +209,14 @@ class Masquerade:
 
 
 KernelObject = (
-    HostDevice | HostAddress | IpcacheEntry | Veth | EndpointEntry | AddressEntry | Programs | Neighbour | Route
-    | Masquerade
+    HostDevice | HostAddress | TunnelDevice | IpcacheEntry | Veth | EndpointEntry | AddressEntry | Programs
+    | Neighbour | Route | Masquerade
 )
 Key = tuple[str, ...]
 
 ORDER = (
-    HostDevice, HostAddress, IpcacheEntry, Veth, EndpointEntry, AddressEntry, Programs, Neighbour, Route, Masquerade
+    HostDevice, HostAddress, TunnelDevice, IpcacheEntry, Veth, EndpointEntry, AddressEntry, Programs, Neighbour,
+    Route, Masquerade,
 )
 
 
@@ -251,7 +278,8 @@ def network_objects(net: Network, settings: Settings) -> set[KernelObject]:
         objs.add(HostAddress(dev, gw.ip))
         objs.add(Route(gw.network, dev))  # unknown addresses of the subnet end here
         if settings.masquerade and isinstance(gw.network, ipaddress.IPv4Network):
-            objs.add(Masquerade(gw.network))
+            exempt = tuple(sorted(c for c in settings.cluster_cidrs if isinstance(c, ipaddress.IPv4Network)))
+            objs.add(Masquerade(gw.network, exempt))
     return objs
 
 
@@ -298,13 +326,21 @@ def desired_state(
     settings: Settings,
     host_addresses: Iterable[IPAddress] = (),
     scope: set[Key] | None = None,
+    cluster: ClusterView | None = None,
 ) -> set[KernelObject]:
     """Every object the kernel should hold; with `scope`, at least those whose key is in it.
 
     A scope skips the endpoints that cannot own a key in it, so converging one endpoint
-    costs the same with 1 or 1,000 others (the caller still filters by key).
+    costs the same with 1 or 1,000 others (the caller still filters by key). The cluster's
+    objects (datapath.nodes) are looked up by key under a scope, in O(len(scope)).
     """
     objs: set[KernelObject] = host_objects(host_addresses)
+    if cluster is not None:
+        if scope is None:
+            objs |= cluster.objects(settings.instance)
+        else:
+            index = cluster.by_key(settings.instance)
+            objs.update(index[k] for k in scope if k in index)
     for net in networks:
         objs |= network_objects(net, settings)
     if scope is not None:

@@ -13,6 +13,7 @@ VERDICTS: dict[int, tuple[str, str]] = {
     5: ("CG_OK_ND", "neighbour solicitation answered"),
     6: ("CG_OK_QUIET", "link housekeeping consumed"),
     7: ("CG_OK_POLICY", "allowed by policy"),
+    12: ("CG_OK_TUNNEL", "sent through the tunnel to another node"),
     130: ("DROP_INVALID_SMAC", "invalid source MAC"),
     131: ("DROP_INVALID_DMAC", "invalid destination MAC"),
     132: ("DROP_INVALID_SIP", "invalid source IP"),
@@ -27,6 +28,12 @@ VERDICTS: dict[int, tuple[str, str]] = {
     155: ("DROP_CT_CREATE", "conntrack entry could not be created"),
     157: ("DROP_FRAG", "fragment without an L3 allow"),
     181: ("DROP_POLICY_DENY", "policy denied by a deny rule"),
+    190: ("DROP_NO_TUNNEL_KEY", "no tunnel metadata"),
+    191: ("DROP_UNKNOWN_NODE", "encapsulated by an unknown node (forged)"),
+    192: ("DROP_NO_CLUSTER_IDENTITY", "identity not cluster-wide yet"),
+    193: ("DROP_NOT_LOCAL", "tunnelled to an address that is no local endpoint"),
+    194: ("DROP_TUNNEL_SRC", "inner source belongs to another node"),
+    195: ("DROP_NO_TUNNEL_ENDPOINT", "no node hosts the tunnelled destination"),
 }
 POLICY = {7, 133, 157, 181}
 

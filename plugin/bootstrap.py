@@ -7,6 +7,7 @@ and starts threads; importing any other module does none of that.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import gc
 import logging
@@ -18,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from datapath import events, plan
 from datapath.errors import CellgateError, StateError
@@ -28,7 +29,7 @@ from ipam.allocator import HostRanges, Ipam
 from ipam.store import JsonDir
 from plugin.api.app import create_app as create_api
 from plugin.cni.install import install as install_cni
-from plugin.config import Config
+from plugin.config import CLUSTER_V4, CLUSTER_V6, Config
 from plugin.docker.app import create_app as create_docker
 from plugin.docker.watcher import DockerWatcher
 from plugin.monitor import EventHub
@@ -36,6 +37,10 @@ from plugin.server import UnixServer
 from plugin.service import Agent
 from plugin.service.cni import CniService
 from plugin.service.policy import PolicyState
+
+if TYPE_CHECKING:
+    from plugin.kvstore.port import KVStore
+    from plugin.service.cluster import ClusterService
 
 log = logging.getLogger("cellgate")
 
@@ -79,25 +84,43 @@ class Runtime:
         from datapath.kernel.executor import KernelExecutor
         from datapath.kernel.loader import Datapath
         from datapath.kernel.netns import NetnsOps
+        from plugin.service.cluster_identities import ClusterIdentities, IdentityCache
 
         self.cfg = cfg
         self.stop = threading.Event()
         self.started = time.monotonic()
         # Checked before anything is made: a refused range leaves no state directory or pins behind.
         ranges = HostRanges(cfg.ipv4_range, cfg.ipv6_range, cfg.ipv4_prefix, cfg.ipv6_prefix)
+        kvstore = open_kvstore(cfg)  # a clash with a live node is refused here, before anything exists
         self._lock_handle = lock_state(cfg.state_dir)
         self.datapath = Datapath(cfg.bpf_dir)
         self.kernel = KernelExecutor(cfg.name, self.datapath)
         self.ipam = Ipam(JsonDir(cfg.state_dir / "ipam"), ranges)
         settings = plan.Settings(cfg.name, cfg.masquerade, self.datapath.revision)
-        policy = PolicyState(Identities(JsonDir(cfg.state_dir / "identities")),
+        if kvstore is not None:  # cluster traffic is never masqueraded
+            settings = dataclasses.replace(settings, cluster_cidrs=cluster_cidrs(cfg))
+        identities: Identities = (ClusterIdentities(JsonDir(cfg.state_dir / "identities"), IdentityCache())
+                                  if kvstore is not None else Identities(JsonDir(cfg.state_dir / "identities")))
+        policy = PolicyState(identities,
                              Repository(JsonDir(cfg.state_dir / "policy")), self.kernel, cfg.enforcement)
         self.agent = Agent(
             JsonDir(cfg.state_dir / "networks"), JsonDir(cfg.state_dir / "endpoints"),
             self.ipam, self.kernel, settings, policy=policy,
         )
         self.kernel.set_config(False, self.agent.timeouts, verdicts=False)  # until a monitor asks
+        self.cluster: ClusterService | None = None
+        if kvstore is not None:
+            from datapath.nodes import Node
+            from plugin.service.cluster import ClusterService, ClusterSettings
+
+            assert isinstance(identities, ClusterIdentities) and cfg.node_address is not None
+            node = Node(cfg.node_name, cfg.node_address, cfg.ipv4_range, cfg.ipv6_range)
+            self.cluster = ClusterService(self.agent, kvstore, ClusterSettings(
+                node, cfg.tunnel, cfg.lease_ttl, cfg.state_dir / "cluster"), identities)
+            self.agent.cluster_view = self.cluster.cached_view()
         self.restore = self.agent.restore()
+        if self.cluster is not None:
+            self.cluster.start()
         self.watcher = DockerWatcher(self.agent, cfg.docker_host, cfg.docker_resync, cfg.driver_name)
         self.agent.reconcile_grace = cfg.reconcile_grace
         self.agent.runtime_view = self.watcher.view  # what `ipam check` judges Docker's state by
@@ -113,7 +136,7 @@ class Runtime:
         self.servers: list[UnixServer] = []
         try:
             self.servers.append(UnixServer(cfg.plugin_socket, create_docker(self.agent), "docker plugin"))
-            api = create_api(self.agent, self.hub, self.info, CniService(self.agent, NetnsOps()))
+            api = create_api(self.agent, self.hub, self.info, CniService(self.agent, NetnsOps()), self.cluster)
             self.servers.append(UnixServer(cfg.api_socket, api, "API"))
         except CellgateError:
             for server in self.servers:
@@ -190,6 +213,8 @@ class Runtime:
             threading.Thread(target=self._sweep, name="sweep", daemon=True),
             threading.Thread(target=self.watcher.run, args=(self.stop,), name="docker", daemon=True),
         ]
+        if self.cluster is not None:
+            threads += self.cluster.threads(self.stop)
         for t in threads:
             t.start()
         settle_heap()
@@ -205,9 +230,59 @@ class Runtime:
         deadline = time.monotonic() + 1.0
         for t in threads[:2]:  # the Docker watcher may sit in a blocking read; it is a daemon thread
             t.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self.cluster is not None:
+            self.cluster.close()
         self.kernel.close()
         self.datapath.close()
         return 0
+
+
+def open_kvstore(cfg: Config) -> KVStore | None:
+    """The cluster's store, when one is configured, after checking that this node may join: a live
+    node with this name (another agent) or an overlapping range refuses the start. A store that does
+    not answer is no refusal: the agent starts from its cached state and registers later."""
+    if not cfg.clustered:
+        return None
+    from datapath.nodes import Node
+    from plugin.kvstore.etcd import EtcdStore
+    from plugin.kvstore.port import KvstoreError
+    from plugin.service.cluster import check_registration, node_uid
+    from plugin.service.cluster_keys import NodeRecord
+
+    assert cfg.node_address is not None
+    store = EtcdStore(cfg.kvstore_endpoints, cfg.kvstore_timeout)
+    node = Node(cfg.node_name, cfg.node_address, cfg.ipv4_range, cfg.ipv6_range)
+    record = NodeRecord(node, node_uid(cfg.state_dir / "cluster", create=False), cfg.tunnel)
+    try:
+        check_registration(store, record)
+        refresh_saved_lease(store, cfg.state_dir / "cluster" / "lease")  # before the datapath compiles
+    except KvstoreError as exc:
+        log.warning("kvstore %s unavailable at start: %s", ",".join(cfg.kvstore_endpoints), exc)
+    except CellgateError:
+        store.close()
+        raise
+    return store
+
+
+def refresh_saved_lease(store: KVStore, path: Path) -> None:
+    """Keep the previous run's lease alive at once: a restart within the TTL keeps its keys."""
+    from plugin.kvstore.port import LeaseNotFound
+
+    try:
+        lease = int(path.read_text().strip(), 16)
+    except (OSError, ValueError):
+        return
+    with contextlib.suppress(LeaseNotFound):
+        store.keepalive(lease)
+
+
+def cluster_cidrs(cfg: Config) -> tuple[plan.IPNetwork, ...]:
+    """Destinations that are never masqueraded: the cluster's ranges, and this node's if outside."""
+    out: list[plan.IPNetwork] = [CLUSTER_V4, CLUSTER_V6]
+    for rng in (cfg.ipv4_range, cfg.ipv6_range):
+        if not any(rng.subnet_of(c) for c in out if c.version == rng.version):  # type: ignore[arg-type]
+            out.append(rng)
+    return tuple(out)
 
 
 # Objects allocated between two young-generation collections (CPython's default is 700).

@@ -64,6 +64,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"({'following events' if st['docker']['following'] else 'NOT connected: labels unknown'})",
         f"Drops:        {drops} packets",
     ]
+    kv = st.get("kvstore")
+    if kv:
+        node = kv["node"]
+        lines.insert(-1, f"Node:         {node['name']} at {node['address']}, tunnel {node['tunnel']}, "
+                         f"{kv['peers'] if kv['peers'] is not None else '?'} peers")
+        health = "connected" if kv["connected"] else "NOT connected (cached state; new identities pending)"
+        lines.insert(-1, f"KVStore:      {kv['backend']} {health}, revision {kv['last_revision']}, "
+                         f"lease {kv['lease_id']} ttl {kv['lease_ttl_left']}/{kv['lease_ttl']}s"
+                         + (f", CLASH: {kv['clash']}" if kv["clash"] else "")
+                         + (f", last error: {kv['last_error']}" if kv["last_error"] and not kv["connected"] else ""))
     if st["counters"]:
         lines.append("")
         lines.append(_table([(c["name"], c["reason"], c["packets"], c["bytes"]) for c in st["counters"]],
@@ -255,8 +265,27 @@ def cmd_policy_trace(args: argparse.Namespace) -> int:
 
 def cmd_identity_list(args: argparse.Namespace) -> int:
     out = _client(args).get("/v1/identities")
+    if any("nodes" in i for i in out):
+        rows = [(i["id"], i["endpoints"], ",".join(i.get("nodes", [])) or "-", ", ".join(i["labels"])) for i in out]
+        _emit(args, out, _table(rows, ("ID", "ENDPOINTS", "NODES", "LABELS")))
+        return 0
     rows = [(i["id"], i["endpoints"], ", ".join(i["labels"])) for i in out]
     _emit(args, out, _table(rows, ("ID", "ENDPOINTS", "LABELS")))
+    return 0
+
+
+def cmd_node_list(args: argparse.Namespace) -> int:
+    out = _client(args).get("/v1/nodes")
+    rows = [(n["name"] + (" (local)" if n["local"] else ""), n["address"] or "-", n["ipv4_range"], n["ipv6_range"],
+             n["tunnel"] or "-", n["endpoints"], n.get("clash") or "") for n in out]
+    _emit(args, out, _table(rows, ("NAME", "ADDRESS", "IPV4 RANGE", "IPV6 RANGE", "TUNNEL", "ENDPOINTS", "CLASH")))
+    return 0
+
+
+def cmd_bpf_ipcache(args: argparse.Namespace) -> int:
+    out = _client(args).get("/v1/bpf/ipcache")
+    rows = [(e["prefix"], e["identity"], e["tunnel_endpoint"] or "-", ", ".join(e["labels"])[:60]) for e in out]
+    _emit(args, out, _table(rows, ("PREFIX", "IDENTITY", "TUNNEL ENDPOINT", "LABELS")))
     return 0
 
 
@@ -396,6 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = bpol.add_parser("get", parents=[common], help="policy entries enforced for an endpoint")
     p.add_argument("endpoint")
     p.set_defaults(func=cmd_bpf_policy)
+    bip = bpf.add_parser("ipcache", help="addresses and prefixes with their identity").add_subparsers(
+        dest="op", required=True, metavar="OP")
+    bip.add_parser("list", parents=[common], help="the kernel's ipcache").set_defaults(func=cmd_bpf_ipcache)
+    nodes = sub.add_parser("node", help="cluster nodes").add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    nodes.add_parser("list", parents=[common], help="nodes registered in the kvstore").set_defaults(func=cmd_node_list)
     bct = bpf.add_parser("ct", help="connection tracking").add_subparsers(dest="op", required=True, metavar="OP")
     bct.add_parser("list", parents=[common], help="tracked flows").set_defaults(func=cmd_bpf_ct)
 

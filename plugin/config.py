@@ -11,6 +11,7 @@ import hashlib
 import ipaddress
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,18 @@ class Config:
     cni_bin_dir: str = "/opt/cni/bin"
     reconcile_grace: float = 60.0
     driver_name: str = ""  # empty: the instance name
+    # Multi-host (docs/cluster.md): all empty/None without a kvstore, and the agent is single-host.
+    kvstore: str = ""  # "" | "etcd"
+    kvstore_endpoints: tuple[str, ...] = ()
+    node_name: str = ""
+    node_address: ipaddress.IPv4Address | None = None
+    tunnel: str = ""  # "vxlan" | "disabled" ("" without a kvstore)
+    lease_ttl: int = 15
+    kvstore_timeout: float = 2.0
+
+    @property
+    def clustered(self) -> bool:
+        return bool(self.kvstore)
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,6 +130,22 @@ class Config:
         parser.add_argument("--cni-bin-dir", default=_env("CELLGATE_CNI_BIN_DIR", "/opt/cni/bin"),
                             help="install/update the cellgate-cni plugin here at start ('' = don't) "
                                  "[CELLGATE_CNI_BIN_DIR, default /opt/cni/bin]")
+        parser.add_argument("--kvstore", choices=("", "etcd"), default=_env("CELLGATE_KVSTORE", ""),
+                            help="share identities, nodes and the ipcache through this store; empty = "
+                                 "single host [CELLGATE_KVSTORE]")
+        parser.add_argument("--kvstore-endpoints", default=_env("CELLGATE_KVSTORE_ENDPOINTS", ""),
+                            help="comma-separated etcd client URLs, http://IP:2379 [CELLGATE_KVSTORE_ENDPOINTS]")
+        parser.add_argument("--node-name", default=_env("CELLGATE_NODE_NAME", ""),
+                            help="this node's name in the cluster [CELLGATE_NODE_NAME, default the hostname]")
+        parser.add_argument("--node-address", default=_env("CELLGATE_NODE_ADDRESS", ""),
+                            help="the IPv4 address other nodes reach this one at (tunnel endpoint, next hop) "
+                                 "[CELLGATE_NODE_ADDRESS]")
+        parser.add_argument("--tunnel", choices=("", "vxlan", "disabled"), default=_env("CELLGATE_TUNNEL", ""),
+                            help="vxlan: overlay carrying the identity; disabled: native routing "
+                                 "[CELLGATE_TUNNEL, default vxlan with a kvstore]")
+        parser.add_argument("--lease-ttl", type=int, default=int(_env("CELLGATE_LEASE_TTL", "15")),
+                            help="seconds a dead node's keys outlive it in the kvstore [CELLGATE_LEASE_TTL, "
+                                 "default 15]")
         parser.add_argument("--debug", action="store_true", default=_flag(_env("CELLGATE_DEBUG", "false")),
                             help="log wire bodies and kernel changes [CELLGATE_DEBUG]")
 
@@ -130,6 +159,7 @@ class Config:
             v6 = ipaddress.IPv6Network(args.ipv6_range) if args.ipv6_range else v6_default
         except ValueError as exc:
             raise ValueError(f"bad address range: {exc}") from None
+        cluster = _cluster_args(args)
         return cls(
             name=name,
             plugin_socket=Path(args.plugin_socket or f"/run/docker/plugins/{name}.sock"),
@@ -149,7 +179,41 @@ class Config:
             cni_bin_dir=args.cni_bin_dir,
             reconcile_grace=args.reconcile_grace,
             driver_name=args.driver_name,
+            **cluster,
         )
+
+
+def _cluster_args(args: argparse.Namespace) -> dict[str, object]:
+    """The multi-host settings, checked together: a kvstore needs endpoints and a node address."""
+    kvstore = getattr(args, "kvstore", "") or ""
+    endpoints = tuple(e.strip() for e in (getattr(args, "kvstore_endpoints", "") or "").split(",") if e.strip())
+    tunnel = getattr(args, "tunnel", "") or ""
+    address_text = getattr(args, "node_address", "") or ""
+    ttl = getattr(args, "lease_ttl", 15)
+    if not kvstore:
+        if endpoints or tunnel or address_text:
+            raise ValueError("--kvstore-endpoints, --tunnel and --node-address need --kvstore etcd")
+        return {}
+    if not endpoints:
+        raise ValueError("--kvstore etcd needs --kvstore-endpoints http://IP:2379[,...]")
+    for url in endpoints:
+        if not re.fullmatch(r"http://[^/\s:]+:\d{1,5}/?", url):
+            raise ValueError(f"kvstore endpoint {url!r} is not http://HOST:PORT (TLS is not supported yet)")
+    if not address_text:
+        raise ValueError("--kvstore needs --node-address, the IPv4 address other nodes reach this one at")
+    try:
+        address = ipaddress.IPv4Address(address_text)
+    except ValueError:
+        raise ValueError(f"--node-address {address_text!r} is not an IPv4 address") from None
+    if address.is_unspecified or address.is_loopback or address.is_multicast:
+        raise ValueError(f"--node-address {address} cannot be reached by other nodes")
+    node_name = getattr(args, "node_name", "") or os.uname().nodename
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", node_name):
+        raise ValueError(f"--node-name {node_name!r}: use 1-63 letters, digits, '.', '_' or '-'")
+    if not 2 <= ttl <= 3600:
+        raise ValueError(f"--lease-ttl {ttl}: give 2 to 3600 seconds")
+    return {"kvstore": kvstore, "kvstore_endpoints": endpoints, "node_name": node_name, "node_address": address,
+            "tunnel": tunnel or "vxlan", "lease_ttl": ttl}
 
 
 def _seconds(text: str) -> float:

@@ -58,6 +58,7 @@
 #define CG_OK_ND           5   /* neighbour solicitation answered by the datapath */
 #define CG_OK_QUIET        6   /* link housekeeping consumed without a reply (GARP, DAD, MLD, RS) */
 #define CG_OK_POLICY       7   /* a new flow allowed by policy (verdict events) */
+#define CG_OK_TUNNEL       12  /* sent into the VXLAN tunnel towards another node */
 
 #define DROP_INVALID_SMAC  130 /* source MAC is not the endpoint's */
 #define DROP_INVALID_DMAC  131 /* destination MAC is not the gateway's */
@@ -73,6 +74,12 @@
 #define DROP_FRAG          157 /* non-first fragment that only an L3 rule could allow */
 #define DROP_CT_CREATE     155 /* conntrack entry could not be created */
 #define DROP_POLICY_DENY   181 /* an explicit deny rule matched */
+#define DROP_NO_TUNNEL_KEY 190 /* a packet on the VXLAN device without tunnel metadata */
+#define DROP_UNKNOWN_NODE  191 /* encapsulated by an outer source that is not a known node (forged) */
+#define DROP_NO_CLUSTER_IDENTITY 192 /* identity not cluster-wide yet: it does not fit the 24-bit VNI */
+#define DROP_NOT_LOCAL     193 /* tunnelled to this node for an address that is no local endpoint */
+#define DROP_TUNNEL_SRC    194 /* inner source lives on another node than the one that sent it */
+#define DROP_NO_TUNNEL_ENDPOINT 195 /* routed into the tunnel to an address no node hosts */
 
 #define CG_METRICS_SIZE    256
 
@@ -98,6 +105,8 @@
 #define CG_ID_ANY          0
 #define CG_ID_HOST         1
 #define CG_ID_WORLD        2
+#define CG_ID_REMOTE_NODE  6
+#define CG_TUNNEL_MAX_ID   0xffffff /* the VNI carries 24 bits of identity */
 
 /* cg_config flags. */
 #define CG_CFG_TRACE       0x1

@@ -15,6 +15,7 @@ struct cg_ctx {
 	__u32 rule;
 	__u32 cfg_flags;    /* cg_config.flags, read once per packet (cg_ctx_init) */
 	__u32 policy_rev;   /* cg_config.policy_rev, likewise */
+	__u32 tunnel_ifindex; /* cg_config.tunnel_ifindex, likewise */
 	__u8  ct_state;
 	__u8  side;         /* 1 = the sender's egress decided, 0 = the receiver's ingress */
 	__u8  dir;          /* CG_DIR_* */
@@ -32,4 +33,5 @@ static __always_inline void cg_ctx_init(struct cg_ctx *ctx, __u8 dir)
 	ctx->dir = dir;
 	ctx->cfg_flags = cfg ? cfg->flags : 0;
 	ctx->policy_rev = cfg ? cfg->policy_rev : 0;
+	ctx->tunnel_ifindex = cfg ? cfg->tunnel_ifindex : 0;
 }

@@ -9,11 +9,10 @@
 #include "lib/maps.h"
 #include "lib/route.h"
 
-/* Identity of a non-endpoint address: host addresses and known prefixes; else world. */
-static __always_inline __u32 cg_ipcache_identity(__u8 family, const __u8 *addr)
+/* The longest ipcache prefix holding a non-endpoint address, or NULL. */
+static __always_inline struct cg_ipcache_value *cg_ipcache_find(__u8 family, const __u8 *addr)
 {
 	struct cg_ipcache_key key = {};
-	struct cg_ipcache_value *val;
 
 	key.family = family;
 	if (family == 4) {
@@ -23,7 +22,14 @@ static __always_inline __u32 cg_ipcache_identity(__u8 family, const __u8 *addr)
 		key.prefixlen = 32 + 128;
 		__builtin_memcpy(key.addr, addr, 16);
 	}
-	val = cg_ipcache.lookup(&key);
+	return cg_ipcache.lookup(&key);
+}
+
+/* Identity of a non-endpoint address: host addresses and known prefixes; else world. */
+static __always_inline __u32 cg_ipcache_identity(__u8 family, const __u8 *addr)
+{
+	struct cg_ipcache_value *val = cg_ipcache_find(family, addr);
+
 	return val ? val->identity : CG_ID_WORLD;
 }
 

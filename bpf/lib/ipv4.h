@@ -8,6 +8,7 @@
 #include "lib/route.h"
 #include "lib/l4.h"
 #include "lib/pipeline.h"
+#include "lib/encap.h"
 
 #define CG_IP4_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
 #define CG_IP4_TTL_OFF  (ETH_HLEN + offsetof(struct iphdr, ttl))
@@ -38,6 +39,11 @@ static __always_inline int cg_ipv4_from_ep(struct __sk_buff *skb, const struct c
 	ret = cg_stage_from_ep(skb, ctx, ep, &f, 4, (const __u8 *)&ip.daddr, &dst);
 	if (ret < 0)
 		return ret;
+	if (!dst && ctx->tunnel_ifindex && ip.ttl > 1) {
+		ret = cg_stage_encap(skb, ctx, 4, (const __u8 *)&ip.daddr);
+		if (ret != CG_NO_ENCAP)
+			return ret;
+	}
 	if (!dst || ip.ttl <= 1)
 		return cg_stage_to_stack(skb, ctx);
 	ttl = ip.ttl - 1;

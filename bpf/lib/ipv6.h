@@ -8,6 +8,7 @@
 #include "lib/route.h"
 #include "lib/l4.h"
 #include "lib/pipeline.h"
+#include "lib/encap.h"
 
 #define CG_IP6_HOPLIMIT_OFF (ETH_HLEN + offsetof(struct ipv6hdr, hop_limit))
 #define CG_ICMP6_OFF        (ETH_HLEN + sizeof(struct ipv6hdr))
@@ -154,6 +155,11 @@ static __always_inline int cg_ipv6_from_ep(struct __sk_buff *skb, const struct c
 	ret = cg_stage_from_ep(skb, ctx, ep, &f, 6, ip6.daddr.in6_u.u6_addr8, &dst);
 	if (ret < 0)
 		return ret;
+	if (!dst && ctx->tunnel_ifindex && ip6.hop_limit > 1) {
+		ret = cg_stage_encap(skb, ctx, 6, ip6.daddr.in6_u.u6_addr8);
+		if (ret != CG_NO_ENCAP)
+			return ret;
+	}
 	if (!dst || ip6.hop_limit <= 1)
 		return cg_stage_to_stack(skb, ctx);
 	hops = ip6.hop_limit - 1;

@@ -63,8 +63,10 @@ struct cg_ipcache_key {
 };
 
 struct cg_ipcache_value {
-	__u32 identity;
-	__u32 flags;
+	__u32  identity;
+	__u32  flags;
+	__be32 tunnel_endpoint; /* VXLAN: the node hosting the address (IPv4, network order); 0 = none */
+	__u32  pad;
 };
 
 /* Conntrack: one entry per flow, keyed by the tuple of its first packet. */
@@ -108,6 +110,8 @@ struct cg_config {
 	__u64 syn_timeout_ns;     /* TCP before the first reply */
 	__u64 close_timeout_ns;   /* TCP after FIN both ways or RST */
 	__u64 other_timeout_ns;   /* UDP, ICMP and the rest */
+	__u32 tunnel_ifindex;     /* the instance's VXLAN device; 0 = no tunnel (native routing) */
+	__u32 pad;
 };
 
 /* Fixed-size event record written to the ring buffer. */

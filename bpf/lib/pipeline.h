@@ -29,6 +29,15 @@ static __always_inline int cg_stage_from_ep(struct __sk_buff *skb, struct cg_ctx
 	return cg_policy_flow(skb, ctx, f, 1, local != NULL);
 }
 
+/* From another node through the tunnel, to the local endpoint *dst: the sender's identity came
+ * in the VNI (ctx->src_identity); conntrack and the receiver's ingress policy. 0 if allowed. */
+static __always_inline int cg_stage_from_tunnel(struct __sk_buff *skb, struct cg_ctx *ctx,
+						const struct cg_flow *f, const struct cg_endpoint *dst)
+{
+	ctx->dst_identity = dst->identity;
+	return cg_policy_flow(skb, ctx, f, 0, 1);
+}
+
 /* Host-bound, routed out, or expiring: the stack knows what to do. */
 static __always_inline int cg_stage_to_stack(struct __sk_buff *skb, const struct cg_ctx *ctx)
 {

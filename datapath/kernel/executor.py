@@ -17,13 +17,14 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 
 from datapath.errors import KernelError
-from datapath.kernel import iptables, layout, links, maps
+from datapath.kernel import iptables, layout, links, maps, tunnel
 from datapath.kernel.context import Handler, KernelContext, attr
 from datapath.kernel.loader import Datapath
-from datapath.plan import KINDS, IPNetwork, KernelObject, Key, Plan
+from datapath.plan import KINDS, ORDER, IPNetwork, KernelObject, Key, Plan
 from datapath.policy.compile import PolicyKey, PolicyValue
 
 log = logging.getLogger(__name__)
+RANK = {cls: rank for rank, cls in enumerate(ORDER)}
 
 class KernelExecutor:
     """Kernel port for one agent instance."""
@@ -33,13 +34,14 @@ class KernelExecutor:
         self.ctx = KernelContext(instance, datapath)
         self.dp = datapath
         self.iptables = iptables.Iptables(instance)
+        self.config = maps.Config(self.ctx)
         made: list[Handler] = [cls(self.ctx) for cls in (*links.HANDLERS, *maps.HANDLERS)]
         made.append(iptables._Masquerades(self.iptables))
+        made.append(tunnel.TunnelDevices(self.ctx, self.config))
         self.handlers: dict[str, Handler] = {h.kind: h for h in made}
         missing = set(KINDS) - set(self.handlers)
         assert not missing, f"plan kinds without a kernel handler: {sorted(missing)}"
         self._lock = threading.Lock()
-        self.config = maps.Config(self.ctx)
         self.policy = maps.PolicyMap(self.ctx, self.config)
         self.conntrack = maps.Conntrack(self.ctx)
 
@@ -81,12 +83,18 @@ class KernelExecutor:
             try:
                 for obj in plan.remove:
                     self._run("remove", self._remove, obj)
-                for old, new in plan.change:
-                    log.debug("change %s -> %s", old, new)
-                    self._run("change", self._handler(new.kind).change, old, new)
-                for obj in plan.add:
-                    log.debug("add %s", obj)
-                    self._run("add", self._handler(obj.kind).add, obj)
+                # Changes and adds together in ORDER, a kind's changes before its adds: a change
+                # may need what an add of an earlier kind makes (a route moved onto a new
+                # tunnel device when the cluster switches from native routing to VXLAN).
+                steps = [(RANK[type(new)], 0, i, old, new) for i, (old, new) in enumerate(plan.change)]
+                steps += [(RANK[type(obj)], 1, i, None, obj) for i, obj in enumerate(plan.add)]
+                for _rank, _phase, _i, old, new in sorted(steps, key=lambda s: s[:3]):
+                    if old is not None:
+                        log.debug("change %s -> %s", old, new)
+                        self._run("change", self._handler(new.kind).change, old, new)
+                    else:
+                        log.debug("add %s", new)
+                        self._run("add", self._handler(new.kind).add, new)
             finally:
                 self.ctx.end()
 

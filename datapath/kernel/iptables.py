@@ -35,17 +35,31 @@ class Iptables:
             ("filter", ["-o", "cg+", "-d", s, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"]),
         ]
 
+    @staticmethod
+    def _exempt_rule(subnet: ipaddress.IPv4Network, dst: ipaddress.IPv4Network) -> list[str]:
+        """Cluster traffic keeps its source: a RETURN ahead of the subnet's MASQUERADE."""
+        return ["-s", str(subnet), "-d", str(dst), "-j", "RETURN"]
+
     def subnets(self) -> list[ipaddress.IPv4Network]:
+        return [m.subnet for m in self.masquerades()]
+
+    def masquerades(self) -> list[Masquerade]:
         try:
             out = self._run("-t", "nat", "-S", self.nat, check=False)
         except FileNotFoundError:
             return []
-        found = []
+        found: list[ipaddress.IPv4Network] = []
+        exempt: dict[ipaddress.IPv4Network, list[ipaddress.IPv4Network]] = {}
         for line in out.stdout.splitlines():
             parts = line.split()
-            if parts[:2] == ["-A", self.nat] and "-s" in parts and "MASQUERADE" in parts:
-                found.append(ipaddress.IPv4Network(parts[parts.index("-s") + 1]))
-        return found
+            if parts[:2] != ["-A", self.nat] or "-s" not in parts:
+                continue
+            src = ipaddress.IPv4Network(parts[parts.index("-s") + 1])
+            if "MASQUERADE" in parts:
+                found.append(src)
+            elif "RETURN" in parts and "-d" in parts:
+                exempt.setdefault(src, []).append(ipaddress.IPv4Network(parts[parts.index("-d") + 1]))
+        return [Masquerade(s, tuple(sorted(exempt.get(s, ())))) for s in found]
 
     def _ensure_chains(self) -> None:
         for table, chain, hook in (("nat", self.nat, "POSTROUTING"), ("filter", self.fwd, "FORWARD")):
@@ -56,17 +70,23 @@ class Iptables:
                 self._run("-t", table, "-I", hook, "1", *jump)
         sysctl("net/ipv4/ip_forward", "1")
 
-    def add(self, subnet: ipaddress.IPv4Network) -> None:
+    def add(self, subnet: ipaddress.IPv4Network, exempt: tuple[ipaddress.IPv4Network, ...] = ()) -> None:
         self._ensure_chains()
+        for dst in exempt:  # inserted first, so they come before any MASQUERADE of the subnet
+            rule = self._exempt_rule(subnet, dst)
+            if self._run("-t", "nat", "-C", self.nat, *rule, check=False).returncode != 0:
+                self._run("-t", "nat", "-I", self.nat, "1", *rule)
         for table, rule in self._rules(subnet):
             chain = self.nat if table == "nat" else self.fwd
             if self._run("-t", table, "-C", chain, *rule, check=False).returncode != 0:
                 self._run("-t", table, "-A", chain, *rule)
 
-    def remove(self, subnet: ipaddress.IPv4Network) -> None:
+    def remove(self, subnet: ipaddress.IPv4Network, exempt: tuple[ipaddress.IPv4Network, ...] = ()) -> None:
         for table, rule in self._rules(subnet):
             chain = self.nat if table == "nat" else self.fwd
             self._run("-t", table, "-D", chain, *rule, check=False)
+        for dst in exempt:
+            self._run("-t", "nat", "-D", self.nat, *self._exempt_rule(subnet, dst), check=False)
 
     def teardown(self) -> bool:
         """Remove our chains and the jumps to them; True if anything was there."""
@@ -89,17 +109,21 @@ class _Masquerades:
 
     def observe(self, key: Key) -> Masquerade | None:
         subnet = ipaddress.IPv4Network(key[1])
-        return Masquerade(subnet) if subnet in self.iptables.subnets() else None
+        return next((m for m in self.iptables.masquerades() if m.subnet == subnet), None)
 
     def observe_all(self) -> Iterable[Masquerade]:
-        return [Masquerade(s) for s in self.iptables.subnets()]
+        return self.iptables.masquerades()
 
     def add(self, obj: Masquerade) -> None:
-        self.iptables.add(obj.subnet)
+        self.iptables.add(obj.subnet, obj.exempt)
 
     def change(self, old: Masquerade, new: Masquerade) -> None:
-        self.remove(old)
-        self.add(new)
+        # The new exemptions first (RETURN rules), then the stale ones go: never a moment in
+        # which cluster traffic is masqueraded that should not be.
+        self.iptables.add(new.subnet, new.exempt)
+        for dst in set(old.exempt) - set(new.exempt):
+            self.iptables._run("-t", "nat", "-D", self.iptables.nat,
+                               *self.iptables._exempt_rule(old.subnet, dst), check=False)
 
     def remove(self, obj: Masquerade) -> None:
-        self.iptables.remove(obj.subnet)
+        self.iptables.remove(obj.subnet, obj.exempt)

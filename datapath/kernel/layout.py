@@ -81,7 +81,12 @@ class CgIpcacheKey(ctypes.Structure):
 
 
 class CgIpcacheValue(ctypes.Structure):
-    _fields_ = [("identity", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+    _fields_ = [
+        ("identity", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("tunnel_endpoint", ctypes.c_uint32),  # network byte order; 0 = none
+        ("pad", ctypes.c_uint32),
+    ]
 
 
 class CgCtKey(ctypes.Structure):
@@ -120,6 +125,8 @@ class CgConfig(ctypes.Structure):
         ("syn_timeout_ns", ctypes.c_uint64),
         ("close_timeout_ns", ctypes.c_uint64),
         ("other_timeout_ns", ctypes.c_uint64),
+        ("tunnel_ifindex", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
     ]
 
 
@@ -270,6 +277,18 @@ def ipcache_key(prefix: ipaddress.IPv4Network | ipaddress.IPv6Network) -> CgIpca
     raw.family = prefix.version
     ctypes.memmove(raw.addr, prefix.network_address.packed, len(prefix.network_address.packed))
     return raw
+
+
+def ipcache_value(identity: int, tunnel_endpoint: ipaddress.IPv4Address | None) -> CgIpcacheValue:
+    value = CgIpcacheValue()
+    value.identity = identity
+    value.tunnel_endpoint = int.from_bytes(tunnel_endpoint.packed, "little") if tunnel_endpoint else 0
+    return value
+
+
+def ipcache_tunnel_endpoint(value: CgIpcacheValue) -> ipaddress.IPv4Address | None:
+    raw = int(value.tunnel_endpoint)
+    return ipaddress.IPv4Address(raw.to_bytes(4, "little")) if raw else None
 
 
 def ipcache_prefix(raw: CgIpcacheKey) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

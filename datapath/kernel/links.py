@@ -31,6 +31,7 @@ TC_EGRESS = 0xFFFFFFF3
 NUD_PERMANENT = 0x80
 RT_TABLE_MAIN = 254
 RT_SCOPE_LINK = 253
+RT_SCOPE_UNIVERSE = 0
 RTM_F_FIB_MATCH = 0x2000
 FROM, TO = "cg_from_container", "cg_to_container"
 HOST_DEVICE_KINDS = ("dummy", "ifb")
@@ -334,6 +335,10 @@ class _Routes(OnContext):
                 continue
             if ipaddress.ip_address(attr(msg, "RTA_DST") or "0.0.0.0") != dst.network_address:
                 continue
+            gateway = attr(msg, "RTA_GATEWAY")
+            if gateway:  # native routing: through a peer node, over a device that is not ours
+                src = attr(msg, "RTA_PREFSRC")
+                return Route(dst, "", ipaddress.ip_address(src) if src else None, ipaddress.ip_address(gateway))
             dev = self.ctx.ifname(attr(msg, "RTA_OIF") or 0)
             if not dev or self.ctx.owned_link(dev) is None:
                 return None  # another instance's route
@@ -344,7 +349,7 @@ class _Routes(OnContext):
     def observe_all(self) -> Iterable[Route]:
         names = set(self.ctx.owned_names().values())
         for version in (4, 6):
-            yield from (r for r in self.routes(version) if r.dev in names)
+            yield from (r for r in self.routes(version) if r.dev in names or r.via is not None)
 
     def routes(self, version: int) -> list[Route]:
         out = []
@@ -355,6 +360,10 @@ class _Routes(OnContext):
             oif = attr(msg, "RTA_OIF")
             dev = (self.ctx.ifname(oif) if oif else None) or f"@{oif}"
             src = attr(msg, "RTA_PREFSRC")
+            gateway = attr(msg, "RTA_GATEWAY")
+            if gateway:
+                out.append(Route(dst, "", ipaddress.ip_address(src) if src else None, ipaddress.ip_address(gateway)))
+                continue
             out.append(Route(dst, dev, ipaddress.ip_address(src) if src else None))
         return out
 
@@ -362,12 +371,15 @@ class _Routes(OnContext):
         self._route("replace", obj)
 
     def change(self, old: Route, new: Route) -> None:
-        if old.dev != new.dev:
+        if old.dev != new.dev or (old.via is None) != (new.via is None):
             self.remove(old)
         self.add(new)  # route replace: no gap
 
     @gone_ok
     def remove(self, obj: Route) -> None:
+        if obj.via is not None:
+            self._route("del", obj)
+            return
         link = self.ctx.owned_link(obj.dev)
         if link is not None:  # a route to a vanished link went with it
             self._route("del", obj, int(link["index"]))
@@ -380,6 +392,14 @@ class _Routes(OnContext):
             "table": RT_TABLE_MAIN,
             "family": layout.AF[obj.dst.version],
         }
+        if obj.via is not None:  # a gateway route: the kernel picks the device that reaches it
+            sysctl("net/ipv4/ip_forward", "1")  # native routing forwards endpoint traffic to peers
+            args["scope"] = RT_SCOPE_UNIVERSE
+            args["gateway"] = str(obj.via)
+            if obj.src is not None and command != "del":
+                args["prefsrc"] = str(obj.src)
+            self.ctx.ipr.route(command, **args)
+            return
         if command == "del":
             if oif is not None:
                 args["oif"] = oif  # only the route through our link, never another instance's

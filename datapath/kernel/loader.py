@@ -25,7 +25,8 @@ from datapath.errors import KernelError
 log = logging.getLogger(__name__)
 
 MAIN = "cg_lxc.c"
-PROGRAMS = ("cg_from_container", "cg_to_container")
+SOURCES = (MAIN, "cg_overlay.c")  # one translation unit: one compile, shared maps
+PROGRAMS = ("cg_from_container", "cg_to_container", "cg_from_overlay", "cg_to_overlay")
 PINNED_MAPS = ("cg_endpoints", "cg_ips", "cg_metrics", "cg_events", "cg_policy", "cg_ipcache", "cg_ct",
                "cg_config")
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
@@ -99,7 +100,8 @@ class Datapath:
         self.pin_dir = pin_dir
         ensure_bpffs(pin_dir)
         drop_stale_pins(pin_dir)
-        source = expand_source(BPF_SRC / MAIN)
+        seen: set[Path] = set()
+        source = "\n".join(expand_source(BPF_SRC / name, BPF_SRC, seen) for name in SOURCES)
         cflags = [f'-DCG_PIN_DIR="{pin_dir}"', f"-DCG_MAX_ENDPOINTS={max_endpoints}"]
         self.revision = hashlib.sha256((source + "\0" + " ".join(cflags)).encode()).hexdigest()[:16]
         started = time.monotonic()

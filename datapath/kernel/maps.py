@@ -114,18 +114,18 @@ class _Ipcache(Replacing):
             value = layout.CgIpcacheValue.from_buffer_copy(bytes(self.ctx.dp.ipcache[layout.ipcache_key(prefix)]))
         except KeyError:
             return None
-        return IpcacheEntry(prefix, value.identity)
+        return IpcacheEntry(prefix, value.identity, layout.ipcache_tunnel_endpoint(value))
 
     def observe_all(self) -> Iterable[IpcacheEntry]:
         if self.ctx.dp is None:
             return
         for key, value in list(self.ctx.dp.ipcache.items()):
             prefix = layout.ipcache_prefix(layout.CgIpcacheKey.from_buffer_copy(bytes(key)))
-            yield IpcacheEntry(prefix, layout.CgIpcacheValue.from_buffer_copy(bytes(value)).identity)
+            raw = layout.CgIpcacheValue.from_buffer_copy(bytes(value))
+            yield IpcacheEntry(prefix, raw.identity, layout.ipcache_tunnel_endpoint(raw))
 
     def add(self, obj: IpcacheEntry) -> None:
-        value = layout.CgIpcacheValue()
-        value.identity = obj.identity
+        value = layout.ipcache_value(obj.identity, obj.tunnel_endpoint)
         self.ctx.need_dp().ipcache[layout.ipcache_key(obj.prefix)] = value
 
     def remove(self, obj: IpcacheEntry) -> None:
@@ -151,6 +151,19 @@ class Config:
         cfg.flags = (layout.CG_CFG_TRACE if trace else 0) | (0 if verdicts else layout.CG_CFG_QUIET)
         for name, seconds in timeouts.items():
             setattr(cfg, f"{name}_timeout_ns", int(seconds * 1e9))
+        with self._lock:
+            cfg.tunnel_ifindex = self._current().tunnel_ifindex  # the tunnel handler's, kept
+        self.write(cfg)
+
+    def tunnel_ifindex(self) -> int:
+        with self._lock:
+            return int(self._current().tunnel_ifindex)
+
+    def set_tunnel(self, ifindex: int) -> None:
+        """Where cg_stage_encap sends tunnelled packets (0: nowhere, native routing)."""
+        with self._lock:
+            cfg = layout.CgConfig.from_buffer_copy(bytes(self._current()))
+        cfg.tunnel_ifindex = ifindex
         self.write(cfg)
 
     def policy_revision(self) -> int:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from datapath.errors import CellgateError
 from plugin.api import context
+from plugin.api.cluster import cluster as cluster_routes
 from plugin.api.cni import cni as cni_routes
 from plugin.api.context import MAX_STREAMS, MAX_WAITS, ApiContext
 from plugin.api.monitor import monitor
@@ -26,6 +27,9 @@ from plugin.service import Agent
 from plugin.service.cni import CniService
 from plugin.timing import add_server_timing
 
+if TYPE_CHECKING:
+    from plugin.service.cluster import ClusterService
+
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
@@ -33,12 +37,12 @@ __all__ = ["MAX_BODY", "MAX_STREAMS", "MAX_WAITS", "create_app"]
 
 
 def create_app(agent: Agent, hub: EventHub, info: Callable[[], dict[str, Any]],
-               cni: CniService | None = None) -> Flask:
+               cni: CniService | None = None, cluster: ClusterService | None = None) -> Flask:
     app = Flask("cellgate.api")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
-    app.extensions[context.KEY] = ApiContext.build(agent, hub, info, cni)
+    app.extensions[context.KEY] = ApiContext.build(agent, hub, info, cni, cluster)
     add_server_timing(app)
-    for blueprint in (*BLUEPRINTS, policy, monitor):
+    for blueprint in (*BLUEPRINTS, policy, monitor, cluster_routes):
         app.register_blueprint(blueprint)
     if cni is not None:
         app.register_blueprint(cni_routes)

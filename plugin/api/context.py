@@ -10,7 +10,7 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import current_app
 from werkzeug.exceptions import ServiceUnavailable
@@ -18,6 +18,9 @@ from werkzeug.exceptions import ServiceUnavailable
 from plugin.monitor import EventHub
 from plugin.service import Agent
 from plugin.service.cni import CniService
+
+if TYPE_CHECKING:
+    from plugin.service.cluster import ClusterService
 
 # Long-lived requests each hold one of the socket's request workers (plugin/server.py, 64) for
 # as long as they last; past these bounds they are refused (503), so the other calls always
@@ -91,12 +94,13 @@ class ApiContext:
     verdicts: Tracers  # allowed new flows: every monitor but drop-only ones
     streams: Slots
     waits: Slots
+    cluster: ClusterService | None = None
 
     @classmethod
     def build(cls, agent: Agent, hub: EventHub, info: Callable[[], dict[str, Any]],
-              cni: CniService | None) -> ApiContext:
+              cni: CniService | None, cluster: ClusterService | None = None) -> ApiContext:
         return cls(agent, hub, info, cni, Tracers(agent.set_trace), Tracers(agent.set_verdicts),
-                   Slots("monitor streams", MAX_STREAMS), Slots("policy waits", MAX_WAITS))
+                   Slots("monitor streams", MAX_STREAMS), Slots("policy waits", MAX_WAITS), cluster)
 
 
 KEY = "cellgate"

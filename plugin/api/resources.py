@@ -37,6 +37,7 @@ def show_status() -> Response:
     body.update(c.info())
     body["counters"] = views.counters(c.agent.counters())
     body["monitor"] = {"subscribers": c.hub.subscribers, "events": c.hub.published, "lost": c.hub.lost}
+    body["kvstore"] = c.cluster.status() if c.cluster is not None else None
     return reply(body)
 
 
@@ -68,14 +69,18 @@ def remove_network(ident: str) -> Response:
 
 @identities.get("/v1/identities")
 def list_identities() -> Response:
-    return reply([views.identity(number, labels, owners, number < FIRST_ALLOCATED)
-                  for number, labels, owners in ctx().agent.identity_list()])
+    c = ctx()
+    users = c.cluster.users() if c.cluster is not None else {}
+    return reply([views.identity(number, labels, owners, number < FIRST_ALLOCATED, users.get(number))
+                  for number, labels, owners in c.agent.identity_list()])
 
 
 @identities.get("/v1/identities/<int:number>")
 def show_identity(number: int) -> Response:
-    labels, owners = ctx().agent.identity(number)
-    return reply(views.identity(number, labels, owners, number < FIRST_ALLOCATED))
+    c = ctx()
+    labels, owners = c.agent.identity(number)
+    users = c.cluster.users() if c.cluster is not None else {}
+    return reply(views.identity(number, labels, owners, number < FIRST_ALLOCATED, users.get(number)))
 
 
 @bpf.get("/v1/bpf/policy/<ident>")

@@ -96,8 +96,13 @@ def counters(raw: dict[int, tuple[int, int]]) -> list[dict[str, Any]]:
     ]
 
 
-def identity(number: int, labels: list[str], owners: int, reserved: bool) -> dict[str, Any]:
-    return {"id": number, "labels": labels, "endpoints": owners, "reserved": reserved}
+def identity(number: int, labels: list[str], owners: int, reserved: bool,
+             nodes: list[str] | None = None) -> dict[str, Any]:
+    """`endpoints`: local holders; `nodes`: every node using it (cluster identities only)."""
+    out: dict[str, Any] = {"id": number, "labels": labels, "endpoints": owners, "reserved": reserved}
+    if nodes is not None:
+        out["nodes"] = nodes
+    return out
 
 
 def policy_entry(key: PolicyKey, value: PolicyValue, peer_labels: list[str]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 from datapath import identity as ids
+from datapath import plan
 from datapath.errors import InvalidRequest, NotFound
 from datapath.labels import Label, LabelSet
 from datapath.model import Endpoint, Network
@@ -179,6 +180,10 @@ class Agent(AgentRestore):
         """The policy map entries of an endpoint's identity, with the labels of each peer."""
         return [(k, v, self.policy.labels_of(k.peer) if k.peer else ["any"])
                 for k, v in self.policy.entries_of(ep.identity)]
+
+    def ipcache_entries(self) -> list[plan.IpcacheEntry]:
+        """The kernel's ipcache as it is (host addresses, CIDR identities, remote endpoints)."""
+        return [o for o in self.kernel.observe() if isinstance(o, plan.IpcacheEntry)]
 
     def counters(self) -> dict[int, tuple[int, int]]:
         return self.kernel.counters()

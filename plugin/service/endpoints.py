@@ -30,6 +30,7 @@ from ipam.pool import check_routable, host_address_problem
 from plugin.service.policy import PolicyState
 
 if TYPE_CHECKING:
+    from datapath.nodes import ClusterView
     from plugin.service.restore import RuntimeView
 
 log = logging.getLogger(__name__)
@@ -75,14 +76,29 @@ class AgentBase:
         # view comes from (the composition root wires the Docker watcher in; None: not judged).
         self.reconcile_grace = 60.0
         self.runtime_view: Callable[[], RuntimeView] | None = None
+        # Multi-host: what the cluster service last learned (peers, their endpoints), and who
+        # wants to hear that local endpoints changed (the cluster service publishes them).
+        self.cluster_view: ClusterView | None = None
+        self.listeners: list[Callable[[], None]] = []
         self.networks.update(_load(networks, Network.from_doc, "network"))
         self.endpoints.update(_load(endpoints, Endpoint.from_doc, "endpoint"))
 
     # -- kernel helpers ---------------------------------------------------------------------
 
     def _desired(self, scope: set[plan.Key] | None = None) -> set[KernelObject]:
+        if self.cluster_view is None:
+            return plan.desired_state(self.networks.values(), self.endpoints.values(), self.settings,
+                                      self.host_addresses, scope)
         return plan.desired_state(self.networks.values(), self.endpoints.values(), self.settings,
-                                  self.host_addresses, scope)
+                                  self.host_addresses, scope, cluster=self.cluster_view)
+
+    def _changed(self) -> None:
+        """Tell the listeners (outside nothing: they only take note and return)."""
+        for listener in self.listeners:
+            try:
+                listener()
+            except Exception:  # a listener's bug must not fail an endpoint call
+                log.exception("endpoint change listener")
 
     def _converge(self, scope: Iterable[plan.Key]) -> None:
         """Make the kernel match the desired state for the keys in `scope`."""
@@ -260,6 +276,7 @@ class AgentBase:
                 raise
             log.info("endpoint %s created on %s (%s)", endpoint_id[:12], ep.host_ifname,
                      ", ".join(str(a) for a in ep.addresses))
+            self._changed()
             return ep
 
     def join(self, network_id: str, endpoint_id: str, sandbox: str) -> JoinInfo:
@@ -368,6 +385,7 @@ class AgentBase:
             self._ep_store.put(old.id, old.to_doc())
             self.endpoints[old.id] = old
             raise
+        self._changed()
         return ep
 
     def _remove_endpoint(self, ep: Endpoint) -> None:
@@ -382,6 +400,52 @@ class AgentBase:
         self._ep_store.delete(ep.id)
         if self.policy.identities.release(ep.id):
             self.policy.sync(self.endpoints.values())
+        self._changed()
+
+    # -- the cluster -------------------------------------------------------------------------
+
+    def set_cluster_view(self, view: ClusterView | None) -> int:
+        """Mirror what the cluster says (peers, their endpoints) into the kernel: the policy of
+        new identities first, then the ipcache and routes, then the policy of gone ones."""
+        with self._lock:
+            old = self.cluster_view.by_key(self.settings.instance) if self.cluster_view is not None else {}
+            new = view.by_key(self.settings.instance) if view is not None else {}
+            scope = {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
+            if not scope:
+                self.cluster_view = view
+                return 0
+            self.policy.sync(self.endpoints.values(), delete=False)
+            previous = self.cluster_view
+            self.cluster_view = view
+            try:
+                self._converge(scope)
+            except CellgateError:
+                self.cluster_view = previous
+                raise
+            self.policy.sync(self.endpoints.values())
+            return len(scope)
+
+    def policy_resync(self) -> None:
+        """The set of known identities changed (a peer's identity came or went)."""
+        with self._lock:
+            self.policy.sync(self.endpoints.values())
+
+    def renumber_identity(self, old: int, new: int) -> list[str]:
+        """The label set numbered `old` here is `new` cluster-wide: move every endpoint holding it,
+        the new number's policy in force first. Returns the endpoints moved."""
+        with self._lock:
+            ident = self.policy.identities.renumber(old, new)
+            if ident is None:
+                return []
+            self.policy.sync(self.endpoints.values(), extra={new: ident.labels}, delete=False)
+            moved = []
+            for ep in list(self.endpoints.values()):
+                if ep.identity == old:
+                    self._update(replace(ep, identity=new))
+                    moved.append(ep.id)
+            self.policy.sync(self.endpoints.values())
+            log.info("identity %d renumbered %d (%d endpoints)", old, new, len(moved))
+            return moved
 
 
 def _load(store: DocumentStore, parse: Callable[[Mapping[str, Any]], Any], what: str) -> dict[str, Any]:

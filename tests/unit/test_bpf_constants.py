@@ -54,8 +54,16 @@ def test_endpoint_flags() -> None:
 
 
 def test_reserved_identities() -> None:
-    assert group("CG_ID_") == {"CG_ID_ANY": identity.ANY, "CG_ID_HOST": identity.HOST, "CG_ID_WORLD": identity.WORLD}
+    assert group("CG_ID_") == {"CG_ID_ANY": identity.ANY, "CG_ID_HOST": identity.HOST, "CG_ID_WORLD": identity.WORLD,
+                               "CG_ID_REMOTE_NODE": identity.REMOTE_NODE}
     assert C["CG_ID_HOST"] == plan.HOST_IDENTITY
+
+
+def test_tunnel_constants() -> None:
+    from datapath import nodes
+
+    assert C["CG_TUNNEL_MAX_ID"] == nodes.MAX_CLUSTER_IDENTITY
+    assert (nodes.REMOTE_NODE, nodes.WORLD, nodes.HOST) == (identity.REMOTE_NODE, identity.WORLD, identity.HOST)
 
 
 def test_conntrack_states_are_the_event_decoders() -> None:

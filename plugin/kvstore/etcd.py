@@ -1,0 +1,279 @@
+"""EtcdStore: the kvstore port over etcd v3's gRPC API, through aetcd's generated stubs (aetcd.rpc).
+
+One asyncio loop in a daemon thread ("kvstore") owns the gRPC channel; the port's synchronous calls
+run on it with a timeout, so no call ever hangs. On a failed call the next endpoint is tried. A watch
+is one bidirectional stream per prefix; compaction, a server cancel and a lost stream end it with
+the port's error, and the caller (plugin.kvstore.listwatch) lists again. Importing connects nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from plugin.kvstore.port import (
+    Compacted,
+    Compare,
+    Delete,
+    Event,
+    KeyValue,
+    KvstoreError,
+    KvstoreUnavailable,
+    LeaseNotFound,
+    Put,
+    Watch,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_ENDPOINT = re.compile(r"http://(?P<host>[^/\s:]+):(?P<port>\d{1,5})/?")
+_TARGETS = {"value": "VALUE", "mod": "MOD", "create": "CREATE", "version": "VERSION"}
+_OPS = {"==": "EQUAL", "!=": "NOT_EQUAL", "<": "LESS", ">": "GREATER"}
+
+
+def parse_endpoint(url: str) -> str:
+    m = _ENDPOINT.fullmatch(url)
+    if m is None or not 0 < int(m["port"]) < 65536:
+        raise KvstoreError(f"kvstore endpoint {url!r} is not http://HOST:PORT (TLS is not supported yet)")
+    return f"{m['host']}:{m['port']}"
+
+
+def _range_end(prefix: bytes) -> bytes:
+    end = bytearray(prefix)
+    for i in reversed(range(len(end))):
+        if end[i] < 0xFF:
+            end[i] += 1
+            return bytes(end[: i + 1])
+    return b"\0"
+
+
+class EtcdStore:
+    def __init__(self, endpoints: Sequence[str], timeout: float = 2.0) -> None:
+        from aetcd import rpc  # the generated etcd v3 stubs
+
+        self._rpc = rpc
+        self._targets = [parse_endpoint(u) for u in endpoints]
+        if not self._targets:
+            raise KvstoreError("no kvstore endpoint given")
+        self.timeout = timeout
+        self._current = 0
+        self._stubs: dict[str, Any] | None = None
+        self._channel: Any = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="kvstore", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _run(self, make: Callable[[], Awaitable[T]]) -> T:
+        if self._closed:
+            raise KvstoreUnavailable("kvstore client closed")
+        fut = asyncio.run_coroutine_threadsafe(self._call(make), self._loop)
+        try:
+            return fut.result(self.timeout + 0.5)
+        except TimeoutError:
+            fut.cancel()
+            self._rotate()
+            raise KvstoreUnavailable(f"etcd at {self.endpoint} did not answer within {self.timeout:g} s") from None
+
+    @property
+    def endpoint(self) -> str:
+        return self._targets[self._current]
+
+    def _rotate(self) -> None:
+        self._current = (self._current + 1) % len(self._targets)
+        old, self._channel, self._stubs = self._channel, None, None
+        if old is not None:
+            asyncio.run_coroutine_threadsafe(old.close(), self._loop)
+
+    def _stub(self, name: str) -> Any:
+        if self._stubs is None:
+            rpc = self._rpc
+            self._channel = rpc.insecure_channel(self.endpoint)
+            self._stubs = {"kv": rpc.KVStub(self._channel), "lease": rpc.LeaseStub(self._channel),
+                           "watch": rpc.WatchStub(self._channel)}
+        return self._stubs[name]
+
+    async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await asyncio.wait_for(make(), self.timeout)
+        except TimeoutError:
+            self._rotate()
+            raise KvstoreUnavailable(f"etcd at {self.endpoint} did not answer within {self.timeout:g} s") from None
+        except self._rpc.AioRpcError as exc:
+            raise self._error(exc) from None
+
+    def _error(self, exc: Any) -> KvstoreError:
+        code = exc.code().name
+        detail = exc.details() or code
+        if "lease not found" in detail:
+            return LeaseNotFound(detail)
+        if "compacted" in detail:
+            return Compacted(detail)
+        if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN", "INTERNAL"):
+            self._rotate()
+            return KvstoreUnavailable(f"etcd {self.endpoint}: {detail}")
+        return KvstoreError(f"etcd: {detail}")
+
+    @staticmethod
+    def _kv(kv: Any) -> KeyValue:
+        return KeyValue(kv.key.decode(), bytes(kv.value), kv.mod_revision, kv.create_revision, kv.lease)
+
+    def _op(self, op: Put | Delete) -> Any:
+        rpc = self._rpc
+        if isinstance(op, Put):
+            return rpc.RequestOp(request_put=rpc.PutRequest(key=op.key.encode(), value=op.value, lease=op.lease))
+        return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=op.key.encode()))
+
+    def _compare(self, c: Compare) -> Any:
+        rpc = self._rpc
+        msg = rpc.Compare(key=c.key.encode(), result=rpc.Compare.CompareResult.Value(_OPS[c.op]),
+                          target=rpc.Compare.CompareTarget.Value(_TARGETS[c.target]))
+        if c.target == "value":
+            msg.value = bytes(c.operand)  # type: ignore[arg-type]
+        elif c.target == "mod":
+            msg.mod_revision = int(c.operand)  # type: ignore[arg-type]
+        elif c.target == "create":
+            msg.create_revision = int(c.operand)  # type: ignore[arg-type]
+        else:
+            msg.version = int(c.operand)  # type: ignore[arg-type]
+        return msg
+
+    # -- the port ------------------------------------------------------------------------------
+
+    def get(self, key: str) -> KeyValue | None:
+        resp = self._run(lambda: self._stub("kv").Range(self._rpc.RangeRequest(key=key.encode())))
+        return self._kv(resp.kvs[0]) if resp.kvs else None
+
+    def list(self, prefix: str) -> tuple[list[KeyValue], int]:
+        raw = prefix.encode()
+        resp = self._run(lambda: self._stub("kv").Range(self._rpc.RangeRequest(key=raw, range_end=_range_end(raw))))
+        return sorted((self._kv(kv) for kv in resp.kvs), key=lambda kv: kv.key), resp.header.revision
+
+    def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        resp = self._run(lambda: self._stub("kv").Put(self._rpc.PutRequest(key=key.encode(), value=value,
+                                                                            lease=lease)))
+        return int(resp.header.revision)
+
+    def create(self, key: str, value: bytes, lease: int = 0) -> bool:
+        return self.txn([Compare(key, "create", "==", 0)], [Put(key, value, lease)])
+
+    def txn(self, compares: Sequence[Compare], success: Sequence[Put | Delete],
+            failure: Sequence[Put | Delete] = ()) -> bool:
+        req = self._rpc.TxnRequest(compare=[self._compare(c) for c in compares],
+                                   success=[self._op(o) for o in success], failure=[self._op(o) for o in failure])
+        return bool(self._run(lambda: self._stub("kv").Txn(req)).succeeded)
+
+    def delete(self, key: str) -> bool:
+        resp = self._run(lambda: self._stub("kv").DeleteRange(self._rpc.DeleteRangeRequest(key=key.encode())))
+        return resp.deleted > 0
+
+    def grant(self, ttl: int) -> int:
+        resp = self._run(lambda: self._stub("lease").LeaseGrant(self._rpc.LeaseGrantRequest(TTL=ttl)))
+        if resp.error:
+            raise KvstoreError(f"etcd lease grant: {resp.error}")
+        return int(resp.ID)
+
+    def keepalive(self, lease: int) -> int:
+        async def once() -> Any:
+            call = self._stub("lease").LeaseKeepAlive()
+            await call.write(self._rpc.LeaseKeepAliveRequest(ID=lease))
+            reply = await call.read()
+            call.cancel()
+            return reply
+
+        reply = self._run(once)
+        if reply is None or reply.TTL <= 0:
+            raise LeaseNotFound(f"lease {lease:x} not found")
+        return int(reply.TTL)
+
+    def lease_ttl(self, lease: int) -> int:
+        resp = self._run(lambda: self._stub("lease").LeaseTimeToLive(self._rpc.LeaseTimeToLiveRequest(ID=lease)))
+        return int(resp.TTL) if resp.TTL > 0 else -1
+
+    def revoke(self, lease: int) -> None:
+        with contextlib.suppress(LeaseNotFound):
+            self._run(lambda: self._stub("lease").LeaseRevoke(self._rpc.LeaseRevokeRequest(ID=lease)))
+
+    def compact(self, revision: int) -> None:
+        self._run(lambda: self._stub("kv").Compact(self._rpc.CompactionRequest(revision=revision, physical=True)))
+
+    def revision(self) -> int:
+        return self.list("\0")[1]
+
+    def watch(self, prefix: str, start_revision: int, on_events: Callable[[list[Event]], None]) -> Watch:
+        raw = prefix.encode()
+        holder: dict[str, Any] = {}
+        watch = Watch(lambda: self._loop.call_soon_threadsafe(holder["task"].cancel)
+                      if "task" in holder else None)
+
+        async def stream() -> None:
+            rpc = self._rpc
+            error: BaseException | None = None
+            try:
+                call = self._stub("watch").Watch()
+                await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+                    key=raw, range_end=_range_end(raw), start_revision=start_revision)))
+                while True:
+                    resp = await call.read()
+                    if resp is None or resp == self._grpc_eof():
+                        error = KvstoreUnavailable("etcd watch stream ended")
+                        break
+                    if resp.compact_revision:
+                        error = Compacted(f"revision {start_revision} compacted (at {resp.compact_revision})",
+                                          resp.compact_revision)
+                        break
+                    if resp.canceled:
+                        error = KvstoreError(f"watch cancelled by the server: {resp.cancel_reason or 'no reason'}")
+                        break
+                    if resp.events:
+                        batch = [Event("put" if ev.type == 0 else "delete", ev.kv.key.decode(),
+                                       bytes(ev.kv.value) if ev.type == 0 else b"", ev.kv.mod_revision)
+                                 for ev in resp.events]
+                        try:
+                            on_events(batch)
+                        except Exception:
+                            log.exception("watch callback")
+            except asyncio.CancelledError:
+                error = None
+            except self._rpc.AioRpcError as exc:
+                error = self._error(exc)
+            except Exception as exc:  # end the watch with the reason, never silently
+                error = KvstoreError(f"etcd watch: {exc}")
+            watch.finish(error)
+
+        def begin() -> None:
+            holder["task"] = self._loop.create_task(stream())
+
+        if self._closed:
+            raise KvstoreUnavailable("kvstore client closed")
+        self._loop.call_soon_threadsafe(begin)
+        return watch
+
+    def _grpc_eof(self) -> Any:
+        import grpc.aio
+
+        return grpc.aio.EOF
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
+        async def shutdown() -> None:
+            for task in asyncio.all_tasks(self._loop):
+                if task is not asyncio.current_task():
+                    task.cancel()
+            if self._channel is not None:
+                await self._channel.close()
+
+        with contextlib.suppress(Exception):  # closing is best effort
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(2)
+        self._loop.call_soon_threadsafe(self._loop.stop)

@@ -1,0 +1,86 @@
+"""One contract for every KVStore: tests/unit runs it on the in-memory fake, tests/e2e on real etcd,
+so the fake stays honest. Each check takes a fresh store and a key prefix of its own."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from plugin.kvstore.port import Compacted, Compare, Delete, Event, KVStore, LeaseNotFound, Put
+
+
+def _wait(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def check_crud(store: KVStore, p: str) -> None:
+    assert store.get(p + "a") is None
+    rev = store.put(p + "a", b"1")
+    kv = store.get(p + "a")
+    assert kv is not None and kv.value == b"1" and kv.mod_revision == rev == kv.create_revision
+    assert not store.create(p + "a", b"2") and store.create(p + "b", b"2")
+    items, head = store.list(p)
+    assert [(i.key, i.value) for i in items] == [(p + "a", b"1"), (p + "b", b"2")] and head >= rev
+    assert store.delete(p + "b") and not store.delete(p + "b")
+
+
+def check_txn(store: KVStore, p: str) -> None:
+    store.put(p + "k", b"v")
+    kv = store.get(p + "k")
+    assert kv is not None
+    assert store.txn([Compare(p + "k", "mod", "==", kv.mod_revision), Compare(p + "n", "create", "==", 0)],
+                     [Put(p + "n", b"new"), Delete(p + "k")])
+    assert store.get(p + "k") is None and store.get(p + "n") is not None
+    assert not store.txn([Compare(p + "n", "value", "==", b"other")], [Delete(p + "n")], [Put(p + "f", b"x")])
+    assert store.get(p + "n") is not None and store.get(p + "f") is not None
+
+
+def check_lease(store: KVStore, p: str, let_time_pass: Callable[[float], None]) -> None:
+    lease = store.grant(2)
+    store.put(p + "leased", b"x", lease)
+    assert store.keepalive(lease) == 2 and 0 <= store.lease_ttl(lease) <= 2
+    store.revoke(lease)
+    assert store.get(p + "leased") is None and store.lease_ttl(lease) == -1
+    try:
+        store.keepalive(lease)
+        raise AssertionError("keepalive of a revoked lease")
+    except LeaseNotFound:
+        pass
+    short = store.grant(1)
+    store.put(p + "short", b"x", short)
+    let_time_pass(1.2)
+    _wait(lambda: store.get(p + "short") is None, 10)
+
+
+def check_watch(store: KVStore, p: str) -> None:
+    _, head = store.list(p)
+    store.put(p + "before", b"1")  # after `head`: a watch from head+1 sees it
+    got: list[Event] = []
+    lock = threading.Lock()
+
+    def sink(events: list[Event]) -> None:
+        with lock:
+            got.extend(events)
+
+    w = store.watch(p, head + 1, sink)
+    store.put(p + "x", b"2")
+    store.delete(p + "x")
+    _wait(lambda: len(got) >= 3)
+    assert [(e.kind, e.key) for e in got] == [("put", p + "before"), ("put", p + "x"), ("delete", p + "x")]
+    assert got[0].revision < got[1].revision < got[2].revision
+    w.cancel()
+    assert w.wait(5) and w.error is None
+
+
+def check_compaction(store: KVStore, p: str) -> None:
+    store.put(p + "c", b"1")
+    first = store.put(p + "c", b"2")
+    store.put(p + "c", b"3")
+    store.compact(store.revision())
+    w = store.watch(p, first, lambda events: None)
+    assert w.wait(5)
+    assert isinstance(w.error, Compacted)
