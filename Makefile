@@ -4,7 +4,12 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: setup run demo test test-unit test-kernel test-e2e lint typecheck clean bench bench-quick bench-micro bench-deps install-cni image plugin
+# Simulated cluster (docs/cluster.md): NODES node namespaces + the host's Docker as one more node.
+NODES  ?= 5
+TUNNEL ?= vxlan
+
+.PHONY: cluster cluster-down demo-cluster
+.PHONY: setup run demo test test-unit test-kernel test-e2e lint typecheck clean bench bench-quick bench-micro bench-cluster bench-deps install-cni image plugin
 
 setup:            ## apt packages, kernel headers link, .venv with cellgate installed (idempotent)
 	@bash .ci/setup.sh
@@ -14,6 +19,18 @@ run: setup        ## run the agent in the foreground
 
 demo: setup       ## real dockerd + cellgate network + two containers talking
 	@bash examples/demo.sh
+
+cluster: setup    ## N simulated nodes + etcd + the host as a node; description in /run/cellgate-cluster/cluster.json
+	@docker info >/dev/null 2>&1 || { echo "starting dockerd (left running; log /var/log/cellgate-dockerd.log)"; \
+	  setsid dockerd >/var/log/cellgate-dockerd.log 2>&1 & \
+	  for i in $$(seq 150); do docker info >/dev/null 2>&1 && break; sleep 0.2; done; }
+	$(PY) -m tests.simcluster up --nodes $(NODES) --tunnel $(TUNNEL) --docker
+
+cluster-down: setup  ## remove what `make cluster` made
+	$(PY) -m tests.simcluster down
+
+demo-cluster: setup  ## two nodes, cross-node policy by identity, the monitor naming the remote sender
+	$(PY) -m examples.demo_cluster
 
 test: setup       ## every tier: unit, kernel (netns + BPF), e2e (real dockerd)
 	$(PYTEST) tests -q
@@ -63,6 +80,9 @@ bench-quick: bench-deps  ## one short round of every tier (< 3 min), for develop
 	$(BENCH) control --run $(BENCH_RUN) --quick
 	$(BENCH) datapath --run $(BENCH_RUN) --quick
 	$(BENCH) report --run $(BENCH_RUN)
+
+bench-cluster: bench-deps  ## cross-node RR/CRR vs plain VXLAN, identity propagation, keys/RSS (~5 min)
+	$(BENCH) cluster --run $(BENCH_RUN)
 
 bench-micro: bench-deps  ## BPF_PROG_TEST_RUN of the real programs (< 1 min; CI runs it)
 	$(BENCH) micro --run $(BENCH_RUN)

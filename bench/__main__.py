@@ -3,6 +3,7 @@
     python -m bench micro    [--run ID] [--quick]
     python -m bench control  [--run ID] [--quick]
     python -m bench datapath [--run ID] [--quick] [--rounds N] [--chunk K] [--seed S]
+    python -m bench cluster  [--run ID] [--quick]
     python -m bench report   [--run ID] [--latest]
 
 A run is a folder bench/results/ID/ holding one JSON file per tier or chunk; `report`
@@ -21,7 +22,7 @@ from bench.common import RESULTS, Interrupted, new_run_id, write_raw
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="cellgate benchmark suite")
-    parser.add_argument("tier", choices=("micro", "control", "datapath", "report"))
+    parser.add_argument("tier", choices=("micro", "control", "datapath", "cluster", "report"))
     parser.add_argument("--run", default=os.environ.get("BENCH_RUN", ""), help="run ID (default: a new timestamp)")
     parser.add_argument("--quick", action="store_true", help="one short round (development)")
     parser.add_argument("--rounds", type=int, default=2, help="datapath rounds in this chunk [2]")
@@ -47,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
 
             out = run_control(quick=args.quick, seed=args.seed)
             write_raw(run_id, "control", out)
+        elif args.tier == "cluster":
+            from bench.cluster import markdown, run_cluster
+
+            out = run_cluster(quick=args.quick)
+            write_raw(run_id, "cluster", out)
+            print(markdown(out))
         elif args.tier == "datapath":
             from bench.datapath import run_datapath
 

@@ -334,7 +334,7 @@ def cleanup(cfg: Config) -> dict[str, Any]:
     kernel = KernelExecutor(cfg.name, None)
     try:
         owned = kernel.observe()
-        links = [o for o in owned if isinstance(o, (plan.Veth, plan.HostDevice))]
+        links = [o for o in owned if isinstance(o, (plan.Veth, plan.HostDevice, plan.TunnelDevice))]
         routes = [o for o in owned if isinstance(o, plan.Route)]
         kernel.apply(plan.Plan(remove=tuple(routes) + tuple(links)))
         report["links"] = sorted(o.name for o in links)

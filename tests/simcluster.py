@@ -89,12 +89,14 @@ class SimEndpoint:
 
 class Cluster:
     def __init__(self, nodes: int = 5, tunnel: str = "vxlan", lease_ttl: int = 10, docker_node: bool = False,
-                 tag: str = "", workdir: Path | None = None) -> None:
+                 tag: str = "", workdir: Path | None = None, docker_host: str = "", image: str = "") -> None:
         self.tag = tag or secrets.token_hex(2)
         self.count = nodes
         self.tunnel = tunnel
         self.lease_ttl = lease_ttl
         self.docker_node = docker_node
+        self.docker_host = docker_host  # "" = the docker CLI's default
+        self.image = image or self.IMAGE
         self.workdir = Path(workdir or f"/tmp/cg{self.tag}-cluster")
         self.ul = f"cg{self.tag}ul"
         self.bridge = f"cg{self.tag}br"
@@ -152,6 +154,8 @@ class Cluster:
                 self.start_agent(node)
             wait_until(lambda: all(len(self.cli(n, "node", "list")) == len(self.nodes) for n in self.nodes),
                        30, "every node to see every other")
+            if self.docker_node:
+                self._docker_join()
         except BaseException:
             self.write()
             self.down()
@@ -198,6 +202,43 @@ class Cluster:
         base.mkdir(parents=True, exist_ok=True)
         self.nodes.append(SimNode(i, name, ns, address, v4, v6, str(base), str(base / "api.sock")))
 
+    # -- the host's Docker as a node ------------------------------------------------------------
+
+    IMAGE = "cellgate-cluster/busybox:latest"
+
+    @property
+    def docker_net(self) -> str:
+        return f"cg{self.tag}dnet"
+
+    def docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, DOCKER_HOST=self.docker_host) if self.docker_host else None
+        return sh("docker", *args, check=check, env=env)
+
+    def _docker_join(self) -> None:
+        if self.docker("info", check=False).returncode != 0:
+            raise RuntimeError("the host node needs a running dockerd (`make cluster` starts one)")
+        if self.docker("image", "inspect", self.image, check=False).returncode != 0:
+            root = self.workdir / "rootfs"
+            (root / "bin").mkdir(parents=True, exist_ok=True)
+            shutil.copy("/bin/busybox", root / "bin" / "busybox")
+            for applet in sh("/bin/busybox", "--list").stdout.split():
+                if applet != "busybox":
+                    with contextlib.suppress(FileExistsError):
+                        (root / "bin" / applet).symlink_to("busybox")
+            tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
+            env = dict(os.environ, DOCKER_HOST=self.docker_host) if self.docker_host else None
+            subprocess.run(["docker", "import", "-c", 'CMD ["/bin/sh"]', "-", self.image], stdin=tar.stdout,
+                           capture_output=True, check=True, env=env)
+            tar.wait()
+        host = next(n for n in self.nodes if not n.netns)
+        self.docker("network", "create", "-d", host.name, "--ipam-driver", host.name, self.docker_net)
+        self.docker("run", "-d", "--name", f"cg{self.tag}d1", "--net", self.docker_net, "-l", "app=docker",
+                    self.image, "sleep", "86400")
+
+    def docker_container_ip(self) -> str:
+        return self.docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                  f"cg{self.tag}d1").stdout.strip()
+
     def agent_args(self, node: SimNode) -> list[str]:
         args = ["--name", node.name, "--socket", node.api_socket, "--state-dir", node.state_dir,
                 "--bpf-dir", node.bpf_dir, "--plugin-socket", f"{node.base}/plugin.sock",
@@ -209,6 +250,8 @@ class Cluster:
             args += ["--docker-host", "unix:///nonexistent"]
         else:
             args[args.index("--plugin-socket") + 1] = f"/run/docker/plugins/{node.name}.sock"
+            if self.docker_host:
+                args += ["--docker-host", self.docker_host]
         return args
 
     def start_agent(self, node: SimNode, extra: tuple[str, ...] = (), wait: bool = True) -> None:
@@ -245,6 +288,9 @@ class Cluster:
         for ep in list(self.endpoints):
             with contextlib.suppress(Exception):
                 self.remove_endpoint(ep)
+        if any(not n.netns for n in self.nodes):
+            self.docker("rm", "-f", f"cg{self.tag}d1", check=False)
+            self.docker("network", "rm", self.docker_net, check=False)
         for node in self.nodes:
             self.kill_agent(node, signal.SIGTERM)
             if node.pid:

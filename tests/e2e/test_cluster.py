@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.harness import Dockerd
 from tests.simcluster import Cluster, SimEndpoint, SimNode, wait_until
 
 SERVER = r"""
@@ -234,3 +235,23 @@ def test_native_routing(tmp_path: Path) -> None:
     finally:
         scene.close()
         c.down()
+
+
+def test_the_hosts_docker_joins_as_a_node(dockerd: Dockerd, image: str) -> None:
+    c = Cluster(1, "vxlan", lease_ttl=10, docker_node=True, docker_host=f"unix://{dockerd.sock}", image=image)
+    c.up()
+    try:
+        ep = c.endpoint(c.node(1), "dk", {"app": "client"})
+        host = c.node(0)
+        wait_until(lambda: f"{ep.ipv4}/32" in c.ipcache(host), 15, "the CNI endpoint on the host node")
+        container = c.docker_container_ip()
+        wait_until(lambda: f"{container}/32" in c.ipcache(c.node(1)), 15, "the Docker container on node 1")
+        assert c.ping(ep, container)
+        out = c.docker("exec", f"cg{c.tag}d1", "ping", "-c", "1", "-W", "2", ep.ipv4, check=False)
+        assert out.returncode == 0, out.stdout
+        labels = {tuple(i["labels"]) for i in c.cli(c.node(1), "identity", "list")}
+        assert ("container:app=docker",) in labels  # Docker's labels, known on a CNI node
+    finally:
+        c.down()
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    assert f"cgxcg{c.tag}" not in links  # the host node's tunnel device went with it

@@ -16,8 +16,8 @@ from plugin.kvstore.port import KvstoreError, KvstoreUnavailable
 from plugin.kvstore.session import Session
 from tests.contract import kvstore_port as contract
 from tests.etcd_server import EtcdServer
-from tests.unit.test_kvstore import Recorder
 from tests.unit.test_cluster_service import wait_for
+from tests.unit.test_kvstore import Recorder
 
 
 @pytest.fixture
