@@ -298,9 +298,7 @@ class ClusterService:
 
     def _own_ips(self) -> dict[str, bytes]:
         out = {}
-        with self.agent._lock:
-            endpoints = list(self.agent.endpoints.values())
-        for ep in endpoints:
+        for ep in list(self.agent.endpoints.values()):  # a copy: the Agent changes it under its lock
             if not keys.cluster_number(ep.identity):
                 continue  # pending or init: unknown to peers, so they fail closed
             for addr in ep.addresses:
