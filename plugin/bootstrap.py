@@ -21,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING, Any
 
-from datapath import events, plan
+from datapath import cidr, events, plan
 from datapath.errors import CellgateError, StateError
 from datapath.identity import Identities
 from datapath.policy import Repository
@@ -101,8 +101,8 @@ class Runtime:
             settings = dataclasses.replace(settings, cluster_cidrs=cluster_cidrs(cfg))
         identities: Identities = (ClusterIdentities(JsonDir(cfg.state_dir / "identities"), IdentityCache())
                                   if kvstore is not None else Identities(JsonDir(cfg.state_dir / "identities")))
-        policy = PolicyState(identities,
-                             Repository(JsonDir(cfg.state_dir / "policy")), self.kernel, cfg.enforcement)
+        policy = PolicyState(identities, Repository(JsonDir(cfg.state_dir / "policy")), self.kernel, cfg.enforcement,
+                             cidr.CidrIdentities(JsonDir(cfg.state_dir / "cidr-identities")))
         self.agent = Agent(
             JsonDir(cfg.state_dir / "networks"), JsonDir(cfg.state_dir / "endpoints"),
             self.ipam, self.kernel, settings, policy=policy,

@@ -248,10 +248,10 @@ def cmd_policy_wait(args: argparse.Namespace) -> int:
 
 
 def _party(args: argparse.Namespace, side: str) -> dict[str, str]:
-    chosen = [(kind, getattr(args, f"{side}_{kind}")) for kind in ("labels", "endpoint", "identity")
+    chosen = [(kind, getattr(args, f"{side}_{kind}")) for kind in ("labels", "endpoint", "identity", "ip")
               if getattr(args, f"{side}_{kind}")]
     if len(chosen) != 1:
-        raise ValueError(f"give exactly one of --{side}, --{side}-endpoint, --{side}-identity")
+        raise ValueError(f"give exactly one of --{side}, --{side}-endpoint, --{side}-identity, --{side}-ip")
     kind, value = chosen[0]
     return {kind: value}
 
@@ -263,13 +263,23 @@ def cmd_policy_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _labels_text(labels: list[str]) -> str:
+    """Labels for a table: a CIDR identity by its own prefix (the longest), not its every parent."""
+    cidrs = [lb for lb in labels if lb.startswith("cidr:")]
+    if len(cidrs) > 1:
+        longest = max(cidrs, key=lambda lb: int(lb.rsplit("/", 1)[-1]) if lb.rsplit("/", 1)[-1].isdigit() else -1)
+        labels = [lb for lb in labels if not lb.startswith("cidr:") or lb == longest]
+    return ", ".join(labels)
+
+
 def cmd_identity_list(args: argparse.Namespace) -> int:
     out = _client(args).get("/v1/identities")
     if any("nodes" in i for i in out):
-        rows = [(i["id"], i["endpoints"], ",".join(i.get("nodes", [])) or "-", ", ".join(i["labels"])) for i in out]
+        rows = [(i["id"], i["endpoints"], ",".join(i.get("nodes", [])) or "-", _labels_text(i["labels"]))
+                for i in out]
         _emit(args, out, _table(rows, ("ID", "ENDPOINTS", "NODES", "LABELS")))
         return 0
-    rows = [(i["id"], i["endpoints"], ", ".join(i["labels"])) for i in out]
+    rows = [(i["id"], i["endpoints"], _labels_text(i["labels"])) for i in out]
     _emit(args, out, _table(rows, ("ID", "ENDPOINTS", "LABELS")))
     return 0
 
@@ -284,7 +294,7 @@ def cmd_node_list(args: argparse.Namespace) -> int:
 
 def cmd_bpf_ipcache(args: argparse.Namespace) -> int:
     out = _client(args).get("/v1/bpf/ipcache")
-    rows = [(e["prefix"], e["identity"], e["tunnel_endpoint"] or "-", ", ".join(e["labels"])[:60]) for e in out]
+    rows = [(e["prefix"], e["identity"], e["tunnel_endpoint"] or "-", _labels_text(e["labels"])[:60]) for e in out]
     _emit(args, out, _table(rows, ("PREFIX", "IDENTITY", "TUNNEL ENDPOINT", "LABELS")))
     return 0
 
@@ -297,7 +307,7 @@ def cmd_identity_get(args: argparse.Namespace) -> int:
 
 def cmd_bpf_policy(args: argparse.Namespace) -> int:
     out = _client(args).get(f"/v1/bpf/policy/{args.endpoint}")
-    rows = [(e["direction"], e["peer"] or "any", ", ".join(e["peer_labels"])[:60], e["protocol"], e["ports"],
+    rows = [(e["direction"], e["peer"] or "any", _labels_text(e["peer_labels"])[:60], e["protocol"], e["ports"],
              e["verdict"], e["rule"] or "-") for e in out["entries"]]
     head = f"Endpoint {out['endpoint'][:12]}, identity {out['identity']}\n"
     _emit(args, out, head + _table(rows, ("DIRECTION", "PEER", "PEER LABELS", "PROTO", "PORTS", "VERDICT", "RULE")))
@@ -409,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="labels, comma separated (e.g. app=frontend)")
         p.add_argument(f"--{side}-endpoint", dest=f"{side}_endpoint", default="", metavar="ID")
         p.add_argument(f"--{side}-identity", dest=f"{side}_identity", default="", metavar="N")
+        p.add_argument(f"--{side}-ip", dest=f"{side}_ip", default="", metavar="ADDRESS",
+                       help="an address, resolved as the datapath does (endpoint, ipcache prefix, else world)")
     p.add_argument("--dport", default="", help="destination port and protocol, e.g. 80/tcp")
     p.set_defaults(func=cmd_policy_trace)
 

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from datapath import identity as ids
+from datapath.cidr import is_cidr_identity
 from datapath.labels import LabelSet
 from datapath.policy.rules import PeerRule, PortRange, Rule
 from datapath.policy.selectors import Selector, namespaces_of
@@ -124,6 +125,10 @@ class LabelIndex:
             for ns in namespaces_of(labels):
                 self._by_namespace.setdefault(ns, set()).add(number)
 
+    def with_label(self, key: str, value: str = "") -> set[int]:
+        """The numbers whose labels include `key=value` (of any source)."""
+        return self._by_pair.get((key, value), set())
+
     def matching(self, selector: Selector) -> list[int]:
         known = self._known.get(selector)  # equal selectors (by their requirements) select alike
         if known is not None:
@@ -171,13 +176,19 @@ def _peers(pr: PeerRule, identities: Mapping[int, LabelSet], index: LabelIndex |
             peers.update(index.matching(sel))
         else:
             peers.update(n for n, labels in identities.items() if sel.matches(labels))
+    for cidr in pr.cidrs:  # the CIDR identities of prefixes inside the cidr and outside its excepts
+        candidates = index.with_label(str(cidr.cidr)) if index is not None else identities
+        peers.update(n for n in candidates if is_cidr_identity(n) and cidr.matches(identities[n]))
     for entity in pr.entities:
         if entity == "all":
             return {ids.ANY}
-        if entity == "cluster":
-            peers.update(n for n in identities if n != ids.WORLD)
+        if entity == "cluster":  # everything but the world: neither world nor a CIDR identity
+            peers.update(n for n in identities if n != ids.WORLD and not is_cidr_identity(n))
+        elif entity == "world":  # addresses outside the cluster: world, and every CIDR identity
+            peers.add(ids.WORLD)
+            peers.update(n for n in identities if is_cidr_identity(n))
         else:
-            peers.add({"host": ids.HOST, "world": ids.WORLD, "init": ids.INIT,
+            peers.add({"host": ids.HOST, "init": ids.INIT,
                        "remote-node": ids.REMOTE_NODE, "unmanaged": ids.UNMANAGED}[entity])
     if not pr.has_l3 and pr.ports:
         return {ids.ANY}

@@ -1,5 +1,5 @@
 """Strict parsing of decoded JSON/YAML into rules (plain rules and Cilium CRDs), with the bounds a
-policy must stay within. Pure; imports selectors and rules, never the repository or compile.
+policy must stay within. Pure; imports selectors, rules and datapath.cidr, never the repository or compile.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import dataclasses
 import re
 from typing import Any
 
+from datapath.cidr import CidrSelector, parse_prefix
 from datapath.errors import InvalidRequest
 from datapath.labels import Label
 from datapath.policy.rules import (
@@ -211,8 +212,9 @@ def _rule_labels(raw: Any, where: str) -> tuple[Label, ...]:
 def _peer_rule(raw: Any, where: str, egress: bool, deny: bool, scope: Scope = PLAIN, strict: bool = True) -> PeerRule:
     if not isinstance(raw, dict):
         raise InvalidRequest(f"{where}: must be an object")
-    allowed = _PEER_KEYS[egress]
-    endpoints_key, requires_key, entities_key, _ = allowed
+    keys = _PEER_KEYS[egress]
+    allowed = tuple(keys.values())
+    endpoints_key, requires_key, entities_key = keys["endpoints"], keys["requires"], keys["entities"]
     for key in raw:
         if key not in allowed and (key in NOT_YET or key.replace("from", "to", 1) in NOT_YET):
             raise InvalidRequest(f"{where}: {key}: {NOT_YET.get(key) or NOT_YET[key.replace('from', 'to', 1)]} "
@@ -233,20 +235,71 @@ def _peer_rule(raw: Any, where: str, egress: bool, deny: bool, scope: Scope = PL
                 raise InvalidRequest(f"{where}.{entities_key}: unknown entity {e!r} "
                                      f"(known: {', '.join(ENTITIES)})")
         entities = tuple(entities_raw)
-    if endpoints_raw is not None and entities_raw is not None:
-        raise InvalidRequest(f"{where}: combining {endpoints_key} and {entities_key} is not supported")
+    cidr_raw, cidr_set_raw = raw.get(keys["cidr"]), raw.get(keys["cidr_set"])
+    cidrs = _cidrs(cidr_raw, f"{where}.{keys['cidr']}") + _cidr_set(cidr_set_raw, f"{where}.{keys['cidr_set']}")
+    # As Cilium's sanitize: one kind of L3 peer per entry ("Combining X and Y is not supported yet").
+    given = [k for k in (endpoints_key, entities_key, keys["cidr"], keys["cidr_set"]) if raw.get(k) is not None]
+    if len(given) > 1:
+        raise InvalidRequest(f"{where}: combining {given[0]} and {given[1]} is not supported "
+                             "(write them as two entries)")
     ports_raw = raw.get("toPorts")
     if ports_raw == [] and strict:
         raise InvalidRequest(f"{where}.toPorts: an empty list would mean every port and protocol (Cilium reads it "
                              "as if left out); leave it out for every port, or name the ports")
     ports = _ports(ports_raw, f"{where}.toPorts")
     # Cilium >= 1.15: an empty list of peers selects no peer (not, as an absent one, every peer)
-    nobody = endpoints_raw == [] or entities_raw == []
-    return PeerRule(endpoints, requires, entities, ports, nobody)
+    nobody = [] in (endpoints_raw, entities_raw, cidr_raw, cidr_set_raw)
+    return PeerRule(endpoints, requires, entities, ports, nobody, cidrs)
 
 
-_PEER_KEYS = {egress: (f"{p}Endpoints", f"{p}Requires", f"{p}Entities", "toPorts")
+_PEER_KEYS = {egress: {"endpoints": f"{p}Endpoints", "requires": f"{p}Requires", "entities": f"{p}Entities",
+                       "cidr": f"{p}CIDR", "cidr_set": f"{p}CIDRSet", "ports": "toPorts"}
               for egress, p in ((False, "from"), (True, "to"))}
+
+
+def _cidrs(raw: Any, where: str) -> tuple[CidrSelector, ...]:
+    """fromCIDR/toCIDR: a list of CIDRs (or bare addresses: their /32 or /128)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise InvalidRequest(f"{where}: must be a list of CIDRs")
+    return tuple(dict.fromkeys(CidrSelector(parse_prefix(item, f"{where}[{i}]")) for i, item in enumerate(raw)))
+
+
+def _cidr_set(raw: Any, where: str) -> tuple[CidrSelector, ...]:
+    """fromCIDRSet/toCIDRSet: a list of {cidr, except: [...]}, every except inside its cidr (as
+    Cilium's CIDRRule.sanitize; host bits are masked off as Cilium does)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise InvalidRequest(f"{where}: must be a list of {{cidr, except}} objects")
+    out = []
+    for i, item in enumerate(raw):
+        w = f"{where}[{i}]"
+        if not isinstance(item, dict):
+            raise InvalidRequest(f"{w}: must be an object with cidr (and except)")
+        for key in ("cidrGroupRef", "cidrGroupSelector"):
+            if key in item:
+                raise InvalidRequest(f"{w}.{key}: CIDR groups (CiliumCIDRGroup) are not supported; "
+                                     "write the CIDRs in the rule")
+        _only(item, ("cidr", "except"), w)
+        if item.get("cidr") is None:
+            raise InvalidRequest(f"{w}.cidr: required")
+        cidr = parse_prefix(item["cidr"], f"{w}.cidr", address_ok=False)
+        excepts_raw = item.get("except")
+        if excepts_raw is None:
+            excepts_raw = []
+        if not isinstance(excepts_raw, list):
+            raise InvalidRequest(f"{w}.except: must be a list of CIDRs")
+        excepts = []
+        for j, text in enumerate(excepts_raw):
+            ex = parse_prefix(text, f"{w}.except[{j}]", address_ok=False)
+            if ex.version != cidr.version or not ex.subnet_of(cidr):  # type: ignore[arg-type]
+                raise InvalidRequest(f"{w}.except[{j}]: {ex} is not inside the cidr {cidr} "
+                                     "(an except must be a part of its cidr)")
+            excepts.append(ex)
+        out.append(CidrSelector(cidr, tuple(dict.fromkeys(excepts))))
+    return tuple(dict.fromkeys(out))
 
 
 def _selectors(raw: Any, where: str, scope: Scope = PLAIN, entities: str = "fromEntities") -> tuple[Selector, ...]:

@@ -1,5 +1,6 @@
 """The policy language as frozen values: rules, peer rules, port ranges, and the Scope (plain
-rule, CNP of a namespace, CCNP) a rule is read in. Pure; imports no policy module but selectors.
+rule, CNP of a namespace, CCNP) a rule is read in. Pure; imports no policy module but selectors
+(and datapath.cidr for the CIDR peers).
 """
 
 from __future__ import annotations
@@ -7,9 +8,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from datapath.cidr import CidrSelector, IPNetwork
 from datapath.errors import InvalidRequest
 from datapath.labels import ANY, RESERVED, Label
 from datapath.policy.selectors import NAMESPACE_KEY, NAMESPACE_LABELS, Requirement, Selector
@@ -103,7 +106,6 @@ PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132, "ICMP": 1, "ICMPV6": 58, "ANY": 0
 PORTED = (6, 17, 132)
 MAX_PORTS = 40  # per port rule, as Cilium
 NOT_YET = {
-    "fromCIDR": "CIDR rules", "fromCIDRSet": "CIDR rules", "toCIDR": "CIDR rules", "toCIDRSet": "CIDR rules",
     "toServices": "service rules", "toFQDNs": "FQDN rules", "fromNodes": "node rules", "toNodes": "node rules",
     "icmps": "ICMP field rules (use toPorts with protocol ICMP and the type as port)",
     "fromGroups": "group rules", "toGroups": "group rules", "authentication": "authentication rules (mutual TLS)",
@@ -133,11 +135,12 @@ class PeerRule:
     entities: tuple[str, ...] = ()
     ports: tuple[PortRange, ...] = ()  # empty: every port and protocol
     nobody: bool = False  # an empty list of peers was given (`fromEndpoints: []`): it selects no peer
+    cidrs: tuple[CidrSelector, ...] = ()  # fromCIDR/fromCIDRSet/toCIDR/toCIDRSet: addresses outside the cluster
 
     @property
     def has_l3(self) -> bool:
         """Names its peers (maybe none). Without them, ports apply to any peer, and no ports means nothing."""
-        return bool(self.endpoints or self.entities or self.nobody)
+        return bool(self.endpoints or self.entities or self.cidrs or self.nobody)
 
 
 @dataclass(frozen=True)
@@ -196,3 +199,14 @@ class Rule:
         if self.labels:
             return ",".join(f"{lb.key}={lb.value}" for lb in self.labels)
         return f"rule {self.id}"
+
+
+def named_prefixes(rules: Iterable[Rule]) -> set[IPNetwork]:
+    """Every prefix the CIDR peers of `rules` name (cidrs and excepts): each needs its identity."""
+    out: set[IPNetwork] = set()
+    for rule in rules:
+        for section in (rule.ingress, rule.egress, rule.ingress_deny, rule.egress_deny):
+            for pr in section:
+                for sel in pr.cidrs:
+                    out.update(sel.prefixes)
+    return out

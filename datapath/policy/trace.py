@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from datapath import identity as ids
+from datapath.cidr import is_cidr_identity, prefix_of
 from datapath.labels import LabelSet, render
 from datapath.policy.compile import Decision, compile_subject, decide, enforcement
 from datapath.policy.rules import PeerRule, PortRange, Rule
@@ -24,6 +25,7 @@ class Party:
     identity: int
     labels: LabelSet
     local: bool  # an endpoint on this host, so its own policy applies
+    address: str = ""  # the address it was given by, with how the datapath resolves it (shown)
 
 
 @dataclass
@@ -49,7 +51,12 @@ def parse_dport(text: str) -> tuple[int, int]:
 
 
 def _who(p: Party) -> str:
-    return "[" + ", ".join(render(p.labels)) + f"] (identity {p.identity})"
+    where = f"{p.address} " if p.address else ""
+    labels = render(p.labels)
+    if is_cidr_identity(p.identity):  # its own prefix, not the 33 (or 129) enclosing ones
+        prefix = prefix_of(p.labels)
+        labels = [f"cidr:{prefix}", "reserved:world"] if prefix else labels
+    return where + "[" + ", ".join(labels) + f"] (identity {p.identity})"
 
 
 def _port_matches(ranges: tuple[PortRange, ...], proto: int, port: int) -> bool:
@@ -64,10 +71,13 @@ def _peer_matches(pr: PeerRule, peer: Party) -> bool:
     for sel in pr.endpoints:
         if sel.matches(peer.labels):
             return True
+    if is_cidr_identity(peer.identity) and any(c.matches(peer.labels) for c in pr.cidrs):
+        return True
+    outside = peer.identity == ids.WORLD or is_cidr_identity(peer.identity)
     for entity in pr.entities:
-        if entity == "all" or (entity == "cluster" and peer.identity != ids.WORLD):
+        if entity == "all" or (entity == "cluster" and not outside) or (entity == "world" and outside):
             return True
-        if {"host": ids.HOST, "world": ids.WORLD, "init": ids.INIT, "remote-node": ids.REMOTE_NODE,
+        if {"host": ids.HOST, "init": ids.INIT, "remote-node": ids.REMOTE_NODE,
                 "unmanaged": ids.UNMANAGED}.get(entity) == peer.identity:
             return True
     return not pr.has_l3 and bool(pr.ports)
@@ -80,6 +90,8 @@ def _describe(pr: PeerRule, egress: bool) -> str:
         parts.append(f"{word} endpoints " + " | ".join(s.text for s in pr.endpoints))
     if pr.entities:
         parts.append(f"{word} entities {', '.join(pr.entities)}")
+    if pr.cidrs:
+        parts.append(f"{word} CIDR " + " | ".join(str(c) for c in pr.cidrs))
     if pr.nobody:
         parts.append(f"{word} no one (an empty list of peers selects nothing)")
     elif not pr.has_l3:

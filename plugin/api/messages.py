@@ -17,7 +17,7 @@ from datapath.policy import Rule, parse_rules
 
 EVENT_TYPES = frozenset({"drop", "verdict", "trace"})
 PARTY_KINDS_HELP = ('send {"src": {KIND: VALUE}, "dst": {KIND: VALUE}, "dport": "80/tcp"} '
-                    "with KIND endpoint, identity or labels")
+                    "with KIND endpoint, identity, labels or ip")
 
 
 def labels_arg(text: str) -> list[Label] | None:
@@ -89,13 +89,13 @@ class PolicyWait:
 
 @dataclass(frozen=True)
 class PartySpec:
-    kind: str  # endpoint, identity or labels (the use case judges the kind and the value)
+    kind: str  # endpoint, identity, labels or ip (the use case judges the kind and the value)
     value: str
 
     @classmethod
     def parse(cls, spec: Mapping[str, Any], side: str) -> PartySpec:
         if len(spec) != 1:
-            raise InvalidRequest(f"{side}: give exactly one of endpoint, identity, labels")
+            raise InvalidRequest(f"{side}: give exactly one of endpoint, identity, labels, ip")
         ((kind, value),) = spec.items()
         if not isinstance(value, (str, int)) or isinstance(value, bool):
             raise InvalidRequest(f"{side}.{kind}: must be a string")

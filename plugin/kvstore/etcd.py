@@ -9,6 +9,7 @@ the port's error, and the caller (plugin.kvstore.listwatch) lists again. Importi
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import re
@@ -37,6 +38,21 @@ _TARGETS = {"value": "VALUE", "mod": "MOD", "create": "CREATE", "version": "VERS
 _OPS = {"==": "EQUAL", "!=": "NOT_EQUAL", "<": "LESS", ">": "GREATER"}
 
 
+# A channel of its own (gRPC otherwise shares subchannels process-wide, so a new channel would
+# inherit a dead one's reconnect backoff and fail at once after etcd came back), reconnecting fast.
+_CHANNEL_OPTIONS = [
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+def _never_sent(exc: Any) -> bool:
+    """A gRPC failure to connect (nothing reached the server), as opposed to one during a call."""
+    return bool(exc.code().name == "UNAVAILABLE" and "failed to connect" in (exc.details() or ""))
+
+
 def parse_endpoint(url: str) -> str:
     m = _ENDPOINT.fullmatch(url)
     if m is None or not 0 < int(m["port"]) < 65536:
@@ -55,7 +71,7 @@ def _range_end(prefix: bytes) -> bytes:
 
 class EtcdStore:
     def __init__(self, endpoints: Sequence[str], timeout: float = 2.0) -> None:
-        from aetcd import rpc  # the generated etcd v3 stubs
+        from aetcd import rpc  # type: ignore[import-untyped]  # the generated etcd v3 stubs
 
         self._rpc = rpc
         self._targets = [parse_endpoint(u) for u in endpoints]
@@ -96,19 +112,30 @@ class EtcdStore:
     def _stub(self, name: str) -> Any:
         if self._stubs is None:
             rpc = self._rpc
-            self._channel = rpc.insecure_channel(self.endpoint)
+            self._channel = rpc.insecure_channel(self.endpoint, options=_CHANNEL_OPTIONS)
             self._stubs = {"kv": rpc.KVStub(self._channel), "lease": rpc.LeaseStub(self._channel),
                            "watch": rpc.WatchStub(self._channel)}
         return self._stubs[name]
 
     async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
-        try:
-            return await asyncio.wait_for(make(), self.timeout)
-        except TimeoutError:
-            self._rotate()
-            raise KvstoreUnavailable(f"etcd at {self.endpoint} did not answer within {self.timeout:g} s") from None
-        except self._rpc.AioRpcError as exc:
-            raise self._error(exc) from None
+        deadline = self._loop.time() + self.timeout
+        tries = len(self._targets)
+        while True:
+            tries -= 1
+            try:
+                return await asyncio.wait_for(make(), max(deadline - self._loop.time(), 0.01))
+            except TimeoutError:
+                self._rotate()
+                raise KvstoreUnavailable(
+                    f"etcd at {self.endpoint} did not answer within {self.timeout:g} s") from None
+            except self._rpc.AioRpcError as exc:
+                # Not connected at all: the request was never sent, so even a mutation may go to
+                # the next endpoint within the same call (and the same deadline).
+                if tries > 0 and _never_sent(exc) and self._loop.time() < deadline:
+                    log.info("kvstore: %s unreachable, trying the next endpoint", self.endpoint)
+                    self._rotate()
+                    continue
+                raise self._error(exc) from None
 
     def _error(self, exc: Any) -> KvstoreError:
         code = exc.code().name
@@ -137,13 +164,13 @@ class EtcdStore:
         msg = rpc.Compare(key=c.key.encode(), result=rpc.Compare.CompareResult.Value(_OPS[c.op]),
                           target=rpc.Compare.CompareTarget.Value(_TARGETS[c.target]))
         if c.target == "value":
-            msg.value = bytes(c.operand)  # type: ignore[arg-type]
+            msg.value = bytes(c.operand)
         elif c.target == "mod":
-            msg.mod_revision = int(c.operand)  # type: ignore[arg-type]
+            msg.mod_revision = int(c.operand)
         elif c.target == "create":
-            msg.create_revision = int(c.operand)  # type: ignore[arg-type]
+            msg.create_revision = int(c.operand)
         else:
-            msg.version = int(c.operand)  # type: ignore[arg-type]
+            msg.version = int(c.operand)
         return msg
 
     # -- the port ------------------------------------------------------------------------------
@@ -152,7 +179,7 @@ class EtcdStore:
         resp = self._run(lambda: self._stub("kv").Range(self._rpc.RangeRequest(key=key.encode())))
         return self._kv(resp.kvs[0]) if resp.kvs else None
 
-    def list(self, prefix: str) -> tuple[list[KeyValue], int]:
+    def list(self, prefix: str) -> tuple[builtins.list[KeyValue], int]:
         raw = prefix.encode()
         resp = self._run(lambda: self._stub("kv").Range(self._rpc.RangeRequest(key=raw, range_end=_range_end(raw))))
         return sorted((self._kv(kv) for kv in resp.kvs), key=lambda kv: kv.key), resp.header.revision
@@ -173,7 +200,7 @@ class EtcdStore:
 
     def delete(self, key: str) -> bool:
         resp = self._run(lambda: self._stub("kv").DeleteRange(self._rpc.DeleteRangeRequest(key=key.encode())))
-        return resp.deleted > 0
+        return bool(resp.deleted > 0)
 
     def grant(self, ttl: int) -> int:
         resp = self._run(lambda: self._stub("lease").LeaseGrant(self._rpc.LeaseGrantRequest(TTL=ttl)))
@@ -208,11 +235,15 @@ class EtcdStore:
     def revision(self) -> int:
         return self.list("\0")[1]
 
-    def watch(self, prefix: str, start_revision: int, on_events: Callable[[list[Event]], None]) -> Watch:
+    def watch(self, prefix: str, start_revision: int, on_events: Callable[[builtins.list[Event]], None]) -> Watch:
         raw = prefix.encode()
         holder: dict[str, Any] = {}
-        watch = Watch(lambda: self._loop.call_soon_threadsafe(holder["task"].cancel)
-                      if "task" in holder else None)
+
+        def cancel() -> None:
+            if "task" in holder:
+                self._loop.call_soon_threadsafe(holder["task"].cancel)
+
+        watch = Watch(cancel)
 
         async def stream() -> None:
             rpc = self._rpc
@@ -258,7 +289,7 @@ class EtcdStore:
         return watch
 
     def _grpc_eof(self) -> Any:
-        import grpc.aio
+        import grpc.aio  # type: ignore[import-untyped]
 
         return grpc.aio.EOF
 

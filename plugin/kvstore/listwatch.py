@@ -1,9 +1,10 @@
 """List, then watch from the list's revision; on any end of the watch, list again (Cilium's
 ListAndWatch). Pure over the port.
 
-A list reports new and changed keys, synthesises deletions for cached keys that are gone, then
-calls `synced()`; the watch that follows starts at the list's revision + 1, so no change is missed
-and none is reported twice. Compaction, a server cancel, a lost connection: back off, re-list.
+A list reports new and changed keys (mod revision or value differs from the cache), synthesises
+deletions for cached keys that are gone, then calls `synced()`; the watch that follows starts at the
+list's revision + 1, so no change is missed and none is reported twice. Compaction, a server cancel,
+a lost connection: back off, re-list.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class ListWatcher:
         self.connected = False
         self.last_error = ""
         self.relists = 0
-        self._cache: dict[str, int] = {}  # key -> mod revision
+        self._cache: dict[str, tuple[int, bytes]] = {}  # key -> (mod revision, value)
         self._synced = threading.Event()
 
     def wait_synced(self, timeout: float) -> bool:
@@ -75,8 +76,9 @@ class ListWatcher:
         seen = set()
         for kv in items:
             seen.add(kv.key)
-            if self._cache.get(kv.key) != kv.mod_revision:
-                self._cache[kv.key] = kv.mod_revision
+            # The value too: a store restarted empty reuses small revisions for other values.
+            if self._cache.get(kv.key) != (kv.mod_revision, kv.value):
+                self._cache[kv.key] = (kv.mod_revision, kv.value)
                 self._call("upsert", kv.key, kv.value)
         for key in [k for k in self._cache if k not in seen]:
             del self._cache[key]
@@ -100,7 +102,8 @@ class ListWatcher:
                 for ev in batch:
                     self._event(ev)
         finally:
-            watch.cancel() if not watch.wait(0) else None
+            if not watch.wait(0):
+                watch.cancel()
         if watch.error is not None and not stop.is_set():
             raise watch.error if isinstance(watch.error, KvstoreError) else KvstoreError(str(watch.error))
         if not stop.is_set():
@@ -109,9 +112,9 @@ class ListWatcher:
     def _event(self, ev: Event) -> None:
         self.revision = max(self.revision, ev.revision)
         if ev.kind == "put":
-            if self._cache.get(ev.key) == ev.revision:
+            if self._cache.get(ev.key) == (ev.revision, ev.value):
                 return
-            self._cache[ev.key] = ev.revision
+            self._cache[ev.key] = (ev.revision, ev.value)
             self._call("upsert", ev.key, ev.value)
         elif ev.key in self._cache:
             del self._cache[ev.key]

@@ -8,6 +8,7 @@ Test controls: `set_available(False)` (every call raises KvstoreUnavailable, wat
 
 from __future__ import annotations
 
+import builtins
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -82,7 +83,7 @@ class MemoryStore:
             self._check()
             return self._data.get(key)
 
-    def list(self, prefix: str) -> tuple[list[KeyValue], int]:
+    def list(self, prefix: str) -> tuple[builtins.list[KeyValue], int]:
         with self._lock:
             self._check()
             return sorted((kv for k, kv in self._data.items() if k.startswith(prefix)),
@@ -141,12 +142,12 @@ class MemoryStore:
             self._check()
             self._drop_lease(lease)
 
-    def watch(self, prefix: str, start_revision: int, on_events: Callable[[list[Event]], None]) -> Watch:
+    def watch(self, prefix: str, start_revision: int, on_events: Callable[[builtins.list[Event]], None]) -> Watch:
         with self._lock:
             self._check()
             w = _Watcher(prefix, on_events, Watch(), [], threading.Condition(self._lock))
             w.watch = Watch(lambda: self._remove(w))
-            if start_revision and start_revision <= self._compacted:
+            if start_revision and start_revision < self._compacted:  # etcd keeps the compact revision
                 w.watch.finish(Compacted(f"revision {start_revision} compacted", self._compacted))
                 return w.watch
             backlog = [e for e in self._history if e.revision >= start_revision and e.key.startswith(prefix)] \
@@ -160,8 +161,12 @@ class MemoryStore:
     def compact(self, revision: int) -> None:
         with self._lock:
             self._check()
-            self._compacted = max(self._compacted, revision)
-            self._history = [e for e in self._history if e.revision > revision]
+            if revision <= self._compacted:
+                raise Compacted(f"revision {revision} has been compacted", self._compacted)
+            if revision > self._rev:
+                raise KvstoreError(f"revision {revision} is a future revision")
+            self._compacted = revision
+            self._history = [e for e in self._history if e.revision >= revision]
 
     def revision(self) -> int:
         with self._lock:
@@ -195,12 +200,13 @@ class MemoryStore:
     def _apply(self, ops: Sequence[Put | Delete]) -> None:
         if not ops:
             return
+        for op in ops:  # all or nothing, like an etcd transaction
+            if isinstance(op, Put) and op.lease and op.lease not in self._leases:
+                raise LeaseNotFound(f"lease {op.lease:x} not found")
         rev = self._rev + 1
         events = []
         for op in ops:
             if isinstance(op, Put):
-                if op.lease and op.lease not in self._leases:
-                    raise LeaseNotFound(f"lease {op.lease:x} not found")
                 old = self._data.get(op.key)
                 self._data[op.key] = KeyValue(op.key, op.value, rev, old.create_revision if old else rev, op.lease)
                 self._versions[op.key] = self._versions.get(op.key, 0) + 1

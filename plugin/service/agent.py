@@ -7,11 +7,12 @@ read-only views they need (never the lock, the adapters or the dicts themselves)
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from typing import Any
 
+from datapath import cidr, plan
 from datapath import identity as ids
-from datapath import plan
 from datapath.errors import InvalidRequest, NotFound
 from datapath.labels import Label, LabelSet
 from datapath.model import Endpoint, Network
@@ -32,16 +33,20 @@ class Agent(AgentRestore):
     # -- policy -----------------------------------------------------------------------------
 
     def policy_import(self, rules: list[Rule]) -> int:
+        """Import rules; CIDR prefixes get their identity's entries before their ipcache entry."""
         with self._lock:
-            return self.policy.import_rules(rules, list(self.endpoints.values()))
+            return self.policy.import_rules(rules, list(self.endpoints.values()), self._converge)
 
     def policy_delete(self, labels: list[Label] | None) -> tuple[int, int]:
         with self._lock:
-            return self.policy.delete_rules(labels, list(self.endpoints.values()))
+            return self.policy.delete_rules(labels, list(self.endpoints.values()), self._converge)
 
     def party(self, kind: str, value: str) -> Party:
-        """A side of a trace: an endpoint (ID prefix, interface, address), an identity, or labels."""
+        """A side of a trace: an endpoint (ID prefix, interface, address), an identity, labels, or
+        an address (`ip`), resolved as the datapath does."""
         with self._lock:
+            if kind == "ip":
+                return self._address_party(value)
             if kind == "endpoint":
                 ep = self.find_endpoint(value)
                 return Party(ep.identity, self._labels_for(ep.identity) or ep.label_set, True)
@@ -50,7 +55,7 @@ class Agent(AgentRestore):
                     number = int(value)
                 except ValueError:
                     raise InvalidRequest(f"identity must be a number, got {value!r}") from None
-                labels = self.policy.identities.labels_of(number)
+                labels = self._labels_for(number)
                 if labels is None:
                     raise NotFound(f"unknown identity {number}")
                 return Party(number, labels, self._is_local(number))
@@ -67,8 +72,23 @@ class Agent(AgentRestore):
                 return Party(number, labels, number >= ids.FIRST_ALLOCATED or self._is_local(number))
             raise InvalidRequest(f"unknown trace party kind {kind!r}")
 
+    def _address_party(self, text: str) -> Party:
+        """An address as the datapath sees it: a local endpoint's (its own policy applies), else
+        the longest ipcache prefix holding it (host, remote endpoint, CIDR identity), else world."""
+        try:
+            address = ipaddress.ip_address(text.strip())
+        except ValueError:
+            raise InvalidRequest(f"ip: {text!r} is not an IPv4 or IPv6 address") from None
+        for ep in self.endpoints.values():
+            if any(a.ip == address for a in ep.addresses):
+                return Party(ep.identity, self._labels_for(ep.identity) or ep.label_set, True, str(address))
+        ipcache = {o.prefix: o.identity for o in self._desired() if isinstance(o, plan.IpcacheEntry)}
+        _, number = cidr.resolve(address, ipcache)
+        labels = self._labels_for(number) or frozenset()
+        return Party(number, labels, False, str(address))
+
     def _labels_for(self, number: int) -> LabelSet | None:
-        return self.policy.identities.labels_of(number)
+        return self.policy.identity_labels(number)
 
     def _is_local(self, number: int) -> bool:
         return any(e.identity == number for e in self.endpoints.values())
@@ -166,11 +186,11 @@ class Agent(AgentRestore):
         for ep in list(self.endpoints.values()):
             counts[ep.identity] = counts.get(ep.identity, 0) + 1
         return [(number, sorted(str(x) for x in labels), counts.get(number, 0))
-                for number, labels in sorted(self.policy.identities.all().items())]
+                for number, labels in sorted(self.policy.all_identities().items())]
 
     def identity(self, number: int) -> tuple[list[str], int]:
         """The labels of an identity and how many endpoints hold it."""
-        labels = self.policy.identities.labels_of(number)
+        labels = self.policy.identity_labels(number)
         if labels is None:
             raise NotFound(f"unknown identity {number}")
         owners = sum(1 for e in list(self.endpoints.values()) if e.identity == number)

@@ -87,10 +87,11 @@ class AgentBase:
 
     def _desired(self, scope: set[plan.Key] | None = None) -> set[KernelObject]:
         if self.cluster_view is None:
-            return plan.desired_state(self.networks.values(), self.endpoints.values(), self.settings,
-                                      self.host_addresses, scope)
-        return plan.desired_state(self.networks.values(), self.endpoints.values(), self.settings,
-                                  self.host_addresses, scope, cluster=self.cluster_view)
+            return self.policy.with_cidr_entries(plan.desired_state(
+                self.networks.values(), self.endpoints.values(), self.settings, self.host_addresses, scope))
+        return self.policy.with_cidr_entries(plan.desired_state(  # + the CIDR identities' ipcache entries
+            self.networks.values(), self.endpoints.values(), self.settings, self.host_addresses, scope,
+            cluster=self.cluster_view))
 
     def _changed(self) -> None:
         """Tell the listeners (outside nothing: they only take note and return)."""

@@ -1,25 +1,35 @@
-"""Policy use cases: identities of endpoints, the rule repository, and the policy map.
+"""Policy use cases: identities of endpoints, CIDR identities, the rule repository, and the policy map.
 
 The Agent owns one PolicyState and calls it under the Agent's lock. Every change is
-computed in full from pure code (datapath.policymap), diffed against what the kernel
+computed in full from pure code (datapath.policy.compile), diffed against what the kernel
 holds, and applied additions first, removals last, so nothing is ever open in between.
+
+CIDR rules: every prefix the rules name has a node-local identity (datapath.cidr) and an ipcache
+entry. A change of rules allocates the new prefixes' identities, writes their policy entries, then
+their ipcache entries, then switches the rules; prefixes no rule names any more lose their ipcache
+entry first, then their identity and its entries. So the ipcache always holds every prefix the rules
+in force name, which is what makes the longest-prefix identity of an address decide exactly.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from datapath import identity as ids
-from datapath.errors import InvalidRequest
+from datapath import plan
+from datapath.cidr import CidrIdentities, IPNetwork
+from datapath.errors import CellgateError, InvalidRequest
 from datapath.identity import Identities
 from datapath.labels import Label, LabelSet
 from datapath.model import Endpoint
 from datapath.policy import Change, Repository, Rule
 from datapath.policy.compile import ENFORCEMENT_MODES, Entries, PolicyKey, PolicyValue, compile_all, enforcement
+from datapath.policy.rules import named_prefixes
 from datapath.policy.trace import Party, TraceResult, trace
 from datapath.ports import Kernel
+from datapath.store import MemoryStore
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +41,12 @@ class SyncReport:
     entries: int
 
 
+Converge = Callable[[Iterable[plan.Key]], None]  # make the kernel match the desired state for these keys
+
+
 class PolicyState:
-    def __init__(self, identities: Identities, repository: Repository, kernel: Kernel, mode: str = "default") -> None:
+    def __init__(self, identities: Identities, repository: Repository, kernel: Kernel, mode: str = "default",
+                 cidrs: CidrIdentities | None = None) -> None:
         if mode not in ENFORCEMENT_MODES:
             raise InvalidRequest(f"enforcement must be one of {', '.join(ENFORCEMENT_MODES)}")
         self.identities = identities
@@ -41,6 +55,37 @@ class PolicyState:
         self.mode = mode
         self.applied: Entries = {}
         self.realized_revision = 0
+        self.cidrs = cidrs if cidrs is not None else CidrIdentities(MemoryStore())
+        # Prefixes with an identity but no ipcache entry (yet, or any more) while rules change.
+        self._unpublished: set[IPNetwork] = set()
+        # Exactly the prefixes the stored rules name (a crash between the steps of a change may
+        # have left one more or one less); the restore writes entries and the ipcache from here.
+        _, rules = repository.snapshot()
+        wanted = named_prefixes(rules)
+        self.cidrs.acquire(wanted)
+        self.cidrs.release([p for p in self.cidrs.prefixes() if p not in wanted])
+
+    # -- identities -------------------------------------------------------------------------
+
+    def all_identities(self) -> dict[int, LabelSet]:
+        """Every identity a peer can have here: endpoints', reserved, the cluster's, CIDR ones."""
+        out = self.identities.all()
+        out.update(self.cidrs.all())
+        return out
+
+    def cidr_entries(self) -> set[plan.IpcacheEntry]:
+        """The ipcache entries of the CIDR identities that are published."""
+        return {plan.IpcacheEntry(prefix=p, identity=n) for p, n in self.cidrs.prefixes().items()
+                if p not in self._unpublished}
+
+    def with_cidr_entries(self, objs: set[plan.KernelObject]) -> set[plan.KernelObject]:
+        """A desired state plus the CIDR ipcache entries; an address or prefix that has an entry of
+        its own already (host address, remote endpoint, a peer node's range) keeps it."""
+        entries = self.cidr_entries()
+        if not entries:
+            return objs
+        taken = {o.key for o in objs if isinstance(o, plan.IpcacheEntry)}
+        return objs | {e for e in entries if e.key not in taken}
 
     # -- computing --------------------------------------------------------------------------
 
@@ -58,7 +103,7 @@ class PolicyState:
                 extra: Mapping[int, LabelSet] | None = None) -> Entries:
         if rules is None:
             _, rules = self.repository.snapshot()
-        identities = self.identities.all()
+        identities = self.all_identities()
         identities.update(extra or {})
         return compile_all(self.subjects(endpoints, extra), rules, identities, self.mode)
 
@@ -91,29 +136,91 @@ class PolicyState:
                      len(self.applied))
         return SyncReport(len(upserts), len(deletes), len(self.applied))
 
-    def import_rules(self, rules: Sequence[Rule], endpoints: Sequence[Endpoint]) -> int:
-        """Add rules and enforce them; on a kernel error the repository keeps its old rules."""
+    def import_rules(self, rules: Sequence[Rule], endpoints: Sequence[Endpoint],
+                     converge: Converge | None = None) -> int:
+        """Add rules and enforce them; on a kernel error the repository keeps its old rules.
+        `converge` writes the ipcache (the Agent's); without it, CIDR prefixes get identities
+        and policy entries but no ipcache entries (nothing has that address then)."""
         change = self.repository.plan_add(rules)
-        revision = self._enforce(change, endpoints)
+        revision = self._enforce(change, endpoints, converge)
         log.info("policy revision %d: %d rules imported", revision, len(rules))
         return revision
 
-    def delete_rules(self, labels: Sequence[Label] | None, endpoints: Sequence[Endpoint]) -> tuple[int, int]:
+    def delete_rules(self, labels: Sequence[Label] | None, endpoints: Sequence[Endpoint],
+                     converge: Converge | None = None) -> tuple[int, int]:
         change = self.repository.plan_delete(labels)  # raises NotFound before anything changes
-        revision = self._enforce(change, endpoints)
+        revision = self._enforce(change, endpoints, converge)
         log.info("policy revision %d: %d rules deleted", revision, change.removed)
         return revision, change.removed
 
-    def _enforce(self, change: Change, endpoints: Sequence[Endpoint]) -> int:
-        """The maps first, then the repository; on any error both stay as the old rules say."""
+    def _enforce(self, change: Change, endpoints: Sequence[Endpoint], converge: Converge | None = None) -> int:
+        """The maps first, then the repository; on any error both stay as the old rules say.
+
+        New CIDR prefixes: identity, its entries (under the rules in force), ipcache entry, then
+        the new rules. Prefixes no rule names any more: ipcache entry out, then identity and entries.
+        """
+        wanted = named_prefixes(change.rules)
+        added = self.cidrs.acquire(wanted)
         try:
+            if added:
+                self._unpublished.update(added)
+                self.sync(endpoints, delete=False)  # the new identities' entries, old rules
+                self._unpublished.difference_update(added)
+                self._publish(added, converge)
             self.sync(endpoints, change.rules)
             revision = self.repository.commit(change)
         except Exception:
-            self.sync(endpoints)  # put back what the old rules say
+            self._rollback(added, endpoints, converge)
             raise
         self.realized_revision = revision
+        gone = [p for p in self.cidrs.prefixes() if p not in wanted]
+        if gone:
+            self._retire(gone, endpoints, converge)
         return revision
+
+    def _publish(self, prefixes: Iterable[IPNetwork], converge: Converge | None) -> None:
+        if converge is not None:
+            converge({("ipcache", str(p)) for p in prefixes})
+
+    def _rollback(self, added: list[IPNetwork], endpoints: Sequence[Endpoint], converge: Converge | None) -> None:
+        """Put back what the old rules say: their entries, then the new prefixes gone again. What
+        cannot be undone stays as an extra prefix with its entries, which decides as its parents."""
+        try:
+            self.sync(endpoints)
+        except CellgateError as exc:  # the original error is the one to report
+            log.error("cannot put the policy entries of the old rules back: %s", exc)
+        if not added:
+            return
+        self._unpublished.update(added)
+        try:
+            self._publish(added, converge)
+        except CellgateError as exc:
+            self._unpublished.difference_update(added)
+            log.error("cannot remove the ipcache entries of %s (kept): %s", ", ".join(map(str, added)), exc)
+            return
+        self.cidrs.release(added)
+        self._unpublished.difference_update(added)
+        try:
+            self.sync(endpoints)
+        except CellgateError as exc:
+            log.error("cannot remove the policy entries of released CIDR identities: %s", exc)
+
+    def _retire(self, gone: list[IPNetwork], endpoints: Sequence[Endpoint], converge: Converge | None) -> None:
+        """Prefixes no rule names: ipcache entries out first, then the identities and their entries.
+        A failure leaves them in place, which is harmless (an extra prefix decides as its parents)."""
+        self._unpublished.update(gone)
+        try:
+            self._publish(gone, converge)
+        except CellgateError as exc:
+            self._unpublished.difference_update(gone)
+            log.error("cannot remove the ipcache entries of %s (kept): %s", ", ".join(map(str, gone)), exc)
+            return
+        self.cidrs.release(gone)
+        self._unpublished.difference_update(gone)
+        try:
+            self.sync(endpoints)
+        except CellgateError as exc:
+            log.error("cannot remove the policy entries of released CIDR identities: %s", exc)
 
     # -- views ------------------------------------------------------------------------------
 
@@ -126,10 +233,15 @@ class PolicyState:
     def entries_of(self, identity: int) -> list[tuple[PolicyKey, PolicyValue]]:
         return sorted((k, v) for k, v in self.applied.items() if k.subject == identity)
 
-    def labels_of(self, identity: int) -> list[str]:
+    def identity_labels(self, identity: int) -> LabelSet | None:
+        """The labels of any identity known here, CIDR ones included."""
         labels = self.identities.labels_of(identity)
+        return labels if labels is not None else self.cidrs.labels_of(identity)
+
+    def labels_of(self, identity: int) -> list[str]:
+        labels = self.identity_labels(identity)
         return sorted(str(lb) for lb in labels) if labels else []
 
     def trace(self, src: Party, dst: Party, proto: int, port: int) -> TraceResult:
         _, rules = self.repository.snapshot()
-        return trace(rules, self.identities.all(), self.mode, src, dst, proto, port)
+        return trace(rules, self.all_identities(), self.mode, src, dst, proto, port)

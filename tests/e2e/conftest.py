@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.harness import Agent, Dockerd, Scene, docker_agent, run
+from tests.etcd_server import EtcdServer
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -85,3 +86,17 @@ def scene(dockerd: Dockerd, agent: Agent, image: str) -> Iterator[Scene]:
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    """A real etcd of the test's own (data in tmp_path, free ports), stopped by PID afterwards."""
+    with EtcdServer(tmp_path / "etcd") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def etcd_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """One real etcd shared by a module's tests (give each test its own key prefix)."""
+    with EtcdServer(tmp_path_factory.mktemp("etcd") / "etcd") as server:
+        yield server

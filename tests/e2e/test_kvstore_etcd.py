@@ -1,5 +1,5 @@
-"""The kvstore contract and its fault cases against a real etcd (Debian's etcd-server) that each test
-starts with its own data directory and stops by PID."""
+"""The kvstore contract and its fault cases against a real etcd (Debian's etcd-server), started by
+the tests with their own data directories and free ports, and stopped by PID."""
 
 from __future__ import annotations
 
@@ -15,15 +15,9 @@ from plugin.kvstore.listwatch import ListWatcher
 from plugin.kvstore.port import KvstoreError, KvstoreUnavailable
 from plugin.kvstore.session import Session
 from tests.contract import kvstore_port as contract
-from tests.etcd_server import EtcdServer
+from tests.etcd_server import EtcdServer, free_port
 from tests.unit.test_cluster_service import wait_for
-from tests.unit.test_kvstore import Recorder
-
-
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
-    with EtcdServer(tmp_path / "etcd") as server:
-        yield server
+from tests.unit.test_kvstore_listwatch import Recorder
 
 
 @pytest.fixture
@@ -33,34 +27,58 @@ def store(etcd: EtcdServer) -> Iterator[EtcdStore]:
     s.close()
 
 
+@pytest.fixture(scope="module")
+def shared(etcd_module: EtcdServer) -> Iterator[EtcdStore]:
+    s = EtcdStore([etcd_module.url], timeout=1.0)
+    yield s
+    s.close()
+
+
 @pytest.mark.parametrize("check", [contract.check_crud, contract.check_txn, contract.check_watch,
-                                   contract.check_compaction])
-def test_contract(store: EtcdStore, check: object) -> None:
-    check(store, "cgt/")  # type: ignore[operator]
+                                   contract.check_compaction, contract.check_keys_and_versions,
+                                   contract.check_lease_errors])
+def test_contract(shared: EtcdStore, check: object, request: pytest.FixtureRequest) -> None:
+    check(shared, f"cgt/{request.node.callspec.id}/")  # type: ignore[operator]
 
 
-def test_contract_lease(store: EtcdStore) -> None:
-    contract.check_lease(store, "cgt/", lambda seconds: None)  # real time: the check waits for expiry
+def test_contract_lease(shared: EtcdStore) -> None:
+    contract.check_lease(shared, "cgt/lease/", lambda seconds: None)  # real time: the check waits
+
+
+def test_contract_watch_sees_lease_expiry(shared: EtcdStore) -> None:
+    contract.check_watch_sees_lease_expiry(shared, "cgt/expiry/", lambda seconds: None)
+
+
+def test_contract_unavailable(etcd: EtcdServer, store: EtcdStore) -> None:
+    contract.check_unavailable(store, "cgt/", etcd.stop, etcd.start, timeout=store.timeout)
 
 
 def test_bad_endpoints_are_refused() -> None:
-    for url in ("https://127.0.0.1:2379", "127.0.0.1:2379", "http://h:99999"):
+    for url in ("https://127.0.0.1:2379", "127.0.0.1:2379", "http://h:99999", "http://h:1/x"):
         with pytest.raises(KvstoreError, match="not http://HOST:PORT"):
             EtcdStore([url])
+    with pytest.raises(KvstoreError, match="no kvstore endpoint"):
+        EtcdStore([])
 
 
-def test_stopped_etcd_fails_fast_and_recovers(etcd: EtcdServer, store: EtcdStore) -> None:
-    store.put("cgt/a", b"1")
-    w = store.watch("cgt/", 1, lambda events: None)
-    etcd.stop()
-    assert w.wait(5) and isinstance(w.error, KvstoreUnavailable)
-    started = time.monotonic()
-    with pytest.raises(KvstoreUnavailable):
-        store.get("cgt/a")
-    assert time.monotonic() - started < 3
-    etcd.start()
-    kv = store.get("cgt/a")
-    assert kv is not None and kv.value == b"1"
+def test_nothing_listening_fails_within_the_timeout() -> None:
+    s = EtcdStore([f"http://127.0.0.1:{free_port()}"], timeout=0.5)
+    try:
+        started = time.monotonic()
+        with pytest.raises(KvstoreUnavailable):
+            s.put("cgt/x", b"1")
+        assert time.monotonic() - started < 1.5
+    finally:
+        s.close()
+
+
+def test_a_dead_endpoint_is_skipped_within_one_call(etcd_module: EtcdServer) -> None:
+    s = EtcdStore([f"http://127.0.0.1:{free_port()}", etcd_module.url], timeout=1.0)
+    try:
+        assert s.put("cgt/failover", b"1") > 0  # the first endpoint refused; the second answered
+        assert s.endpoint == etcd_module.url.removeprefix("http://")
+    finally:
+        s.close()
 
 
 def test_restarted_empty_relists_and_the_session_regrants(etcd: EtcdServer, store: EtcdStore,
@@ -79,10 +97,12 @@ def test_restarted_empty_relists_and_the_session_regrants(etcd: EtcdServer, stor
         t.start()
     try:
         wait_for(lambda: "cgt/x" in rec.items)
+        syncs = rec.syncs
         etcd.restart(empty=True)
-        wait_for(lambda: "cgt/x" not in rec.items, timeout=15)  # synthesised delete on re-list
-        wait_for(lambda: bool(news), timeout=15)
-        assert news[0] != lease
+        wait_for(lambda: "cgt/x" not in rec.items, timeout=15)  # a synthesised delete on re-list
+        assert ("delete", "cgt/x") in rec.log and rec.syncs > syncs and lw.relists >= 1
+        wait_for(lambda: bool(news), timeout=15)  # the lease vanished with the data
+        assert news[0] != lease and session.lease_id == news[0] and store.lease_ttl(news[0]) > 0
         store.put("cgt/y", b"2", session.lease_id)
         wait_for(lambda: "cgt/y" in rec.items)
     finally:

@@ -298,7 +298,10 @@ def test_the_cli_bounds_a_policy_as_the_agent_bounds_its_body() -> None:
          "the policy is nested too deeply: more than 32 levels"),
         (b'{"rules": ' + b"[" * DEEP + b"]" * DEEP + b"}", "nested too deeply"),
         (b'{"rules": {"a": ' * 10_000 + b"1" + b"}" * 10_000, "nested too deeply"),
-        (b'{"rules": [{"endpointSelector": {}, "egress": [{"toCIDR": ["1.1.1.1/32"]}]}]}', "not supported yet"),
+        (b'{"rules": [{"endpointSelector": {}, "egress": [{"toFQDNs": [{"matchName": "a.b"}]}]}]}',
+         "not supported yet"),
+        (b'{"rules": [{"endpointSelector": {}, "egress": [{"toCIDRSet": [{"cidr": "10.0.0.0/8", '
+         b'"except": ["10.0.0.0/7"]}]}]}]}', "is not inside the cidr"),
         (b'{"rules": {"kind": "CiliumNetworkPolicy", "metadata": "p", "spec": {"endpointSelector": {}}}}',
          "metadata must be an object"),
     ],

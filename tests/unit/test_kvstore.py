@@ -1,16 +1,12 @@
-"""The kvstore contract on the in-memory fake, and the loops on top of it (list-watch, session)."""
+"""The kvstore contract (tests/contract/kvstore_port.py) on the in-memory fake, and the fake's own
+test controls (unavailable, server cancel, restarted empty)."""
 
 from __future__ import annotations
 
-import threading
-from pathlib import Path
-
 import pytest
 
-from plugin.kvstore.listwatch import ListWatcher
 from plugin.kvstore.memory import MemoryStore
-from plugin.kvstore.port import KvstoreUnavailable
-from plugin.kvstore.session import Session
+from plugin.kvstore.port import Event, KvstoreError, KvstoreUnavailable
 from tests.contract import kvstore_port as contract
 from tests.unit.test_cluster_service import wait_for
 
@@ -21,6 +17,9 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+    def later(self, seconds: float) -> None:
+        self.now += seconds
 
 
 @pytest.fixture
@@ -34,87 +33,57 @@ def store(clock: Clock) -> MemoryStore:
 
 
 @pytest.mark.parametrize("check", [contract.check_crud, contract.check_txn, contract.check_watch,
-                                   contract.check_compaction])
+                                   contract.check_compaction, contract.check_keys_and_versions,
+                                   contract.check_lease_errors])
 def test_contract(store: MemoryStore, check: object) -> None:
     check(store, "cgt/")  # type: ignore[operator]
 
 
 def test_contract_lease(store: MemoryStore, clock: Clock) -> None:
-    def later(seconds: float) -> None:
-        clock.now += seconds
-
-    contract.check_lease(store, "cgt/", later)
+    contract.check_lease(store, "cgt/", clock.later)
 
 
-def test_unavailable_raises(store: MemoryStore) -> None:
-    store.set_available(False)
-    with pytest.raises(KvstoreUnavailable):
-        store.get("x")
+def test_contract_watch_sees_lease_expiry(store: MemoryStore, clock: Clock) -> None:
+    contract.check_watch_sees_lease_expiry(store, "cgt/", clock.later)
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.items: dict[str, bytes] = {}
-        self.syncs = 0
-
-    def upsert(self, key: str, value: bytes) -> None:
-        if value == b"boom":
-            raise RuntimeError("handler bug")
-        self.items[key] = value
-
-    def delete(self, key: str) -> None:
-        self.items.pop(key, None)
-
-    def synced(self) -> None:
-        self.syncs += 1
+def test_contract_unavailable(store: MemoryStore) -> None:
+    contract.check_unavailable(store, "cgt/", lambda: store.set_available(False),
+                               lambda: store.set_available(True), timeout=0.5)
 
 
-def test_listwatch_relists_after_compaction_wipe_and_outage(store: MemoryStore) -> None:
+def test_expire_without_a_call_emits_deletes(store: MemoryStore, clock: Clock) -> None:
+    got: list[Event] = []
+    store.watch("p/", store.revision() + 1, got.extend)
+    lease = store.grant(5)
+    store.put("p/a", b"1", lease)
+    clock.later(4)
+    assert store.keepalive(lease) == 5  # refreshed: lives 5 s from now
+    clock.later(4)
+    store.expire()
+    assert store.get("p/a") is not None
+    clock.later(1.5)
+    store.expire()
+    wait_for(lambda: len(got) == 2)
+    assert [e.kind for e in got] == ["put", "delete"] and store.lease_ttl(lease) == -1
+
+
+def test_failed_txn_applies_nothing(store: MemoryStore) -> None:
+    from plugin.kvstore.port import LeaseNotFound, Put
+
+    rev = store.revision()
+    with pytest.raises(LeaseNotFound):
+        store.txn([], [Put("p/a", b"1"), Put("p/b", b"2", lease=999)])
+    assert store.get("p/a") is None and store.revision() == rev
+
+
+def test_server_cancel_and_wipe_end_watches(store: MemoryStore) -> None:
     store.put("p/a", b"1")
-    rec = Recorder()
-    lw = ListWatcher(store, "p/", rec, backoff=(0.01, 0.05))
-    stop = threading.Event()
-    t = threading.Thread(target=lw.run, args=(stop,), daemon=True)
-    t.start()
-    try:
-        assert lw.wait_synced(5)
-        store.put("p/b", b"boom")  # a handler error is logged; the loop goes on
-        store.put("p/c", b"3")
-        wait_for(lambda: rec.items.get("p/c") == b"3")
-        store.cancel_watches()
-        store.put("p/d", b"4")
-        wait_for(lambda: "p/d" in rec.items)
-        store.wipe()  # restarted empty: every cached key is deleted by the re-list
-        store.put("p/e", b"5")
-        wait_for(lambda: set(rec.items) == {"p/e"})
-        store.set_available(False)
-        wait_for(lambda: not lw.connected)
-        store.set_available(True)
-        store.put("p/f", b"6")
-        wait_for(lambda: "p/f" in rec.items)
-        assert lw.relists >= 3 and rec.syncs >= 4
-    finally:
-        stop.set()
-        t.join(5)
-
-
-def test_session_reuses_a_live_lease_and_replaces_a_lost_one(store: MemoryStore, tmp_path: Path) -> None:
-    lease_file = tmp_path / "lease"
-    first = Session(store, 10, lease_file)
-    lease = first.start()
-    assert lease_file.stat().st_mode & 0o777 == 0o600
-    again = Session(store, 10, lease_file)
-    assert again.start() == lease  # a restart within the TTL keeps the lease
-    news: list[int] = []
-    s = Session(store, 3, lease_file, news.append)
-    s.start()
-    stop = threading.Event()
-    t = threading.Thread(target=s.run, args=(stop,), daemon=True)
-    t.start()
-    try:
-        store.revoke(lease)  # lost (etcd restarted empty, or an outage past the TTL)
-        wait_for(lambda: news, timeout=10)
-        assert news[0] != lease and s.lease_id == news[0] and store.lease_ttl(news[0]) > 0
-    finally:
-        stop.set()
-        t.join(5)
+    lease = store.grant(10)
+    w = store.watch("p/", 0, lambda events: None)
+    store.cancel_watches()
+    assert w.wait(1) and isinstance(w.error, KvstoreError) and "cancel" in str(w.error)
+    w = store.watch("p/", 0, lambda events: None)
+    store.wipe()
+    assert w.wait(1) and isinstance(w.error, KvstoreUnavailable)
+    assert store.get("p/a") is None and store.revision() == 1 and store.lease_ttl(lease) == -1
