@@ -177,6 +177,40 @@ def test_policy_by_identity_across_nodes(vx: tuple[Cluster, Scene, dict[str, Sim
         clear_policy(c)
 
 
+def test_egress_policy_and_trace_by_address_across_nodes(vx: tuple[Cluster, Scene, dict[str, SimEndpoint]],
+                                                         tmp_path: Path) -> None:
+    """Egress is judged on the sender's node, ingress on the receiver's; `policy trace` given the
+    two addresses resolves the remote one through the ipcache (its cluster identity) and agrees."""
+    c, scene, eps = vx
+    fe1, be2, ot3, fe3 = eps["fe1"], eps["be2"], eps["ot3"], eps["fe3"]
+    rules = [{"labels": [{"key": "name", "value": "cg-egr"}], "endpointSelector": {"matchLabels": {"app": "frontend"}},
+              "egress": [{"toEndpoints": [{"matchLabels": {"app": "backend"}}],
+                          "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]}]},
+             {"labels": [{"key": "name", "value": "cg-ing"}], "endpointSelector": {"matchLabels": {"app": "backend"}},
+              "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "frontend"}}]}],
+              "ingressDeny": [{"fromEndpoints": [{"matchLabels": {"app": "other"}}],
+                               "toPorts": [{"ports": [{"port": "81", "protocol": "TCP"}]}]}]}]
+    try:
+        for n in c.nodes:
+            policy(c, n, rules, tmp_path)
+        node = {n.name: n for n in c.nodes}
+        cases = [(fe1, be2, 80, True), (fe1, be2, 81, False), (fe1, ot3, 80, False), (fe3, be2, 80, True),
+                 (ot3, be2, 80, False), (ot3, be2, 81, False), (be2, fe1, 80, True), (be2, ot3, 81, True)]
+        for src, dst, port, allowed in cases:
+            assert scene.connect(src, dst.ipv4, port) == allowed, (src.name, dst.name, port)
+            # both nodes' traces: the sender's judges egress, the receiver's ingress; a flow passes
+            # when neither denies
+            verdicts = []
+            for where in {src.node, dst.node}:
+                out = c.cli(node[where], "policy", "trace", "--src-ip", src.ipv4, "--dst-ip", dst.ipv4,
+                            "--dport", f"{port}/tcp")
+                assert out["verdict"] in ("ALLOWED", "DENIED"), out
+                verdicts.append(out["verdict"] == "ALLOWED")
+            assert all(verdicts) == allowed, (src.name, dst.name, port, verdicts)
+    finally:
+        clear_policy(c)
+
+
 def test_entities_remote_node_and_cluster(vx: tuple[Cluster, Scene, dict[str, SimEndpoint]],
                                           tmp_path: Path) -> None:
     c, scene, eps = vx
