@@ -23,11 +23,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tests.kernel.helpers import wait_until  # re-exported: the cluster tests wait with it too
 
 ROOT = Path(__file__).resolve().parent.parent
 CELLGATE = str(ROOT / ".venv" / "bin" / "cellgate")
@@ -42,17 +42,6 @@ def sh(*cmd: str, check: bool = True, timeout: float = 60, env: dict[str, str] |
     if check and out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} -> {out.returncode}: {out.stderr.strip() or out.stdout.strip()}")
     return out
-
-
-def wait_until(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
 
 
 @dataclass

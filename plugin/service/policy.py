@@ -175,7 +175,7 @@ class PolicyState:
         self.realized_revision = revision
         gone = [p for p in self.cidrs.prefixes() if p not in wanted]
         if gone:
-            self._retire(gone, endpoints, converge)
+            self._withdraw(gone, endpoints, converge)
         return revision
 
     def _publish(self, prefixes: Iterable[IPNetwork], converge: Converge | None) -> None:
@@ -189,34 +189,21 @@ class PolicyState:
             self.sync(endpoints)
         except CellgateError as exc:  # the original error is the one to report
             log.error("cannot put the policy entries of the old rules back: %s", exc)
-        if not added:
-            return
-        self._unpublished.update(added)
-        try:
-            self._publish(added, converge)
-        except CellgateError as exc:
-            self._unpublished.difference_update(added)
-            log.error("cannot remove the ipcache entries of %s (kept): %s", ", ".join(map(str, added)), exc)
-            return
-        self.cidrs.release(added)
-        self._unpublished.difference_update(added)
-        try:
-            self.sync(endpoints)
-        except CellgateError as exc:
-            log.error("cannot remove the policy entries of released CIDR identities: %s", exc)
+        if added:
+            self._withdraw(added, endpoints, converge)
 
-    def _retire(self, gone: list[IPNetwork], endpoints: Sequence[Endpoint], converge: Converge | None) -> None:
-        """Prefixes no rule names: ipcache entries out first, then the identities and their entries.
-        A failure leaves them in place, which is harmless (an extra prefix decides as its parents)."""
-        self._unpublished.update(gone)
+    def _withdraw(self, prefixes: list[IPNetwork], endpoints: Sequence[Endpoint], converge: Converge | None) -> None:
+        """Prefixes no rule in force names: ipcache entries out first, then the identities and their
+        entries. A failure leaves them in place, which is harmless (an extra prefix decides as its parents)."""
+        self._unpublished.update(prefixes)
         try:
-            self._publish(gone, converge)
+            self._publish(prefixes, converge)
         except CellgateError as exc:
-            self._unpublished.difference_update(gone)
-            log.error("cannot remove the ipcache entries of %s (kept): %s", ", ".join(map(str, gone)), exc)
+            self._unpublished.difference_update(prefixes)
+            log.error("cannot remove the ipcache entries of %s (kept): %s", ", ".join(map(str, prefixes)), exc)
             return
-        self.cidrs.release(gone)
-        self._unpublished.difference_update(gone)
+        self.cidrs.release(prefixes)
+        self._unpublished.difference_update(prefixes)
         try:
             self.sync(endpoints)
         except CellgateError as exc:

@@ -18,9 +18,9 @@ from tests.simcluster import Cluster, wait_until
 TTL = 4
 
 
-@pytest.fixture
-def pair() -> Iterator[tuple[Cluster, Scene]]:
-    c = Cluster(2, "vxlan", lease_ttl=TTL)
+def running(ttl: int) -> Iterator[tuple[Cluster, Scene]]:
+    """Two nodes with the lease TTL `ttl`, taken down afterwards."""
+    c = Cluster(2, "vxlan", lease_ttl=ttl)
     c.up()
     scene = Scene(c)
     try:
@@ -28,6 +28,11 @@ def pair() -> Iterator[tuple[Cluster, Scene]]:
     finally:
         scene.close()
         c.down()
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[Cluster, Scene]]:
+    yield from running(TTL)
 
 
 def etcdctl(c: Cluster, *args: str) -> str:
@@ -43,14 +48,7 @@ def identities(c: Cluster, node: object) -> dict[tuple[str, ...], int]:
 @pytest.fixture
 def slow_pair() -> Iterator[tuple[Cluster, Scene]]:
     """A TTL longer than an agent's start (it compiles the datapath)."""
-    c = Cluster(2, "vxlan", lease_ttl=20)
-    c.up()
-    scene = Scene(c)
-    try:
-        yield c, scene
-    finally:
-        scene.close()
-        c.down()
+    yield from running(20)
 
 
 def test_agent_killed_and_restarted_within_the_ttl_breaks_nothing(slow_pair: tuple[Cluster, Scene]) -> None:

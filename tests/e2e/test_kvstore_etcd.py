@@ -16,7 +16,7 @@ from plugin.kvstore.port import KvstoreError, KvstoreUnavailable
 from plugin.kvstore.session import Session
 from tests.contract import kvstore_port as contract
 from tests.etcd_server import EtcdServer, free_port
-from tests.unit.test_cluster_service import wait_for
+from tests.kernel.helpers import wait_until
 from tests.unit.test_kvstore_listwatch import Recorder
 
 
@@ -96,15 +96,15 @@ def test_restarted_empty_relists_and_the_session_regrants(etcd: EtcdServer, stor
     for t in threads:
         t.start()
     try:
-        wait_for(lambda: "cgt/x" in rec.items)
+        wait_until(lambda: "cgt/x" in rec.items)
         syncs = rec.syncs
         etcd.restart(empty=True)
-        wait_for(lambda: "cgt/x" not in rec.items, timeout=15)  # a synthesised delete on re-list
+        wait_until(lambda: "cgt/x" not in rec.items, timeout=15)  # a synthesised delete on re-list
         assert ("delete", "cgt/x") in rec.log and rec.syncs > syncs and lw.relists >= 1
-        wait_for(lambda: bool(news), timeout=15)  # the lease vanished with the data
+        wait_until(lambda: bool(news), timeout=15)  # the lease vanished with the data
         assert news[0] != lease and session.lease_id == news[0] and store.lease_ttl(news[0]) > 0
         store.put("cgt/y", b"2", session.lease_id)
-        wait_for(lambda: "cgt/y" in rec.items)
+        wait_until(lambda: "cgt/y" in rec.items)
     finally:
         stop.set()
         for t in threads:

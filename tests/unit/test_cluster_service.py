@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,17 +30,7 @@ from plugin.service import cluster_keys as keys
 from plugin.service.cluster import ClusterService, ClusterSettings, check_registration
 from plugin.service.cluster_identities import ClusterIdentities, IdentityCache
 from plugin.service.policy import PolicyState
-
-
-def wait_for(what: Callable[[], Any], timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = what()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+from tests.kernel.helpers import wait_until
 
 
 @dataclass
@@ -87,7 +76,7 @@ class Cluster:
         sim.threads = sim.service.threads(sim.stop)
         for t in sim.threads:
             t.start()
-        wait_for(sim.service.synced)
+        wait_until(sim.service.synced)
         nid = f"net-{sim.name}"
         pool = next(iter(sim.agent.ipam.ranges.ipv4.subnets(new_prefix=24)))
         gw = ipaddress.IPv4Interface(f"{pool[1]}/24")
@@ -140,7 +129,7 @@ def test_same_labels_get_the_same_number_on_every_node(cluster: Cluster) -> None
     assert ec.identity != ea.identity
     assert ids.FIRST_ALLOCATED <= ea.identity <= ids.CLUSTER_LAST
     # both nodes reference the shared identity; only b the other one
-    wait_for(lambda: a.service.users().get(ea.identity) == ["n0", "n1"])
+    wait_until(lambda: a.service.users().get(ea.identity) == ["n0", "n1"])
     assert a.service.users()[ec.identity] == ["n1"]
 
 
@@ -148,14 +137,14 @@ def test_endpoints_reach_the_peers_ipcache_with_their_identity(cluster: Cluster)
     a, b = cluster.node(0), cluster.node(1)
     ep = cluster.add_endpoint(a, "a", {"app": "web"}, 10)
     addr = f"{ep.ipv4.ip}/32"
-    wait_for(lambda: remote_entries(b).get(addr) == ep.identity)
-    wait_for(lambda: kernel_ipcache(b).get(addr) == ep.identity)
+    wait_until(lambda: remote_entries(b).get(addr) == ep.identity)
+    wait_until(lambda: kernel_ipcache(b).get(addr) == ep.identity)
     # the peer's labels are known on b (policy and the monitor name them)
     assert b.agent.labels_of(ep.identity) == ["container:app=web"]
     # the peer's node address is the remote-node identity; its range goes to it as world
     assert kernel_ipcache(b)["192.0.2.1/32"] == ids.REMOTE_NODE
     a.agent.delete_endpoint(a.network, ep.id)
-    wait_for(lambda: addr not in kernel_ipcache(b))
+    wait_until(lambda: addr not in kernel_ipcache(b))
 
 
 def test_last_user_anywhere_releases_the_identity(cluster: Cluster, store: MemoryStore) -> None:
@@ -166,21 +155,21 @@ def test_last_user_anywhere_releases_the_identity(cluster: Cluster, store: Memor
     a.agent.delete_endpoint(a.network, ea.id)
     assert store.get(keys.id_key(number)) is not None  # b still uses it
     b.agent.delete_endpoint(b.network, eb.id)
-    wait_for(lambda: store.get(keys.id_key(number)) is None)
+    wait_until(lambda: store.get(keys.id_key(number)) is None)
     assert store.list(keys.IDENTITIES)[0] == []
 
 
 def test_store_down_gives_a_pending_number_then_the_cluster_one(cluster: Cluster, store: MemoryStore) -> None:
     a, b = cluster.node(0), cluster.node(1)
     store.set_available(False)
-    wait_for(lambda: not a.service.session.healthy, timeout=15)
+    wait_until(lambda: not a.service.session.healthy, timeout=15)
     ep = cluster.add_endpoint(a, "a", {"app": "late"}, 10)
     assert ids.is_pending(ep.identity)
     store.set_available(True)
-    moved = wait_for(lambda: keys.cluster_number(a.agent.endpoint(ep.id).identity), timeout=15)
+    moved = wait_until(lambda: keys.cluster_number(a.agent.endpoint(ep.id).identity), timeout=15)
     assert moved
     number = a.agent.endpoint(ep.id).identity
-    wait_for(lambda: remote_entries(b).get(f"{ep.ipv4.ip}/32") == number, timeout=10)
+    wait_until(lambda: remote_entries(b).get(f"{ep.ipv4.ip}/32") == number, timeout=10)
     # the pending number was never published
     assert all(not ids.is_pending(v) for v in kernel_ipcache(b).values())
 
@@ -199,7 +188,7 @@ def test_bad_store_data_is_skipped(cluster: Cluster, store: MemoryStore) -> None
               keys.IpRecord(ipaddress.IPv4Address("10.192.16.50"), 300, "n0",
                             ipaddress.IPv4Address("192.0.2.1")).encode())
     ep = cluster.add_endpoint(a, "a", {"app": "web"}, 10)
-    wait_for(lambda: f"{ep.ipv4.ip}/32" in remote_entries(b))
+    wait_until(lambda: f"{ep.ipv4.ip}/32" in remote_entries(b))
     entries = remote_entries(b)
     assert "10.192.0.9/32" not in entries and "10.192.16.50/32" not in entries
     assert 1 not in b.agent.policy.identities.cache.masters
@@ -223,14 +212,14 @@ def test_store_restarted_empty_is_refilled_with_the_same_numbers(cluster: Cluste
     a, b = cluster.node(0), cluster.node(1)
     ep = cluster.add_endpoint(a, "a", {"app": "web"}, 10)
     number = ep.identity
-    wait_for(lambda: remote_entries(b).get(f"{ep.ipv4.ip}/32") == number)
+    wait_until(lambda: remote_entries(b).get(f"{ep.ipv4.ip}/32") == number)
     store.wipe()
-    wait_for(lambda: store.get(keys.node_key("n0")) is not None and store.get(keys.node_key("n1")) is not None,
+    wait_until(lambda: store.get(keys.node_key("n0")) is not None and store.get(keys.node_key("n1")) is not None,
              timeout=15)
-    wait_for(lambda: store.get(keys.id_key(number)) is not None, timeout=10)
-    wait_for(lambda: store.get(keys.ip_key(ep.ipv4.ip)) is not None, timeout=10)
+    wait_until(lambda: store.get(keys.id_key(number)) is not None, timeout=10)
+    wait_until(lambda: store.get(keys.ip_key(ep.ipv4.ip)) is not None, timeout=10)
     assert a.agent.endpoint(ep.id).identity == number
-    wait_for(lambda: remote_entries(b).get(f"{ep.ipv4.ip}/32") == number)
+    wait_until(lambda: remote_entries(b).get(f"{ep.ipv4.ip}/32") == number)
 
 
 def test_local_identities_are_migrated_with_their_numbers(tmp_path: Path, store: MemoryStore) -> None:
@@ -241,7 +230,7 @@ def test_local_identities_are_migrated_with_their_numbers(tmp_path: Path, store:
     store.put(keys.id_key(301), keys.encode_identity(frozenset({Label("container", "app", "other")})))
     try:
         a = c.node(0, identity_docs=docs)
-        wait_for(lambda: 300 in a.service.users() and len(a.service.users()) == 2)
+        wait_until(lambda: 300 in a.service.users() and len(a.service.users()) == 2)
         local = a.agent.policy.identities.local()
         assert local[300] == frozenset({Label("container", "app", "old")})  # kept its number
         assert 301 not in local  # 301 is another label set's in the cluster: renumbered

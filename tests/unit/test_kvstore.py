@@ -8,7 +8,7 @@ import pytest
 from plugin.kvstore.memory import MemoryStore
 from plugin.kvstore.port import Event, KvstoreError, KvstoreUnavailable
 from tests.contract import kvstore_port as contract
-from tests.unit.test_cluster_service import wait_for
+from tests.kernel.helpers import wait_until
 
 
 class Clock:
@@ -64,7 +64,7 @@ def test_expire_without_a_call_emits_deletes(store: MemoryStore, clock: Clock) -
     assert store.get("p/a") is not None
     clock.later(1.5)
     store.expire()
-    wait_for(lambda: len(got) == 2)
+    wait_until(lambda: len(got) == 2)
     assert [e.kind for e in got] == ["put", "delete"] and store.lease_ttl(lease) == -1
 
 

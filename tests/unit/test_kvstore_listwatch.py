@@ -14,7 +14,7 @@ from plugin.kvstore.listwatch import ListWatcher
 from plugin.kvstore.memory import MemoryStore
 from plugin.kvstore.port import Event, KvstoreUnavailable, Watch
 from plugin.kvstore.session import Session
-from tests.unit.test_cluster_service import wait_for
+from tests.kernel.helpers import wait_until
 from tests.unit.test_kvstore import Clock
 
 
@@ -72,10 +72,10 @@ def test_lists_then_watches_without_repeating(store: MemoryStore) -> None:
         assert rec.items == {"p/a": b"1"} and rec.syncs == 1
         store.put("p/b", b"2")
         store.delete("p/a")
-        wait_for(lambda: rec.items == {"p/b": b"2"})
+        wait_until(lambda: rec.items == {"p/b": b"2"})
         assert lw.revision == store.revision()
         store.cancel_watches()  # re-list: nothing changed, so nothing is dispatched again
-        wait_for(lambda: rec.syncs == 2)
+        wait_until(lambda: rec.syncs == 2)
         assert rec.log == [("upsert", "p/a"), ("upsert", "p/b"), ("delete", "p/a")]
         assert lw.relists == 1 and lw.last_error == ""  # cleared by the successful re-list
 
@@ -103,11 +103,11 @@ def test_compacted_start_revision_relists_and_synthesises_deletes() -> None:
     rec = Recorder()
     lw = ListWatcher(store, "p/", rec, backoff=(0.01, 0.05))
     with running(lw.run):
-        wait_for(lambda: rec.syncs >= 2)
+        wait_until(lambda: rec.syncs >= 2)
         assert rec.items == {"p/late": b"9", "p/pad": b"0"}  # p/a: a delete made up by the re-list
         assert ("delete", "p/a") in rec.log and lw.relists >= 1
         store.put("p/after", b"1")
-        wait_for(lambda: "p/after" in rec.items)
+        wait_until(lambda: "p/after" in rec.items)
 
 
 def test_store_restarted_empty(store: MemoryStore) -> None:
@@ -119,7 +119,7 @@ def test_store_restarted_empty(store: MemoryStore) -> None:
         assert lw.wait_synced(5)
         store.wipe()
         store.put("p/a", b"new")  # the same small revision as before, another value
-        wait_for(lambda: rec.items == {"p/a": b"new"})
+        wait_until(lambda: rec.items == {"p/a": b"new"})
         assert lw.revision == store.revision()
 
 
@@ -131,7 +131,7 @@ def test_handler_errors_never_end_the_loop(store: MemoryStore) -> None:
         assert lw.wait_synced(5)
         store.put("p/bad2", b"boom")
         store.put("p/good", b"1")
-        wait_for(lambda: rec.items.get("p/good") == b"1")
+        wait_until(lambda: rec.items.get("p/good") == b"1")
         assert lw.connected and lw.relists == 0
 
 
@@ -142,13 +142,13 @@ def test_unavailable_then_reconnects(store: MemoryStore) -> None:
     with running(lw.run):
         assert lw.wait_synced(5)
         store.set_available(False)
-        wait_for(lambda: not lw.connected)
+        wait_until(lambda: not lw.connected)
         assert "unavailable" in lw.last_error or "lost" in lw.last_error
         relists = lw.relists
-        wait_for(lambda: lw.relists > relists + 2)  # keeps trying, backing off
+        wait_until(lambda: lw.relists > relists + 2)  # keeps trying, backing off
         store.set_available(True)
         store.put("p/b", b"2")
-        wait_for(lambda: lw.connected and "p/b" in rec.items)
+        wait_until(lambda: lw.connected and "p/b" in rec.items)
         assert lw.last_error == ""
 
 
@@ -156,7 +156,7 @@ def test_stop_ends_the_loop_while_the_store_is_away(store: MemoryStore) -> None:
     store.set_available(False)
     lw = ListWatcher(store, "p/", Recorder(), backoff=(5.0, 5.0))
     with running(lw.run):
-        wait_for(lambda: lw.last_error != "")
+        wait_until(lambda: lw.last_error != "")
     assert not lw.synced_once and not lw.wait_synced(0)
 
 
@@ -194,7 +194,7 @@ def test_session_keeps_the_lease_alive() -> None:
     with running(s.run):
         for _ in range(5):  # 3 s of store time in all: only keepalives keep the 1 s lease
             clock.later(0.6)
-            wait_for(lambda: store.lease_ttl(lease) == 1)  # refreshed (0 right after the jump)
+            wait_until(lambda: store.lease_ttl(lease) == 1)  # refreshed (0 right after the jump)
     assert s.lease_id == lease and s.healthy
 
 
@@ -206,14 +206,14 @@ def test_session_regrants_after_loss_and_outage(store: MemoryStore, tmp_path: Pa
     store.put("p/mine", b"x", lease)
     with running(s.run):
         store.revoke(lease)  # lost (etcd restarted empty, or an outage past the TTL)
-        wait_for(lambda: news, timeout=10)
+        wait_until(lambda: news, timeout=10)
         assert news[0] != lease and s.lease_id == news[0] and store.lease_ttl(news[0]) > 0
         assert int(lease_file.read_text(), 16) == news[0]
         store.set_available(False)
-        wait_for(lambda: not s.healthy, timeout=5)
+        wait_until(lambda: not s.healthy, timeout=5)
         store.wipe()
         store.set_available(True)
-        wait_for(lambda: len(news) == 2, timeout=5)
+        wait_until(lambda: len(news) == 2, timeout=5)
         assert s.healthy and store.lease_ttl(news[1]) > 0
 
 
