@@ -16,12 +16,13 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.common import Cleanup, run, summary
 from bench.rig import RR_PORT, build_rr, cpus, netns, ns_run, parse_rr, rr_server, veth
-from tests.simcluster import Cluster, SimNode
+from tests.simcluster import Cluster, SimNode, wait_until
 
 
 def _rr(rr: Path, ns: str, addr: str, mode: str, seconds: float) -> float:
@@ -197,6 +198,7 @@ def run_cluster(quick: bool = False) -> dict[str, Any]:
     finally:
         c.down()
         run("rm", "-rf", str(work), check=False)
+    result["view_scale"] = view_scale((1_000, 10_000) if quick else (1_000, 10_000, 50_000))
     samples = result["samples"]  # paired per round, as the datapath tier: the median of the rounds' ratios
     result["ratios"] = {
         f"{mode}_vs_{base}": statistics.median(
@@ -204,6 +206,62 @@ def run_cluster(quick: bool = False) -> dict[str, Any]:
                                                   samples[f"{base}_{mode}"], strict=True))
         for mode in ("rr", "crr") for base in ("plain_vxlan", "kernel_vxlan_nodes", "veth")}
     return result
+
+
+def view_scale(sizes: tuple[int, ...] = (1_000, 10_000, 50_000)) -> list[dict[str, float]]:
+    """The agent's side of a change at scale, without a kernel or etcd in the way: one node's
+    ClusterService over the in-memory store and a fake kernel, with a peer that owns `size`
+    remote endpoints; for each size, the delay from one more ipcache key put in the store to its
+    entry in the (fake) kernel, and the process's RSS per entry."""
+    from datapath.nodes import Node
+    from plugin.kvstore.memory import MemoryStore
+    from plugin.service import cluster_keys as keys
+    from tests.unit.test_cluster_service import Cluster as UnitCluster
+
+    store = MemoryStore()
+    with tempfile.TemporaryDirectory(prefix="cgbsc") as tmp:
+        c = UnitCluster(Path(tmp), store)
+        b = c.node(1)
+        try:
+            lease = store.grant(3600)
+            peer_range = ipaddress.IPv4Network("10.0.0.0/9")
+            host = ipaddress.IPv4Address("192.0.2.50")
+            node = Node("p0", host, peer_range, ipaddress.IPv6Network("fd99::/64"))
+            store.put(keys.node_key("p0"), keys.NodeRecord(node, "uid-p0", "vxlan").encode(), lease)
+
+            def put(i: int) -> str:
+                addr = peer_range[i]
+                store.put(keys.ip_key(addr), keys.IpRecord(addr, 300, "p0", host).encode(), lease)
+                return f"{addr}/32"
+
+            def arrived(prefix: str) -> Callable[[], bool]:
+                return lambda: ("ipcache", prefix) in b.kernel.objects
+
+            out, made = [], 0
+            for size in sizes:
+                rss0 = _self_rss_mb()
+                while made < size:
+                    made += 1
+                    last = put(made)
+                wait_until(arrived(last), 300, f"{size} entries")
+                rss1 = _self_rss_mb()
+                delays = []
+                for k in range(7):
+                    t = time.monotonic()
+                    prefix = put(1_000_000 + size + k)
+                    wait_until(arrived(prefix), 60, prefix)
+                    delays.append((time.monotonic() - t) * 1000)
+                made_now = size - (out[-1]["entries"] if out else 0)
+                out.append({"entries": size, "change_ms": statistics.median(delays), "max_ms": max(delays),
+                            "rss_kb_per_entry": (rss1 - rss0) * 1024 / made_now})
+            return out
+        finally:
+            c.stop_all()
+
+
+def _self_rss_mb() -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(next(x for x in status.splitlines() if x.startswith("VmRSS")).split()[1]) / 1024
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -235,4 +293,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"({result['etcd_keys_per_endpoint']:.2f} per endpoint added; by kind "
         f"{', '.join(f'{k} {v}' for k, v in sorted(result['etcd_keys_by_kind'].items()))}); agent RSS median "
         f"{result['agent_rss_mb']['median']:.0f} MB, {result['agent_rss_kb_per_endpoint']:.1f} kB more per "
-        "endpoint in the cluster.", ""])
+        "endpoint in the cluster.", "",
+        "The agent's side of one change at scale (one node's cluster service over the in-memory store and a "
+        "fake kernel, a peer owning N endpoints: one more key put → its entry in the kernel objects):", "",
+        "| remote entries | change → kernel, median ms | max ms | RSS per entry, kB |", "|---|---|---|---|",
+        *(f"| {v['entries']} | {v['change_ms']:.0f} | {v['max_ms']:.0f} | {v['rss_kb_per_entry']:.1f} |"
+          for v in result["view_scale"]), ""])

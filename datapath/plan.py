@@ -7,6 +7,7 @@ of a desired state and then diffing again must give an empty plan.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -94,7 +95,7 @@ class IpcacheEntry:
     # host addresses, other prefixes, and every entry in native-routing mode's routes' sense.
     tunnel_endpoint: ipaddress.IPv4Address | None = None
 
-    @property
+    @functools.cached_property  # computed once: the cluster's entries are many and long-lived
     def key(self) -> tuple[str, ...]:
         return (self.kind, str(self.prefix))
 

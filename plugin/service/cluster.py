@@ -348,9 +348,9 @@ class ClusterService:
             peer = peers.get(rec.node)
             if peer is None or rec.host_ip != peer.address or not _inside(rec.address, peer):
                 continue  # unknown node, or an address outside the node's own ranges: foreign
-            entries.append(RemoteEntry(ipaddress.ip_network(rec.address), rec.identity, peer.address))
+            entries.append(rec.entry)
         return ClusterView(self.node, tuple(sorted(peers.values(), key=lambda n: n.name)),
-                           tuple(sorted(entries, key=lambda e: (e.prefix.version, e.prefix))),
+                           tuple(sorted(entries, key=lambda e: e.order)),
                            self.settings.tunnel)
 
     def _apply_view(self) -> None:
@@ -371,7 +371,7 @@ class ClusterService:
             "peers": [{"name": p.name, "address": str(p.address),
                        "ipv4": str(p.ipv4_range) if p.ipv4_range else "",
                        "ipv6": str(p.ipv6_range) if p.ipv6_range else ""} for p in view.peers],
-            "entries": [[str(e.prefix), e.identity, str(e.node)] for e in view.entries],
+            "entries": [e.row for e in view.entries],
         }
         tmp = self._view_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc))

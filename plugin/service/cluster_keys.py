@@ -14,6 +14,7 @@ malformed, out of range or foreign, and callers skip it. Pure: standard library 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import json
@@ -23,7 +24,7 @@ from typing import Any
 
 from datapath import identity as ids
 from datapath.labels import Label, LabelSet, canonical
-from datapath.nodes import Node
+from datapath.nodes import Node, RemoteEntry
 
 PREFIX = "cellgate/state/"
 CLUSTER = "default"
@@ -116,6 +117,12 @@ class IpRecord:
     identity: int
     node: str  # the publishing node's name
     host_ip: ipaddress.IPv4Address
+
+    @functools.cached_property
+    def entry(self) -> RemoteEntry:
+        """The record as the datapath's remote entry, made once (records live in the watch cache)."""
+        return RemoteEntry(ipaddress.ip_network((self.address, self.address.max_prefixlen)), self.identity,
+                           self.host_ip)
 
     def encode(self) -> bytes:
         bits = self.address.max_prefixlen

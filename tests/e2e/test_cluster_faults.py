@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.e2e.harness import CELLGATE
 from tests.e2e.test_cluster import Scene, visible_everywhere
 from tests.simcluster import Cluster, wait_until
 
@@ -105,7 +106,12 @@ def test_etcd_down_fails_closed_across_nodes_then_converges(pair: tuple[Cluster,
     started = time.monotonic()
     wait_until(lambda: scene.connect(late, be.ipv4, 80), 15, "the late endpoint to reach across")
     assert time.monotonic() - started <= 5 + 3  # 5 s plus one connect timeout per failed attempt
-    numbers = [identities(c, n) for n in (a, b)]
+    # b learns the number's labels from the identities watch, which may trail the ipcache one
+    def known() -> list[dict[tuple[str, ...], int]] | None:
+        maps = [identities(c, n) for n in (a, b)]
+        return maps if all(("cni:app=late",) in m for m in maps) else None
+
+    numbers = wait_until(known, 5, "both nodes to know the late identity's labels")
     assert numbers[0][("cni:app=late",)] == numbers[1][("cni:app=late",)] < 1 << 24
     assert len(set(numbers[1].values())) == len(numbers[1])  # no duplicate identity
 
@@ -142,7 +148,7 @@ def test_second_agent_with_a_live_name_or_range_is_refused(pair: tuple[Cluster, 
         args[args.index("--bpf-dir") + 1] = f"/sys/fs/bpf/cg{c.tag}x"
         args[args.index("--socket") + 1] = f"{b.base}/other.sock"
         args[args.index("--plugin-socket") + 1] = f"{b.base}/other-plugin.sock"
-        cmd = ["ip", "netns", "exec", b.netns, "/work/main/.venv/bin/cellgate", "agent", *args]
+        cmd = ["ip", "netns", "exec", b.netns, CELLGATE, "agent", *args]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
         assert out.returncode == 1, out.stderr
         assert "cannot join the cluster" in out.stderr and (a.name in out.stderr)
