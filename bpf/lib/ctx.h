@@ -16,6 +16,7 @@ struct cg_ctx {
 	__u32 cfg_flags;    /* cg_config.flags, read once per packet (cg_ctx_init) */
 	__u32 policy_rev;   /* cg_config.policy_rev, likewise */
 	__u32 tunnel_ifindex; /* cg_config.tunnel_ifindex, likewise */
+	__be32 dst_node;    /* the node hosting a non-local receiver (its ipcache entry's tunnel endpoint), or 0 */
 	__u8  ct_state;
 	__u8  side;         /* 1 = the sender's egress decided, 0 = the receiver's ingress */
 	__u8  dir;          /* CG_DIR_* */

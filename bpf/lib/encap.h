@@ -31,18 +31,15 @@ static __always_inline int cg_set_tunnel(struct __sk_buff *skb, __u32 identity, 
 }
 
 /* After the sender's egress policy allowed a packet that no local endpoint takes: into the
- * tunnel if a node hosts `daddr`, else CG_NO_ENCAP. A tc action, or -DROP_*. */
-static __always_inline int cg_stage_encap(struct __sk_buff *skb, const struct cg_ctx *ctx, __u8 family,
-					  const __u8 *daddr)
+ * tunnel if a node hosts the receiver (ctx->dst_node, from the ipcache entry that gave its
+ * identity: the same entry decides policy and path), else CG_NO_ENCAP. A tc action, or -DROP_*. */
+static __always_inline int cg_stage_encap(struct __sk_buff *skb, const struct cg_ctx *ctx)
 {
-	struct cg_ipcache_value *val = cg_ipcache_find(family, daddr);
-	__be32 node;
 	int ret;
 
-	if (!val || !val->tunnel_endpoint)
+	if (!ctx->dst_node)
 		return CG_NO_ENCAP;
-	node = val->tunnel_endpoint;
-	ret = cg_set_tunnel(skb, ctx->src_identity, node);
+	ret = cg_set_tunnel(skb, ctx->src_identity, ctx->dst_node);
 	if (ret < 0)
 		return ret;
 	cg_forwarded(skb, ctx, CG_OK_TUNNEL);

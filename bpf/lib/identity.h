@@ -41,8 +41,19 @@ static __always_inline __u32 cg_peer_identity(__u8 family, const __u8 *addr)
 	return local ? local->identity : cg_ipcache_identity(family, addr);
 }
 
-/* The identity of a receiver: the local endpoint `dst` if there is one, else the ipcache's. */
-static __always_inline __u32 cg_dst_identity(const struct cg_endpoint *dst, __u8 family, const __u8 *addr)
+/* The identity of a receiver: the local endpoint `dst` if there is one, else the ipcache's;
+ * *node is the node that hosts a remote receiver (0 if none): one lookup serves both. */
+static __always_inline __u32 cg_dst_identity(const struct cg_endpoint *dst, __u8 family, const __u8 *addr,
+					     __be32 *node)
 {
-	return dst ? dst->identity : cg_ipcache_identity(family, addr);
+	struct cg_ipcache_value *val;
+
+	*node = 0;
+	if (dst)
+		return dst->identity;
+	val = cg_ipcache_find(family, addr);
+	if (!val)
+		return CG_ID_WORLD;
+	*node = val->tunnel_endpoint;
+	return val->identity;
 }

@@ -40,7 +40,7 @@ static __always_inline int cg_ipv4_from_ep(struct __sk_buff *skb, const struct c
 	if (ret < 0)
 		return ret;
 	if (!dst && ctx->tunnel_ifindex && ip.ttl > 1) {
-		ret = cg_stage_encap(skb, ctx, 4, (const __u8 *)&ip.daddr);
+		ret = cg_stage_encap(skb, ctx);
 		if (ret != CG_NO_ENCAP)
 			return ret;
 	}

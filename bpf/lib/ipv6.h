@@ -156,7 +156,7 @@ static __always_inline int cg_ipv6_from_ep(struct __sk_buff *skb, const struct c
 	if (ret < 0)
 		return ret;
 	if (!dst && ctx->tunnel_ifindex && ip6.hop_limit > 1) {
-		ret = cg_stage_encap(skb, ctx, 6, ip6.daddr.in6_u.u6_addr8);
+		ret = cg_stage_encap(skb, ctx);
 		if (ret != CG_NO_ENCAP)
 			return ret;
 	}

@@ -25,7 +25,7 @@ static __always_inline int cg_stage_from_ep(struct __sk_buff *skb, struct cg_ctx
 
 	*dst = local;
 	ctx->src_identity = ep->identity;
-	ctx->dst_identity = cg_dst_identity(local, family, daddr);
+	ctx->dst_identity = cg_dst_identity(local, family, daddr, &ctx->dst_node);
 	return cg_policy_flow(skb, ctx, f, 1, local != NULL);
 }
 
