@@ -243,8 +243,16 @@ class Cluster:
                 args += ["--docker-host", self.docker_host]
         return args
 
-    def start_agent(self, node: SimNode, extra: tuple[str, ...] = (), wait: bool = True) -> None:
-        cmd = [CELLGATE, "agent", *self.agent_args(node), *extra]
+    def start_agent(self, node: SimNode, extra: tuple[str, ...] = (), wait: bool = True,
+                    kvstore: bool = True) -> None:
+        """Start the node's agent; `kvstore=False` starts it as a single host (no cluster flags)."""
+        args = self.agent_args(node)
+        if not kvstore:
+            for flag in ("--kvstore", "--kvstore-endpoints", "--node-name", "--node-address", "--tunnel",
+                         "--lease-ttl"):
+                i = args.index(flag)
+                del args[i:i + 2]
+        cmd = [CELLGATE, "agent", *args, *extra]
         if node.netns:
             cmd = ["ip", "netns", "exec", node.netns, *cmd]
         log = open(Path(node.base) / "agent.log", "ab")  # noqa: SIM115 (the child holds it)

@@ -4,6 +4,7 @@ across nodes, entities, and policy trace agreeing with the traffic."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 from collections.abc import Iterator
@@ -207,6 +208,30 @@ def test_egress_policy_and_trace_by_address_across_nodes(vx: tuple[Cluster, Scen
                 assert out["verdict"] in ("ALLOWED", "DENIED"), out
                 verdicts.append(out["verdict"] == "ALLOWED")
             assert all(verdicts) == allowed, (src.name, dst.name, port, verdicts)
+    finally:
+        clear_policy(c)
+
+
+def test_cidr_rules_never_select_cluster_endpoints(vx: tuple[Cluster, Scene, dict[str, SimEndpoint]],
+                                                   tmp_path: Path) -> None:
+    """A CIDR that spans the cluster's ranges selects no endpoint of the cluster (as Cilium): they
+    keep their own identity; the CIDR has its own (node-local) one in the ipcache next to them."""
+    c, scene, eps = vx
+    fe1, be2 = eps["fe1"], eps["be2"]
+    wide = str(ipaddress.ip_network(f"{be2.ipv4}/8", strict=False))
+    rules = [{"labels": [{"key": "name", "value": "cg-cidr"}], "endpointSelector": {"matchLabels": {"app": "frontend"}},
+              "egress": [{"toEntities": ["cluster"]}],
+              "egressDeny": [{"toCIDR": [wide]}]}]
+    try:
+        for n in c.nodes:
+            policy(c, n, rules, tmp_path)
+        node1 = c.node(1)
+        cache = c.ipcache(node1)
+        assert cache[wide]["identity"] >= (1 << 24) + 1  # the CIDR's own, node-local identity
+        assert cache[f"{be2.ipv4}/32"]["identity"] < 1 << 24  # be2 keeps its cluster identity
+        assert scene.connect(fe1, be2.ipv4, 80)
+        out = c.cli(node1, "policy", "trace", "--src-ip", fe1.ipv4, "--dst-ip", be2.ipv4, "--dport", "80/tcp")
+        assert out["verdict"] == "ALLOWED", out
     finally:
         clear_policy(c)
 

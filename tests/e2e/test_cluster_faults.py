@@ -136,6 +136,34 @@ def test_etcd_compacted_or_restarted_empty_is_republished(pair: tuple[Cluster, S
     assert c.cli(a, "status")["kvstore"]["relists"] >= 1
 
 
+def test_local_identities_are_migrated_when_a_kvstore_is_configured(pair: tuple[Cluster, Scene]) -> None:
+    """A node that ran as a single host (local numbers) joins: its identities are migrated, not
+    duplicated, and its endpoints reach across with them."""
+    c, scene = pair
+    a, b = c.node(1), c.node(2)
+    be = scene.endpoint(b, "m2", "backend")
+    c.kill_agent(a, signal.SIGTERM)
+    wait_until(lambda: [n["name"] for n in c.cli(b, "node", "list")] == [b.name], TTL + 5, "a to leave")
+    c.start_agent(a, kvstore=False)
+    assert c.cli(a, "status").get("kvstore") is None
+    solo = scene.endpoint(a, "m1", "solo")  # numbered by the single host
+    before = c.cli(a, "endpoint", "get", solo.ipv4)["identity"]
+    assert before < 1 << 24
+    c.kill_agent(a, signal.SIGTERM)
+    c.start_agent(a)  # now with the kvstore
+    visible_everywhere(c, solo)
+
+    def agreed() -> int | None:
+        numbers = [identities(c, n).get(("cni:app=solo",)) for n in (a, b)]
+        return numbers[0] if numbers[0] is not None and numbers[0] == numbers[1] else None
+
+    number = wait_until(agreed, 10, "both nodes to agree on the migrated identity")
+    assert c.cli(a, "endpoint", "get", solo.ipv4)["identity"] == number < 1 << 24
+    ids_a = [i for i in c.cli(a, "identity", "list") if i["labels"] == ["cni:app=solo"]]
+    assert len(ids_a) == 1  # migrated, not duplicated
+    assert scene.connect(solo, be.ipv4, 80) and scene.connect(be, solo.ipv4, 80)
+
+
 def test_second_agent_with_a_live_name_or_range_is_refused(pair: tuple[Cluster, Scene]) -> None:
     c, _ = pair
     a, b = c.node(1), c.node(2)
