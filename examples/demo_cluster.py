@@ -52,10 +52,11 @@ def main() -> int:
         out, _ = monitor.communicate(timeout=30)
         say("Node 2's monitor: the drop names the remote sender's identity and labels")
         print("  " + out.strip().replace("\n", "\n  "))
-        trace = c.cli(n2, "policy", "trace", "--src", "app=other", "--dst", "app=backend", "--dport", "80/tcp")
-        say("policy trace on node 2 agrees")
+        # by address: node 2 resolves the remote sender through its ipcache, as the datapath does
+        trace = c.cli(n2, "policy", "trace", "--src-ip", other.ipv4, "--dst-ip", be.ipv4, "--dport", "80/tcp")
+        say("policy trace on node 2, by address, agrees")
         print("  " + "\n  ".join(trace["lines"]))
-        if not (ok and denied and "app=other" in out):
+        if not (ok and denied and "app=other" in out and trace["verdict"] == "DENIED"):
             print("demo-cluster: the expected verdicts were not seen", file=sys.stderr)
             return 1
         print(json.dumps({"frontend_to_backend": ok, "other_denied": denied}))
