@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.harness import CELLGATE, wait_until
+from tests.simcluster import sh
 
 pytestmark = pytest.mark.e2e
 
@@ -59,13 +60,6 @@ try:
 except OSError as exc:
     print("failed", exc); sys.exit(1)
 """
-
-
-def sh(*cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    if check and out.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} -> {out.returncode}: {out.stderr.strip()} {out.stdout.strip()}")
-    return out
 
 
 @dataclass
