@@ -9,7 +9,7 @@ NODES  ?= 5
 TUNNEL ?= vxlan
 
 .PHONY: cluster cluster-down demo-cluster
-.PHONY: setup run demo test test-unit test-kernel test-e2e lint typecheck clean bench bench-quick bench-micro bench-cluster bench-deps install-cni image plugin
+.PHONY: setup run demo test test-unit test-kernel test-e2e lint typecheck clean bench bench-quick bench-micro bench-cluster bench-l7 bench-deps install-cni image plugin
 
 setup:            ## apt packages, kernel headers link, .venv with cellgate installed (idempotent)
 	@bash .ci/setup.sh
@@ -83,6 +83,9 @@ bench-quick: bench-deps  ## one short round of every tier (< 3 min), for develop
 
 bench-cluster: bench-deps  ## cross-node RR/CRR vs plain VXLAN, identity propagation, keys/RSS (~5 min)
 	$(BENCH) cluster --run $(BENCH_RUN)
+
+bench-l7: bench-deps  ## HTTP through the L7 proxy vs L4 only vs nginx; 1,000 connections; Kafka produce (~3 min)
+	$(BENCH) l7 --run $(BENCH_RUN)
 
 bench-micro: bench-deps  ## BPF_PROG_TEST_RUN of the real programs (< 1 min; CI runs it)
 	$(BENCH) micro --run $(BENCH_RUN)

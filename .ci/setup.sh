@@ -9,6 +9,7 @@ PACKAGES=(
   docker.io busybox-static iputils-ping netcat-openbsd
   podman containernetworking-plugins
   mmdebstrap etcd-server etcd-client
+  curl wrk nginx-light
 )
 
 missing=()
@@ -47,7 +48,7 @@ if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
 if [ ! -f .venv/.installed ] || [ setup.cfg -nt .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test,l7-test]'
   touch .venv/.installed
 fi
 # .venv/bin/cellgate-cni: the CNI plugin launcher (system python -IS: fast, no site)

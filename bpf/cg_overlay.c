@@ -7,8 +7,11 @@
  *            ingress policy, then straight into it. Host addresses are not reached this way
  *            (dropped with DROP_NOT_LOCAL): nodes talk to each other over the underlay.
  *   egress:  cg_to_overlay   - what the host stack routes into the tunnel (host processes to
- *            remote endpoints): the tunnel endpoint from the ipcache, identity HOST. Frames
- *            an endpoint's program already encapsulated pass unchanged.
+ *            remote endpoints): the tunnel endpoint from the ipcache, identity HOST (the L7
+ *            proxy's upstream sockets: the sender's, from their mark). Frames an endpoint's
+ *            program already encapsulated pass unchanged.
+ *
+ * A flow whose receiver's ingress entry carries L7 rules goes to this node's proxy (lib/proxy.h).
  *
  * Compiled together with cg_lxc.c, once per agent start; they share every map.
  */
@@ -23,6 +26,7 @@
 #include "lib/policy.h"
 #include "lib/pipeline.h"
 #include "lib/encap.h"
+#include "lib/proxy.h"
 
 /* The inner packet's addresses and flow, for either family. 0, or -DROP_*. */
 static __always_inline int cg_overlay_flow(struct __sk_buff *skb, __u8 family, struct cg_flow *f,
@@ -88,6 +92,8 @@ static __always_inline int cg_from_overlay_dispatch(struct __sk_buff *skb, struc
 	ret = cg_stage_from_tunnel(skb, ctx, &f, dst);
 	if (ret < 0)
 		return ret;
+	if (ctx->proxy)
+		return cg_redirect_proxy(skb, ctx, &f);       /* the receiver's ingress L7 rules */
 	return cg_deliver_local(skb, ctx, dst);
 }
 
@@ -129,10 +135,11 @@ static __always_inline int cg_to_overlay_dispatch(struct __sk_buff *skb, struct 
 	}
 	if (!val || !val->tunnel_endpoint)
 		return -DROP_NO_TUNNEL_ENDPOINT;
-	ctx->src_identity = CG_ID_HOST;
+	/* The proxy's upstream sockets speak for the sender whose identity their mark carries. */
+	ctx->src_identity = cg_from_proxy(skb) ? cg_mark_identity(skb->mark) : CG_ID_HOST;
 	ctx->dst_identity = val->identity;
 	{
-		int ret = cg_set_tunnel(skb, CG_ID_HOST, val->tunnel_endpoint);
+		int ret = cg_set_tunnel(skb, ctx->src_identity, val->tunnel_endpoint);
 
 		if (ret < 0)
 			return ret;

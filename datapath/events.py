@@ -101,8 +101,27 @@ def _party(ev: dict[str, Any], side: str) -> str:
     return str(number)
 
 
+def format_l7(ev: dict[str, Any], stamp: str) -> str:
+    """An L7 request and its verdict, as Cilium's access log line."""
+    if ev.get("l7") == "kafka":
+        k = ev.get("kafka", {})
+        topics = ",".join(k.get("topics") or []) or "-"
+        key = k.get("api_key_name", k.get("api_key"))
+        what = f"kafka {key} v{k.get('api_version')} topic {topics} => {k.get('error_code', 0)}"
+    else:
+        h = ev.get("http", {})
+        status = h.get("status", h.get("grpc_status", "-"))
+        what = f"{h.get('protocol', 'http')} {h.get('method', '?')} {h.get('host', '')}{h.get('path', '')} => {status}"
+    rule = f" rule {ev['rule']}" if ev.get("rule") else ""
+    side = f" by {ev['side']}" if ev.get("side") else ""
+    return (f"{stamp} l7      {ev.get('src', '')} -> {ev.get('dst', '')}  {ev.get('verdict')}{side}{rule}  {what}"
+            f"  identity {_party(ev, 'src')} -> {_party(ev, 'dst')}" + (f"  ({ev['info']})" if ev.get("info") else ""))
+
+
 def format_line(ev: dict[str, Any]) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(ev["time"])) + f".{int(ev['time'] % 1 * 1000):03d}"
+    if ev.get("type") == "l7":
+        return format_l7(ev, stamp)
     endpoint = (ev.get("endpoint") or f"if{ev['ifindex']}")[:12]
     kind = ev["type"]
     if kind == "verdict":

@@ -26,6 +26,7 @@ from datapath.plan import (
     Neighbour,
     Plan,
     Programs,
+    ProxyRoute,
     Route,
     TunnelDevice,
     Veth,
@@ -126,6 +127,7 @@ HANDLERS: dict[str, type[_Stored]] = {
     AddressEntry.kind: _AddressEntries,
     IpcacheEntry.kind: _Stored,
     Masquerade.kind: _Stored,
+    ProxyRoute.kind: _Stored,
     TunnelDevice.kind: _Tunnels,
 }
 

@@ -60,6 +60,16 @@ def link_group(instance: str) -> int:
     return 0x40000000 | (int.from_bytes(digest[:4], "big") & 0x3FFFFFFF)
 
 
+PROXY_TABLE_FIRST, PROXY_TABLES = 2004, 4096  # routing tables 2004..6099: the L7 proxy's, one per instance
+
+
+def proxy_table(instance: str) -> int:
+    """The routing table of an instance's L7 proxy route (`local default dev lo`): its own, so
+    that instances sharing a network namespace never remove each other's (the fwmark is shared)."""
+    digest = int.from_bytes(hashlib.sha256(f"proxy:{instance}".encode()).digest()[:4], "big")
+    return PROXY_TABLE_FIRST + digest % PROXY_TABLES
+
+
 def nat_chain(instance: str) -> str:
     return f"CG-{instance}-NAT"
 

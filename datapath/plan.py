@@ -35,6 +35,7 @@ class Settings:
     # Destinations inside the cluster (every node's endpoint ranges): never masqueraded, so the
     # receiving node sees the sender's own address (and the ipcache its identity).
     cluster_cidrs: tuple[IPNetwork, ...] = ()
+    proxy: bool = False  # the L7 proxy runs: its routing (ProxyRoute) is in place
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,22 @@ class Route:
 
 
 @dataclass(frozen=True)
+class ProxyRoute:
+    """The L7 proxy's routing, per family: what the datapath assigned to the proxy's socket
+    (skb mark 0x200/0xf00) is delivered locally (`ip rule fwmark 0x200/0xf00 lookup T`, table T
+    holding `local default dev lo`), whatever its destination address. T is the instance's own
+    (naming.proxy_table): every instance's rule delivers alike, and each removes only its own."""
+
+    kind: ClassVar[str] = "proxy-route"
+    family: int  # 4 or 6
+    table: int
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return (self.kind, str(self.family))
+
+
+@dataclass(frozen=True)
 class Masquerade:
     kind: ClassVar[str] = "masquerade"
     subnet: ipaddress.IPv4Network
@@ -211,13 +228,13 @@ class Masquerade:
 
 KernelObject = (
     HostDevice | HostAddress | TunnelDevice | IpcacheEntry | Veth | EndpointEntry | AddressEntry | Programs
-    | Neighbour | Route | Masquerade
+    | Neighbour | Route | Masquerade | ProxyRoute
 )
 Key = tuple[str, ...]
 
 ORDER = (
     HostDevice, HostAddress, TunnelDevice, IpcacheEntry, Veth, EndpointEntry, AddressEntry, Programs, Neighbour,
-    Route, Masquerade,
+    Route, Masquerade, ProxyRoute,
 )
 
 
@@ -336,6 +353,9 @@ def desired_state(
     objects (datapath.nodes) are looked up by key under a scope, in O(len(scope)).
     """
     objs: set[KernelObject] = host_objects(host_addresses)
+    if settings.proxy:
+        table = naming.proxy_table(settings.instance)
+        objs |= {ProxyRoute(4, table), ProxyRoute(6, table)}
     if cluster is not None:
         if scope is None:
             objs |= cluster.objects(settings.instance)

@@ -14,6 +14,7 @@ VERDICTS: dict[int, tuple[str, str]] = {
     6: ("CG_OK_QUIET", "link housekeeping consumed"),
     7: ("CG_OK_POLICY", "allowed by policy"),
     12: ("CG_OK_TUNNEL", "sent through the tunnel to another node"),
+    13: ("CG_OK_PROXY", "redirected to the L7 proxy"),
     130: ("DROP_INVALID_SMAC", "invalid source MAC"),
     131: ("DROP_INVALID_DMAC", "invalid destination MAC"),
     132: ("DROP_INVALID_SIP", "invalid source IP"),
@@ -27,6 +28,8 @@ VERDICTS: dict[int, tuple[str, str]] = {
     154: ("DROP_NO_IPV4", "IPv4 not enabled on endpoint"),
     155: ("DROP_CT_CREATE", "conntrack entry could not be created"),
     157: ("DROP_FRAG", "fragment without an L3 allow"),
+    178: ("DROP_PROXY_LOOKUP", "L7 proxy not listening (fail closed)"),
+    179: ("DROP_PROXY_ASSIGN", "L7 proxy socket refused the packet"),
     181: ("DROP_POLICY_DENY", "policy denied by a deny rule"),
     190: ("DROP_NO_TUNNEL_KEY", "no tunnel metadata"),
     191: ("DROP_UNKNOWN_NODE", "encapsulated by an unknown node (forged)"),
@@ -34,8 +37,9 @@ VERDICTS: dict[int, tuple[str, str]] = {
     193: ("DROP_NOT_LOCAL", "tunnelled to an address that is no local endpoint"),
     194: ("DROP_TUNNEL_SRC", "inner source belongs to another node"),
     195: ("DROP_NO_TUNNEL_ENDPOINT", "no node hosts the tunnelled destination"),
+    196: ("DROP_PROXY_REQUIRED", "L7 policy on a path that cannot reach the proxy"),
 }
-POLICY = {7, 133, 157, 181}
+POLICY = {7, 13, 133, 157, 178, 179, 181, 196}
 
 FIRST_DROP = 128
 

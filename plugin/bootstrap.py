@@ -33,9 +33,11 @@ from plugin.config import CLUSTER_V4, CLUSTER_V6, Config
 from plugin.docker.app import create_app as create_docker
 from plugin.docker.watcher import DockerWatcher
 from plugin.monitor import EventHub
+from plugin.proxy.supervisor import ProxySupervisor, choose_port, stop_left_over
 from plugin.server import UnixServer
 from plugin.service import Agent
 from plugin.service.cni import CniService
+from plugin.service.l7filters import FilterTable
 from plugin.service.policy import PolicyState
 
 if TYPE_CHECKING:
@@ -99,15 +101,20 @@ class Runtime:
         settings = plan.Settings(cfg.name, cfg.masquerade, self.datapath.revision)
         if kvstore is not None:  # cluster traffic is never masqueraded
             settings = dataclasses.replace(settings, cluster_cidrs=cluster_cidrs(cfg))
+        proxy_state = cfg.state_dir / "proxy"
+        proxy_port = choose_port(proxy_state, cfg.proxy_port) if cfg.proxy else 0
+        settings = dataclasses.replace(settings, proxy=cfg.proxy)
         identities: Identities = (ClusterIdentities(JsonDir(cfg.state_dir / "identities"), IdentityCache())
                                   if kvstore is not None else Identities(JsonDir(cfg.state_dir / "identities")))
         policy = PolicyState(identities, Repository(JsonDir(cfg.state_dir / "policy")), self.kernel, cfg.enforcement,
-                             cidr.CidrIdentities(JsonDir(cfg.state_dir / "cidr-identities")))
+                             cidr.CidrIdentities(JsonDir(cfg.state_dir / "cidr-identities")),
+                             FilterTable(cfg.state_dir / "proxy" / "filters.json"))
         self.agent = Agent(
             JsonDir(cfg.state_dir / "networks"), JsonDir(cfg.state_dir / "endpoints"),
             self.ipam, self.kernel, settings, policy=policy,
         )
         self.kernel.set_config(False, self.agent.timeouts, verdicts=False)  # until a monitor asks
+        self.kernel.config.set_proxy_port(proxy_port)  # 0 without a proxy: L7 flows drop
         self.cluster: ClusterService | None = None
         if kvstore is not None:
             from datapath.nodes import Node
@@ -132,6 +139,11 @@ class Runtime:
             except (OSError, CellgateError) as exc:
                 log.warning("cannot install the CNI plugin in %s: %s", cfg.cni_bin_dir, exc)
         self.hub = EventHub()
+        self.proxy: ProxySupervisor | None = None
+        if cfg.proxy:
+            self.proxy = ProxySupervisor(proxy_state, cfg.bpf_dir, proxy_port, cfg.access_log, self._l7_event,
+                                         cfg.debug)
+            self.proxy.start()
         self._ifnames: dict[int, str] = {}
         self.servers: list[UnixServer] = []
         try:
@@ -200,6 +212,14 @@ class Runtime:
                 log.exception("event reader")
                 self.stop.wait(1.0)
 
+    def _l7_event(self, ev: dict[str, Any]) -> None:
+        """An event of the L7 proxy, with the labels of its identities."""
+        for side in ("src", "dst"):
+            number = ev.get(f"{side}_identity")
+            if isinstance(number, int) and number:
+                ev[f"{side}_labels"] = self.agent.labels_of(number)
+        self.hub.publish(ev)
+
     def _sweep(self) -> None:
         while not self.stop.wait(self.cfg.sweep_interval):
             try:
@@ -232,6 +252,8 @@ class Runtime:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
         if self.cluster is not None:
             self.cluster.close()
+        if self.proxy is not None:
+            self.proxy.stop()
         self.kernel.close()
         self.datapath.close()
         return 0
@@ -327,18 +349,20 @@ def cleanup(cfg: Config) -> dict[str, Any]:
     from datapath.kernel.executor import KernelExecutor
     from datapath.kernel.loader import remove_pins
 
-    report: dict[str, Any] = {"links": [], "routes": [], "iptables": False, "pins": [], "sockets": [], "state": ""}
+    report: dict[str, Any] = {"links": [], "routes": [], "iptables": False, "pins": [], "sockets": [], "state": "",
+                              "proxy": 0}
     if cfg.state_dir.is_dir():
         handle = lock_state(cfg.state_dir)  # raises StateError while an agent runs
         handle.close()
+        report["proxy"] = stop_left_over(cfg.state_dir / "proxy")
     kernel = KernelExecutor(cfg.name, None)
     try:
         owned = kernel.observe()
         links = [o for o in owned if isinstance(o, (plan.Veth, plan.HostDevice, plan.TunnelDevice))]
-        routes = [o for o in owned if isinstance(o, plan.Route)]
+        routes = [o for o in owned if isinstance(o, (plan.Route, plan.ProxyRoute))]
         kernel.apply(plan.Plan(remove=tuple(routes) + tuple(links)))
         report["links"] = sorted(o.name for o in links)
-        report["routes"] = sorted(str(o.dst) for o in routes)
+        report["routes"] = sorted(str(o.dst) if isinstance(o, plan.Route) else f"proxy-ipv{o.family}" for o in routes)
         report["iptables"] = kernel.iptables.teardown()
     finally:
         kernel.close()

@@ -257,7 +257,14 @@ def _party(args: argparse.Namespace, side: str) -> dict[str, str]:
 
 
 def cmd_policy_trace(args: argparse.Namespace) -> int:
-    body = {"src": _party(args, "src"), "dst": _party(args, "dst"), "dport": args.dport}
+    body: dict[str, Any] = {"src": _party(args, "src"), "dst": _party(args, "dst"), "dport": args.dport}
+    if args.http_method or args.http_path or args.header or args.http_host:
+        body["http"] = {"method": args.http_method or "GET", "path": args.http_path or "/",
+                        "host": args.http_host, "headers": args.header}
+    if args.kafka_api_key or args.kafka_topic:
+        body["kafka"] = {"apiKey": args.kafka_api_key or "produce", "apiVersion": args.kafka_api_version,
+                         "topics": args.kafka_topic, **({"clientID": args.kafka_client_id}
+                                                        if args.kafka_client_id is not None else {})}
     out = _client(args).post("/v1/policy/trace", body)
     _emit(args, out, "\n".join(out["lines"]))
     return 0
@@ -387,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_ipam_check)
 
     mon = sub.add_parser("monitor", parents=[common], help="print datapath events as they happen")
-    mon.add_argument("--type", choices=("drop", "verdict", "trace"), default="",
+    mon.add_argument("--type", choices=("drop", "verdict", "trace", "l7"), default="",
                      help="only events of this type (trace events are produced only while asked for)")
     mon.add_argument("--endpoint", default="", help="only events of this endpoint (ID prefix)")
     mon.add_argument("--count", type=int, default=0, help="exit after this many events")
@@ -422,6 +429,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{side}-ip", dest=f"{side}_ip", default="", metavar="ADDRESS",
                        help="an address, resolved as the datapath does (endpoint, ipcache prefix, else world)")
     p.add_argument("--dport", default="", help="destination port and protocol, e.g. 80/tcp")
+    p.add_argument("--http-method", default="", help="trace an HTTP request: its method (GET when a path is given)")
+    p.add_argument("--http-path", default="", help="... its path, e.g. /public/x")
+    p.add_argument("--http-host", default="", help="... its Host")
+    p.add_argument("--header", action="append", default=[], metavar="NAME:VALUE", help="... a header (repeatable)")
+    p.add_argument("--kafka-api-key", default="", help="trace a Kafka request: its API key (produce, fetch, ...)")
+    p.add_argument("--kafka-api-version", type=int, default=0)
+    p.add_argument("--kafka-topic", action="append", default=[], metavar="TOPIC", help="... a topic (repeatable)")
+    p.add_argument("--kafka-client-id", default=None)
     p.set_defaults(func=cmd_policy_trace)
 
     ident = sub.add_parser("identity", help="security identities").add_subparsers(dest="sub", required=True,

@@ -80,6 +80,11 @@ class Config:
     tunnel: str = ""  # "vxlan" | "disabled" ("" without a kvstore)
     lease_ttl: int = 15
     kvstore_timeout: float = 2.0
+    # L7 proxy (docs/l7.md): its listener port on 127.0.0.1/::1 (0: chosen once, kept in the state
+    # dir), an optional JSON-lines access log, and whether it runs at all.
+    proxy_port: int = 0
+    access_log: str = ""
+    proxy: bool = True
 
     @property
     def clustered(self) -> bool:
@@ -146,6 +151,16 @@ class Config:
         parser.add_argument("--lease-ttl", type=int, default=int(_env("CELLGATE_LEASE_TTL", "15")),
                             help="seconds a dead node's keys outlive it in the kvstore [CELLGATE_LEASE_TTL, "
                                  "default 15]")
+        parser.add_argument("--proxy-port", type=int, default=int(_env("CELLGATE_PROXY_PORT", "0")),
+                            help="the L7 proxy's listener port on 127.0.0.1 and ::1 [CELLGATE_PROXY_PORT, "
+                                 "default: chosen at first start and kept]")
+        parser.add_argument("--access-log", default=_env("CELLGATE_ACCESS_LOG", ""),
+                            help="append every L7 request and verdict to this file as JSON lines "
+                                 "[CELLGATE_ACCESS_LOG]")
+        parser.add_argument("--no-proxy", dest="proxy", action="store_false",
+                            default=not _flag(_env("CELLGATE_NO_PROXY", "false")),
+                            help="do not run the L7 proxy: flows that L7 rules cover are dropped "
+                                 "[CELLGATE_NO_PROXY]")
         parser.add_argument("--debug", action="store_true", default=_flag(_env("CELLGATE_DEBUG", "false")),
                             help="log wire bodies and kernel changes [CELLGATE_DEBUG]")
 
@@ -179,6 +194,9 @@ class Config:
             cni_bin_dir=args.cni_bin_dir,
             reconcile_grace=args.reconcile_grace,
             driver_name=args.driver_name,
+            proxy_port=_proxy_port(getattr(args, "proxy_port", 0)),
+            access_log=getattr(args, "access_log", "") or "",
+            proxy=getattr(args, "proxy", True),
             **cluster,
         )
 
@@ -225,6 +243,12 @@ def _seconds(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds >= 0")
     return value
+
+
+def _proxy_port(port: int) -> int:
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--proxy-port {port}: must be between 1 and 65535 (0: chosen)")
+    return port
 
 
 def default_api_socket(name: str = "") -> str:

@@ -59,6 +59,7 @@
 #define CG_OK_QUIET        6   /* link housekeeping consumed without a reply (GARP, DAD, MLD, RS) */
 #define CG_OK_POLICY       7   /* a new flow allowed by policy (verdict events) */
 #define CG_OK_TUNNEL       12  /* sent into the VXLAN tunnel towards another node */
+#define CG_OK_PROXY        13  /* handed to the L7 proxy's socket (bpf_sk_assign) */
 
 #define DROP_INVALID_SMAC  130 /* source MAC is not the endpoint's */
 #define DROP_INVALID_DMAC  131 /* destination MAC is not the gateway's */
@@ -80,6 +81,14 @@
 #define DROP_NOT_LOCAL     193 /* tunnelled to this node for an address that is no local endpoint */
 #define DROP_TUNNEL_SRC    194 /* inner source lives on another node than the one that sent it */
 #define DROP_NO_TUNNEL_ENDPOINT 195 /* routed into the tunnel to an address no node hosts */
+#define DROP_PROXY_LOOKUP  178 /* L7 policy applies and the proxy's listener is not there (fail closed) */
+#define DROP_PROXY_ASSIGN  179 /* L7 policy applies and the proxy's socket refused the packet */
+#define DROP_PROXY_REQUIRED 196 /* L7 policy applies on a path that cannot reach the proxy */
+
+/* skb->mark: the proxy's routing (fwmark rule to the local table) and its upstream sockets. */
+#define CG_MARK_MASK       0xf00
+#define CG_MARK_TO_PROXY   0x200  /* set with bpf_sk_assign; `ip rule fwmark 0x200/0xf00 lookup 2004` */
+#define CG_MARK_FROM_PROXY 0xa00  /* SO_MARK of the proxy's upstream sockets; the rest is the identity */
 
 #define CG_METRICS_SIZE    256
 

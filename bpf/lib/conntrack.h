@@ -11,6 +11,7 @@
 #include "lib/common.h"
 #include "lib/maps.h"
 #include "lib/l4.h"
+#include "lib/ctx.h"
 
 #define CG_SEC 1000000000ULL
 #define CG_TCP_TIMEOUT   (21600 * CG_SEC)
@@ -109,9 +110,10 @@ static __always_inline int cg_ct_lookup(const struct cg_flow *f, struct cg_ct_va
 	return CG_CT_NEW;
 }
 
-static __always_inline int cg_ct_create(const struct cg_flow *f, struct __sk_buff *skb,
-					__u32 src_identity, __u32 dst_identity, __u32 rule,
-					__u32 policy_rev, __u8 policy_sides)
+/* A new flow's entry: its parties (ctx), the deciding rule, the sides whose verdict is cached,
+ * and, for a flow through the proxy (ctx->proxy), both sides' L7 filters. */
+static __always_inline int cg_ct_create(const struct cg_flow *f, struct __sk_buff *skb, const struct cg_ctx *ctx,
+					__u32 rule, __u8 policy_sides, __u16 l7_egress, __u16 l7_ingress)
 {
 	struct cg_ct_key key;
 	struct cg_ct_value ct = {};
@@ -120,11 +122,16 @@ static __always_inline int cg_ct_create(const struct cg_flow *f, struct __sk_buf
 	if (f->frag || f->related)
 		return 0;                 /* nothing to track: no ports, or an error about no flow */
 	cg_ct_key(&key, f, 0);
-	ct.src_identity = src_identity;
-	ct.dst_identity = dst_identity;
+	ct.src_identity = ctx->src_identity;
+	ct.dst_identity = ctx->dst_identity;
 	ct.rule = rule;
-	ct.policy_rev = policy_rev;
+	ct.policy_rev = ctx->policy_rev;
 	ct.policy_sides = policy_sides;
+	if (ctx->proxy) {
+		ct.flags |= CG_CT_F_PROXY;
+		ct.l7_egress = l7_egress;
+		ct.l7_ingress = l7_ingress;
+	}
 	ct.packets = 1;
 	ct.bytes = skb->len;
 	if (f->tcp_flags & CG_TCP_F_RST)

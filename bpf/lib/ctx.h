@@ -20,6 +20,9 @@ struct cg_ctx {
 	__u8  ct_state;
 	__u8  side;         /* 1 = the sender's egress decided, 0 = the receiver's ingress */
 	__u8  dir;          /* CG_DIR_* */
+	__u8  proxy;        /* 1 = the flow goes through the L7 proxy (lib/proxy.h) */
+	__u16 proxy_port;   /* cg_config.proxy_port, likewise */
+	__u8  from_proxy;   /* sent by the proxy's upstream socket: src_identity came in its mark */
 	__u8  pad;
 };
 
@@ -35,4 +38,5 @@ static __always_inline void cg_ctx_init(struct cg_ctx *ctx, __u8 dir)
 	ctx->cfg_flags = cfg ? cfg->flags : 0;
 	ctx->policy_rev = cfg ? cfg->policy_rev : 0;
 	ctx->tunnel_ifindex = cfg ? cfg->tunnel_ifindex : 0;
+	ctx->proxy_port = cfg ? cfg->proxy_port : 0;
 }

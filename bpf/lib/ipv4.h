@@ -39,6 +39,8 @@ static __always_inline int cg_ipv4_from_ep(struct __sk_buff *skb, const struct c
 	ret = cg_stage_from_ep(skb, ctx, ep, &f, 4, (const __u8 *)&ip.daddr, &dst);
 	if (ret < 0)
 		return ret;
+	if (ctx->proxy)
+		return cg_redirect_proxy(skb, ctx, &f);
 	if (!dst && ctx->tunnel_ifindex && ip.ttl > 1) {
 		ret = cg_stage_encap(skb, ctx);
 		if (ret != CG_NO_ENCAP)

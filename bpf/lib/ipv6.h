@@ -155,6 +155,8 @@ static __always_inline int cg_ipv6_from_ep(struct __sk_buff *skb, const struct c
 	ret = cg_stage_from_ep(skb, ctx, ep, &f, 6, ip6.daddr.in6_u.u6_addr8, &dst);
 	if (ret < 0)
 		return ret;
+	if (ctx->proxy)
+		return cg_redirect_proxy(skb, ctx, &f);
 	if (!dst && ctx->tunnel_ifindex && ip6.hop_limit > 1) {
 		ret = cg_stage_encap(skb, ctx);
 		if (ret != CG_NO_ENCAP)

@@ -50,7 +50,8 @@ struct cg_policy_key {
 
 struct cg_policy_value {
 	__u8  deny;         /* 1 = an explicit deny */
-	__u8  pad[3];
+	__u8  pad;
+	__u16 l7;           /* L7 filter the proxy applies (plugin/proxy); 0 = none: no redirect */
 	__u32 rule;         /* rule id, 0 = default allow */
 };
 
@@ -91,13 +92,15 @@ struct cg_ct_value {
 	__u8  policy_sides; /* CG_CT_SIDE_*: the sides whose allow verdict is cached */
 	__u8  pad[2];
 	__u32 policy_rev;   /* cg_config.policy_rev that verdict was decided at; 0 = none */
-	__u32 pad2;
+	__u16 l7_egress;    /* L7 filter of the sender's egress side (CG_CT_F_PROXY flows), 0 = none */
+	__u16 l7_ingress;   /* L7 filter of the receiver's ingress side, 0 = none */
 };
 
 #define CG_CT_F_REPLIED   0x1  /* a packet went back: the flow is established */
 #define CG_CT_F_FIN_FWD   0x2
 #define CG_CT_F_FIN_REV   0x4
 #define CG_CT_F_RST       0x8
+#define CG_CT_F_PROXY     0x10 /* the flow goes through the L7 proxy (lib/proxy.h), for its whole life */
 
 #define CG_CT_SIDE_EGRESS  0x1  /* the sender's egress policy */
 #define CG_CT_SIDE_INGRESS 0x2  /* the receiver's ingress policy */
@@ -111,7 +114,8 @@ struct cg_config {
 	__u64 close_timeout_ns;   /* TCP after FIN both ways or RST */
 	__u64 other_timeout_ns;   /* UDP, ICMP and the rest */
 	__u32 tunnel_ifindex;     /* the instance's VXLAN device; 0 = no tunnel (native routing) */
-	__u32 pad;
+	__u16 proxy_port;         /* the L7 proxy's listener port (host order); 0 = no proxy: L7 flows drop */
+	__u16 pad;
 };
 
 /* Fixed-size event record written to the ring buffer. */

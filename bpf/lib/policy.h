@@ -30,7 +30,7 @@ static __always_inline struct cg_policy_value *cg_policy_lpm(__u32 subject, __u3
 
 /* 0 if allowed, else -DROP_POLICY or -DROP_POLICY_DENY; *rule names the deciding rule. */
 static __always_inline int cg_policy_decide(__u32 subject, __u8 egress, __u32 peer, const struct cg_flow *f,
-					    __u32 *rule)
+					    __u32 *rule, __u16 *l7)
 {
 	struct cg_policy_value *specific = NULL, *wildcard;
 	__be16 port = f->frag ? 0 : f->policy_port;
@@ -48,10 +48,12 @@ static __always_inline int cg_policy_decide(__u32 subject, __u8 egress, __u32 pe
 	}
 	if (specific) {
 		*rule = specific->rule;
+		*l7 = specific->l7;
 		return 0;
 	}
 	if (wildcard) {
 		*rule = wildcard->rule;
+		*l7 = wildcard->l7;
 		return 0;
 	}
 	*rule = 0;
@@ -78,6 +80,11 @@ static __always_inline int cg_ct_verdict_holds(const struct cg_ct_value *ct, con
  * the verdict cached in its conntrack entry while that holds (cg_ct_verdict_holds) and is
  * decided again otherwise, so a revoked rule stops a live flow on its next packet (and
  * forgets it).
+ *
+ * L7: when a deciding allow entry carries an L7 filter, the flow goes to the proxy
+ * (ctx->proxy; the caller redirects or, where it cannot, drops) unless the proxy itself sent it.
+ * Its conntrack entry says so (CG_CT_F_PROXY) for the flow's whole life, with both sides'
+ * filters, which the proxy reads per request: a policy change applies to the next request.
  */
 static __always_inline int cg_policy_flow(struct __sk_buff *skb, struct cg_ctx *ctx, const struct cg_flow *f,
 					  int src_subject, int dst_subject)
@@ -85,7 +92,8 @@ static __always_inline int cg_policy_flow(struct __sk_buff *skb, struct cg_ctx *
 	struct cg_ct_value *ct;
 	__u8 sides = (src_subject ? CG_CT_SIDE_EGRESS : 0) | (dst_subject ? CG_CT_SIDE_INGRESS : 0);
 	__u32 rule = 0;
-	int state, ret = 0;
+	__u16 l7_egress = 0, l7_ingress = 0;
+	int state, ret = 0, proxy;
 
 	state = cg_ct_lookup(f, &ct, skb);
 	ctx->ct_state = state;
@@ -93,16 +101,17 @@ static __always_inline int cg_policy_flow(struct __sk_buff *skb, struct cg_ctx *
 		return 0;
 	if (state == CG_CT_ESTABLISHED && ct && cg_ct_verdict_holds(ct, ctx, sides)) {
 		ctx->rule = ct->rule;
+		ctx->proxy = (ct->flags & CG_CT_F_PROXY) ? 1 : 0;
 		return 0;
 	}
 	if (src_subject) {
-		ret = cg_policy_decide(ctx->src_identity, 1, ctx->dst_identity, f, &rule);
+		ret = cg_policy_decide(ctx->src_identity, 1, ctx->dst_identity, f, &rule, &l7_egress);
 		ctx->side = 1;
 	}
 	if (ret == 0 && dst_subject) {
 		__u32 ingress_rule = 0;
 
-		ret = cg_policy_decide(ctx->dst_identity, 0, ctx->src_identity, f, &ingress_rule);
+		ret = cg_policy_decide(ctx->dst_identity, 0, ctx->src_identity, f, &ingress_rule, &l7_ingress);
 		if (ret < 0 || !src_subject || !rule) {
 			rule = ingress_rule;
 			ctx->side = 0;
@@ -118,7 +127,18 @@ static __always_inline int cg_policy_flow(struct __sk_buff *skb, struct cg_ctx *
 			cg_notify(skb, ctx, CG_EVENT_VERDICT, -ret);
 		return ret;
 	}
+	proxy = (l7_egress || l7_ingress) && !ctx->from_proxy;
+	if (proxy && f->frag)
+		return -DROP_PROXY_REQUIRED;
 	if (state == CG_CT_ESTABLISHED && ct) {
+		if (proxy && !(ct->flags & CG_CT_F_PROXY)) {
+			/* A live direct flow that now needs L7: it cannot move into the proxy mid-stream. */
+			cg_ct_delete(f);
+			return -DROP_PROXY_REQUIRED;
+		}
+		ctx->proxy = (ct->flags & CG_CT_F_PROXY) ? 1 : 0;
+		ct->l7_egress = l7_egress;
+		ct->l7_ingress = l7_ingress;
 		/* Allowed again, under the current policy and identities: cache that. */
 		ct->src_identity = ctx->src_identity;
 		ct->dst_identity = ctx->dst_identity;
@@ -127,7 +147,8 @@ static __always_inline int cg_policy_flow(struct __sk_buff *skb, struct cg_ctx *
 		ct->policy_rev = ctx->policy_rev;
 	}
 	if (state == CG_CT_NEW) {
-		ret = cg_ct_create(f, skb, ctx->src_identity, ctx->dst_identity, rule, ctx->policy_rev, sides);
+		ctx->proxy = proxy;
+		ret = cg_ct_create(f, skb, ctx, rule, sides, l7_egress, l7_ingress);
 		if (ret < 0)
 			return ret;
 		if (!f->frag && cg_verdicts_wanted(ctx))

@@ -12,7 +12,7 @@ import platform
 from dataclasses import dataclass
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
-BPF_OBJ_GET, BPF_PROG_TEST_RUN, BPF_OBJ_GET_INFO_BY_FD = 7, 10, 15
+BPF_MAP_LOOKUP_ELEM, BPF_OBJ_GET, BPF_PROG_TEST_RUN, BPF_OBJ_GET_INFO_BY_FD = 1, 7, 10, 15
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -45,12 +45,46 @@ class MapShape:
     max_entries: int
 
 
-def pinned_map_shape(path: str) -> MapShape:
-    """Type and sizes of the map pinned at `path` (OSError if there is none)."""
+def open_pinned(path: str) -> int:
+    """A file descriptor of the object pinned at `path` (OSError if there is none)."""
     raw = os.fsencode(path) + b"\0"
     name = ctypes.create_string_buffer(raw, len(raw))
     get = _ObjGetAttr(pathname=ctypes.addressof(name))
-    fd = _bpf(BPF_OBJ_GET, get, f"BPF_OBJ_GET {path}")
+    return _bpf(BPF_OBJ_GET, get, f"BPF_OBJ_GET {path}")
+
+
+class _ElemAttr(ctypes.Structure):
+    _fields_ = [("map_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("key", ctypes.c_uint64),
+                ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class MapReader:
+    """Lookups in one pinned map by raw key bytes, reusing its buffers (one syscall each)."""
+
+    def __init__(self, path: str, value_size: int) -> None:
+        self.fd = open_pinned(path)
+        self.value = ctypes.create_string_buffer(value_size)
+        self._attr = _ElemAttr(map_fd=self.fd, value=ctypes.addressof(self.value))
+
+    def lookup(self, key: ctypes.Structure) -> bytes | None:
+        self._attr.key = ctypes.addressof(key)
+        ret = int(_libc.syscall(_SYS_BPF, BPF_MAP_LOOKUP_ELEM, ctypes.byref(self._attr), ctypes.sizeof(self._attr)))
+        if ret < 0:
+            err = ctypes.get_errno()
+            if err == 2:  # ENOENT
+                return None
+            raise OSError(err, f"BPF_MAP_LOOKUP_ELEM: {os.strerror(err)}")
+        return self.value.raw
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def pinned_map_shape(path: str) -> MapShape:
+    """Type and sizes of the map pinned at `path` (OSError if there is none)."""
+    fd = open_pinned(path)
     try:
         info = _MapInfo()
         attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))

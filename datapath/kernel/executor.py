@@ -17,7 +17,7 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 
 from datapath.errors import KernelError
-from datapath.kernel import iptables, layout, links, maps, tunnel
+from datapath.kernel import iptables, layout, links, maps, proxyroute, tunnel
 from datapath.kernel.context import Handler, KernelContext, attr
 from datapath.kernel.loader import Datapath
 from datapath.plan import KINDS, ORDER, IPNetwork, KernelObject, Key, Plan
@@ -38,6 +38,7 @@ class KernelExecutor:
         made: list[Handler] = [cls(self.ctx) for cls in (*links.HANDLERS, *maps.HANDLERS)]
         made.append(iptables._Masquerades(self.iptables))
         made.append(tunnel.TunnelDevices(self.ctx, self.config))
+        made.append(proxyroute.ProxyRoutes(instance))
         self.handlers: dict[str, Handler] = {h.kind: h for h in made}
         missing = set(KINDS) - set(self.handlers)
         assert not missing, f"plan kinds without a kernel handler: {sorted(missing)}"

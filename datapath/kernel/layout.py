@@ -26,6 +26,7 @@ CG_CT_F_REPLIED = 0x1  # struct cg_ct_value.flags
 CG_CT_F_FIN_FWD = 0x2
 CG_CT_F_FIN_REV = 0x4
 CG_CT_F_RST = 0x8
+CG_CT_F_PROXY = 0x10
 CG_CT_SIDE_EGRESS = 0x1  # struct cg_ct_value.policy_sides
 CG_CT_SIDE_INGRESS = 0x2
 
@@ -66,7 +67,8 @@ class CgPolicyKey(ctypes.Structure):
 class CgPolicyValue(ctypes.Structure):
     _fields_ = [
         ("deny", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 3),
+        ("pad", ctypes.c_uint8),
+        ("l7", ctypes.c_uint16),  # L7 filter id, 0 = none
         ("rule", ctypes.c_uint32),
     ]
 
@@ -113,7 +115,8 @@ class CgCtValue(ctypes.Structure):
         ("policy_sides", ctypes.c_uint8),
         ("pad", ctypes.c_uint8 * 2),
         ("policy_rev", ctypes.c_uint32),
-        ("pad2", ctypes.c_uint32),
+        ("l7_egress", ctypes.c_uint16),
+        ("l7_ingress", ctypes.c_uint16),
     ]
 
 
@@ -126,7 +129,8 @@ class CgConfig(ctypes.Structure):
         ("close_timeout_ns", ctypes.c_uint64),
         ("other_timeout_ns", ctypes.c_uint64),
         ("tunnel_ifindex", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("proxy_port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
     ]
 
 
@@ -227,7 +231,7 @@ AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 # The policy key and value as flat records, packed many at once (native byte order like the
 # Structures; dport goes in swapped, as the Structure field holds it).
 _POLICY_KEY = struct.Struct("=IIIBBH")
-_POLICY_VALUE = struct.Struct("=B3xI")
+_POLICY_VALUE = struct.Struct("=BxHI")
 assert _POLICY_KEY.size == ctypes.sizeof(CgPolicyKey) and _POLICY_VALUE.size == ctypes.sizeof(CgPolicyValue)
 
 
@@ -248,7 +252,7 @@ def policy_values(values: Sequence[PolicyValue]) -> ctypes.Array[CgPolicyValue]:
     out = (CgPolicyValue * len(values))()
     pack, size = _POLICY_VALUE.pack_into, _POLICY_VALUE.size
     for i, v in enumerate(values):
-        pack(out, i * size, 1 if v.deny else 0, v.rule)
+        pack(out, i * size, 1 if v.deny else 0, v.l7, v.rule)
     return out
 
 
@@ -268,7 +272,7 @@ def policy_value(value: PolicyValue) -> CgPolicyValue:
 
 
 def policy_value_value(raw: CgPolicyValue) -> PolicyValue:
-    return PolicyValue(bool(raw.deny), raw.rule)
+    return PolicyValue(bool(raw.deny), raw.rule, raw.l7)
 
 
 def ipcache_key(prefix: ipaddress.IPv4Network | ipaddress.IPv6Network) -> CgIpcacheKey:

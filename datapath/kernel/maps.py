@@ -153,6 +153,7 @@ class Config:
             setattr(cfg, f"{name}_timeout_ns", int(seconds * 1e9))
         with self._lock:
             cfg.tunnel_ifindex = self._current().tunnel_ifindex  # the tunnel handler's, kept
+            cfg.proxy_port = self._current().proxy_port  # the agent's proxy's, kept
         self.write(cfg)
 
     def tunnel_ifindex(self) -> int:
@@ -165,6 +166,17 @@ class Config:
             cfg = layout.CgConfig.from_buffer_copy(bytes(self._current()))
         cfg.tunnel_ifindex = ifindex
         self.write(cfg)
+
+    def set_proxy_port(self, port: int) -> None:
+        """Where lib/proxy.h finds the L7 proxy's listener (0: no proxy, L7 flows drop)."""
+        with self._lock:
+            cfg = layout.CgConfig.from_buffer_copy(bytes(self._current()))
+        cfg.proxy_port = port
+        self.write(cfg)
+
+    def proxy_port(self) -> int:
+        with self._lock:
+            return int(self._current().proxy_port)
 
     def policy_revision(self) -> int:
         with self._lock:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from datapath import identity as ids
 from datapath.cidr import is_cidr_identity
 from datapath.labels import LabelSet
+from datapath.policy.l7 import Grant, L7Filter
 from datapath.policy.rules import PeerRule, PortRange, Rule
 from datapath.policy.selectors import Selector, namespaces_of
 
@@ -71,6 +73,8 @@ class PolicyKey:
 class PolicyValue:
     deny: bool
     rule: int  # rule id; 0 = default (not enforced)
+    l7: int = 0  # the L7 filter's id in the kernel (0 = none); the service numbers `filter`
+    filter: L7Filter | None = field(default=None, compare=False)  # the merged L7 rules (compile's output)
 
 
 Entries = dict[PolicyKey, PolicyValue]
@@ -195,24 +199,134 @@ def _peers(pr: PeerRule, identities: Mapping[int, LabelSet], index: LabelIndex |
     return peers
 
 
+Block = tuple[int, int, int, bool, Any]  # protocol, port, prefix bits, any protocol, L7 rules or None
+
+
 @functools.lru_cache(maxsize=4096)
-def _blocks(ports: tuple[PortRange, ...]) -> tuple[tuple[int, int, int, bool], ...]:
-    """(protocol, port, prefix bits, any protocol) of the keys that cover `ports`, worked out once
-    for all the peers of an entry."""
+def _blocks(ports: tuple[PortRange, ...]) -> tuple[Block, ...]:
+    """(protocol, port, prefix bits, any protocol, L7 rules) of the keys that cover `ports`,
+    worked out once for all the peers of an entry."""
     if not ports:
-        return ((0, 0, 0, True),)
-    out: list[tuple[int, int, int, bool]] = []
+        return ((0, 0, 0, True, None),)
+    out: list[Block] = []
     for pr in ports:
+        l7 = getattr(pr, "l7", None)
         if pr.protocol == 0:
-            out.append((0, 0, 0, True))
+            out.append((0, 0, 0, True, l7))
             continue
-        out.extend((pr.protocol, port, bits, False) for port, bits in port_prefixes(pr.first, pr.last))
+        out.extend((pr.protocol, port, bits, False, l7) for port, bits in port_prefixes(pr.first, pr.last))
     return tuple(out)
 
 
-def _keys(subject: int, egress: bool, peer: int, ports: tuple[PortRange, ...]) -> list[PolicyKey]:
-    return [PolicyKey(subject, egress, peer, proto, port, bits, any_proto)
-            for proto, port, bits, any_proto in _blocks(ports)]
+def _keys(subject: int, egress: bool, peer: int, ports: tuple[PortRange, ...]) -> list[tuple[PolicyKey, Any]]:
+    return [(PolicyKey(subject, egress, peer, proto, port, bits, any_proto), l7)
+            for proto, port, bits, any_proto, l7 in _blocks(ports)]
+
+
+# -- L7: the rules of every allow that covers an entry ------------------------------------------
+
+
+def _grant(rule: Rule, l7: Any) -> Grant:
+    return Grant(rule.id, rule.name, http=tuple(l7.http), kafka=tuple(l7.kafka))
+
+
+def _covers_ports(wide: PolicyKey, key: PolicyKey) -> bool:
+    """Whether `wide`'s protocol and port block hold every packet of `key`'s (peers not compared:
+    a wildcard peer's allow covers the entries of every peer)."""
+    if wide.peer != key.peer:
+        wide = PolicyKey(wide.subject, wide.egress, key.peer, wide.proto, wide.port, wide.port_bits, wide.any_proto)
+    return wide.covers(key)
+
+
+def _split_under_wildcards(entries: Entries, grants: dict[PolicyKey, list[Grant] | None],
+                           by_group: dict[tuple[int, bool, int], list[PolicyKey]]) -> None:
+    """A wildcard-peer allow on a block inside a peer's wider L7 allow: the kernel takes the peer's
+    own entry first, which alone would hide the wildcard's rules from that peer. The peer gets an
+    entry of the wildcard's block too, whose filter then merges both (none if the wildcard is
+    L4-only), unless a deny of the peer holds that block."""
+    denies: dict[tuple[int, bool, int], list[PolicyKey]] | None = None
+    for (subject, egress, peer), keys in list(by_group.items()):
+        wild = by_group.get((subject, egress, ids.ANY), [])
+        if peer == ids.ANY or not wild or not any(grants.get(k) for k in keys):
+            continue
+        for w in list(wild):
+            if w.any_proto:
+                continue  # it covers every entry of the peer: a covering allow, no split needed
+            twin = PolicyKey(subject, egress, peer, w.proto, w.port, w.port_bits)
+            if twin in entries or not any(grants.get(k) and k.covers(twin) for k in keys):
+                continue  # the peer has an entry of that very block, or no L7 allow around it
+            if denies is None:
+                denies = {}
+                for key, value in entries.items():
+                    if value.deny:
+                        denies.setdefault((key.subject, key.egress, key.peer), []).append(key)
+            hits = [k for k in keys + denies.get((subject, egress, peer), []) if k.covers(twin)]
+            best = max(hits, key=lambda k: (not k.any_proto, k.port_bits))  # what the LPM lookup takes
+            if entries[best].deny or not grants.get(best):
+                continue  # denied, or L4-only there: every request passes anyway
+            entries[twin] = PolicyValue(False, entries[best].rule)
+            grants[twin] = list(grants[best] or ())
+            keys.append(twin)
+
+
+def _l7_filters(entries: Entries, grants: dict[PolicyKey, list[Grant] | None]) -> None:
+    """Give every allow entry with L7 rules its filter: the grants of every allow that covers the
+    entry's traffic (the same peer or any peer, the same or a wider port block), as Cilium merges
+    the L7 rules of all selectors of a port. An allow without L7 rules among them allows every
+    request: no filter, no redirect. Mixed protocols (http and kafka on one entry) deny every
+    request (fail closed; policy import refuses them)."""
+    if not any(g for g in grants.values()):
+        return
+    by_group: dict[tuple[int, bool, int], list[PolicyKey]] = {}
+    for key, value in entries.items():
+        if not value.deny:
+            by_group.setdefault((key.subject, key.egress, key.peer), []).append(key)
+    _split_under_wildcards(entries, grants, by_group)
+    for key, own in grants.items():
+        if not own or key not in entries or entries[key].deny:
+            continue
+        merged: list[Grant] = []
+        open_ = False
+        for peer in {key.peer, ids.ANY}:
+            for other in by_group.get((key.subject, key.egress, peer), ()):
+                if not _covers_ports(other, key):
+                    continue
+                theirs = grants.get(other)
+                if not theirs:  # an L4-only allow (or one written without L7) covers it
+                    open_ = True
+                    break
+                merged.extend(theirs)
+            if open_:
+                break
+        value = entries[key]
+        if open_:
+            continue
+        unique = tuple(sorted(dict.fromkeys(merged), key=lambda g: g.rule))
+        kinds = {g.kind for g in unique}
+        if len(kinds) == 1:
+            entries[key] = PolicyValue(False, value.rule, 0, L7Filter(kinds.pop(), unique))
+        else:  # http and kafka on one entry: nothing can satisfy both, deny every request
+            entries[key] = PolicyValue(False, value.rule, 0, L7Filter("http", ()))
+
+
+def l7_kind_conflicts(rules: Iterable[Rule]) -> str | None:
+    """A message if two rules put different L7 protocols on overlapping ports of one direction
+    (one port takes one L7 protocol, as Cilium), else None."""
+    seen: dict[tuple[bool, int], list[tuple[int, int, str, Rule]]] = {}
+    for rule in rules:
+        for egress, section in ((False, rule.ingress), (True, rule.egress)):
+            for pr in section:
+                for port in pr.ports:
+                    l7 = getattr(port, "l7", None)
+                    if l7 is None:
+                        continue
+                    kind = "kafka" if l7.kafka else "http"
+                    for first, last, other_kind, other in seen.get((egress, port.protocol), ()):
+                        if other_kind != kind and first <= port.last and port.first <= last:
+                            return (f"{rule.name} puts {kind} rules on {port} ({'egress' if egress else 'ingress'}) "
+                                    f"where {other.name} has {other_kind} rules: one port takes one L7 protocol")
+                    seen.setdefault((egress, port.protocol), []).append((port.first, port.last, kind, rule))
+    return None
 
 
 def compile_subject(
@@ -242,14 +356,21 @@ def compile_subject(
         if not enforced:
             entries[PolicyKey(subject, egress, ids.ANY, 0, 0, 0, True)] = PolicyValue(False, 0)
         denies: Entries = {}
+        grants: dict[PolicyKey, list[Grant] | None] = {}  # L7 rules per allow key; None = one allows all
         for rule in selected:
             for pr in rule.egress if egress else rule.ingress:
                 for peer in _peers(pr, identities, index):
-                    for key in _keys(subject, egress, peer, pr.ports):
+                    for key, l7 in _keys(subject, egress, peer, pr.ports):
                         entries.setdefault(key, PolicyValue(False, rule.id))
+                        if l7 is None:
+                            grants[key] = None
+                        elif key not in grants:
+                            grants[key] = [_grant(rule, l7)]
+                        elif grants[key] is not None:
+                            grants[key].append(_grant(rule, l7))  # type: ignore[union-attr]
             for pr in rule.egress_deny if egress else rule.ingress_deny:
                 for peer in _peers(pr, identities, index):
-                    for key in _keys(subject, egress, peer, pr.ports):
+                    for key, _ in _keys(subject, egress, peer, pr.ports):
                         denies.setdefault(key, PolicyValue(True, rule.id))
             requires = [s for pr in (rule.egress if egress else rule.ingress) for s in pr.requires]
             if requires:
@@ -260,6 +381,7 @@ def compile_subject(
         for key, value in denies.items():
             entries[key] = value  # deny wins over an allow on the same key
         _drop_covered_allows(entries, denies)
+        _l7_filters(entries, grants)
     return entries
 
 

@@ -1,5 +1,6 @@
 """Strict parsing of decoded JSON/YAML into rules (plain rules and Cilium CRDs), with the bounds a
-policy must stay within. Pure; imports selectors, rules and datapath.cidr, never the repository or compile.
+policy must stay within. Pure; imports selectors, rules, l7 and datapath.cidr, never the repository or
+compile.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 from datapath.cidr import CidrSelector, parse_prefix
 from datapath.errors import InvalidRequest
 from datapath.labels import Label
+from datapath.policy.l7 import L7Rules, parse_l7_rules
 from datapath.policy.rules import (
     CCNP,
     CNP,
@@ -246,7 +248,7 @@ def _peer_rule(raw: Any, where: str, egress: bool, deny: bool, scope: Scope = PL
     if ports_raw == [] and strict:
         raise InvalidRequest(f"{where}.toPorts: an empty list would mean every port and protocol (Cilium reads it "
                              "as if left out); leave it out for every port, or name the ports")
-    ports = _ports(ports_raw, f"{where}.toPorts")
+    ports = _ports(ports_raw, f"{where}.toPorts", deny, strict)
     # Cilium >= 1.15: an empty list of peers selects no peer (not, as an absent one, every peer)
     nobody = [] in (endpoints_raw, entities_raw, cidr_raw, cidr_set_raw)
     return PeerRule(endpoints, requires, entities, ports, nobody, cidrs)
@@ -313,7 +315,7 @@ def _selectors(raw: Any, where: str, scope: Scope = PLAIN, entities: str = "from
                  for i, s in enumerate(raw))
 
 
-def _ports(raw: Any, where: str) -> tuple[PortRange, ...]:
+def _ports(raw: Any, where: str, deny: bool = False, strict: bool = True) -> tuple[PortRange, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
@@ -323,22 +325,31 @@ def _ports(raw: Any, where: str) -> tuple[PortRange, ...]:
         w = f"{where}[{i}]"
         if not isinstance(pr, dict):
             raise InvalidRequest(f"{w}: must be an object")
-        if pr.get("rules"):
-            raise InvalidRequest(f"{w}.rules: L7 rules (http, kafka, dns) are not supported yet")
         if "listener" in pr or "originatingTLS" in pr or "terminatingTLS" in pr or "serverNames" in pr:
             raise InvalidRequest(f"{w}: L7 listeners and TLS are not supported yet")
         _only(pr, ("ports", "rules"), w)
+        l7 = _l7(pr.get("rules"), f"{w}.rules", deny, strict)
         ports = pr.get("ports")
         if not isinstance(ports, list) or not ports:
             raise InvalidRequest(f"{w}.ports: must be a non-empty list")
         if len(ports) > MAX_PORTS:
             raise InvalidRequest(f"{w}.ports: at most {MAX_PORTS} ports per rule")
         for j, p in enumerate(ports):
-            out.extend(_port(p, f"{w}.ports[{j}]"))
+            out.extend(_port(p, f"{w}.ports[{j}]", l7))
     return tuple(out)
 
 
-def _port(raw: Any, where: str) -> list[PortRange]:
+def _l7(raw: Any, where: str, deny: bool, strict: bool) -> L7Rules | None:
+    """A toPorts entry's `rules` (datapath.policy.l7 has the language), attached to its ports."""
+    if raw is None or (not raw and not strict):  # an older agent took a falsy `rules` as none
+        return None
+    if deny:
+        raise InvalidRequest(f"{where}: L7 rules are not allowed in deny rules (as Cilium): a deny rule drops the "
+                             "whole port")
+    return parse_l7_rules(raw, where)
+
+
+def _port(raw: Any, where: str, l7: L7Rules | None = None) -> list[PortRange]:
     if not isinstance(raw, dict):
         raise InvalidRequest(f"{where}: must be an object")
     _only(raw, ("port", "endPort", "protocol"), where)
@@ -361,6 +372,13 @@ def _port(raw: Any, where: str) -> list[PortRange]:
         end = port_raw
     elif isinstance(end, bool) or not isinstance(end, int) or not port_raw <= end <= limit or port_raw == 0:
         raise InvalidRequest(f"{where}.endPort: must be between port ({port_raw}) and {limit}")
+    if l7 is not None:  # as Cilium's PortRule.sanitize
+        if proto != PROTOCOLS["TCP"]:
+            given = "" if raw.get("protocol") else " (no protocol means ANY)"
+            raise InvalidRequest(f"{where}: L7 rules need protocol TCP, not {proto_name}{given}; write protocol: TCP")
+        if port_raw == 0:
+            raise InvalidRequest(f"{where}: L7 rules need a port (port 0 means every port)")
+        return [PortRange(proto, port_raw, end, l7)]
     if proto == 0 and port_raw:
         return [PortRange(p, port_raw, end) for p in PORTED]
     return [PortRange(proto, port_raw, end)]

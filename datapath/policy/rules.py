@@ -1,6 +1,6 @@
 """The policy language as frozen values: rules, peer rules, port ranges, and the Scope (plain
 rule, CNP of a namespace, CCNP) a rule is read in. Pure; imports no policy module but selectors
-(and datapath.cidr for the CIDR peers).
+and l7 (and datapath.cidr for the CIDR peers).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 from datapath.cidr import CidrSelector, IPNetwork
 from datapath.errors import InvalidRequest
 from datapath.labels import ANY, RESERVED, Label
+from datapath.policy.l7 import L7Rules
 from datapath.policy.selectors import NAMESPACE_KEY, NAMESPACE_LABELS, Requirement, Selector
 
 CNP, CCNP = "CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy"
@@ -92,7 +93,7 @@ _NOT_AN_ENDPOINT = "it is no endpoint and cellgate does not enforce policy for i
                    "reserved:init can be a rule's subject)"
 _UNENFORCED = {
     "host": "policy for the host itself (host policies) is not supported yet",
-    "ingress": "there is no ingress proxy here (L7 policy is not supported yet)",
+    "ingress": "Ingress/Gateway API endpoints (reserved:ingress) are not supported: cellgate has no ingress gateway",
     "health": "cellgate has no health endpoint and does not enforce policy for it",
 }
 _ENTITY_OF = {"host": "host", "world": "world", "init": "init", "remote-node": "remote-node",
@@ -117,13 +118,14 @@ class PortRange:
     protocol: int  # IPPROTO_*, 0 = any
     first: int  # 0 = every port (or every ICMP type)
     last: int
+    l7: L7Rules | None = None  # the toPorts entry's `rules` (TCP with a port only); None = L4 only
 
     def __str__(self) -> str:
         proto = next((k for k, v in PROTOCOLS.items() if v == self.protocol), str(self.protocol))
         if self.first == 0:
             return proto if self.protocol else "ANY"
         ports = str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
-        return f"{ports}/{proto}"
+        return f"{ports}/{proto}" + (f"+{self.l7.kind}" if self.l7 is not None else "")
 
 
 @dataclass(frozen=True)

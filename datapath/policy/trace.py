@@ -15,6 +15,7 @@ from datapath import identity as ids
 from datapath.cidr import is_cidr_identity, prefix_of
 from datapath.labels import LabelSet, render
 from datapath.policy.compile import Decision, compile_subject, decide, enforcement
+from datapath.policy.l7 import HttpRequest, KafkaRequest, L7Verdict
 from datapath.policy.rules import PeerRule, PortRange, Rule
 
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132, "icmp": 1, "icmpv6": 58}
@@ -28,15 +29,21 @@ class Party:
     address: str = ""  # the address it was given by, with how the datapath resolves it (shown)
 
 
+L7Request = HttpRequest | KafkaRequest
+
+
 @dataclass
 class TraceResult:
     lines: list[str] = field(default_factory=list)
     egress: Decision | None = None
     ingress: Decision | None = None
+    l7_egress: L7Verdict | None = None  # the sender's L7 rules on the request (None: none apply)
+    l7_ingress: L7Verdict | None = None
 
     @property
     def allowed(self) -> bool:
-        return all(d.allowed for d in (self.egress, self.ingress) if d is not None)
+        return (all(d.allowed for d in (self.egress, self.ingress) if d is not None)
+                and all(v.allowed for v in (self.l7_egress, self.l7_ingress) if v is not None))
 
 
 def parse_dport(text: str) -> tuple[int, int]:
@@ -151,17 +158,46 @@ def _side(result: TraceResult, subject: Party, peer: Party, egress: bool, rules:
     return decision
 
 
+def _l7_side(result: TraceResult, decision: Decision | None, egress: bool, request: L7Request | None) -> None:
+    """The L7 rules of the deciding entry on the request, as the proxy decides it."""
+    f = decision.value.filter if decision is not None and decision.allowed and decision.value else None
+    if f is None:
+        return
+    direction = "Egress" if egress else "Ingress"
+    lines = result.lines
+    if f.grants:
+        lines.append(f"  {direction} L7: the flow goes through the proxy ({f.kind} rules of "
+                     + ", ".join(f"rule {g.rule}" for g in f.grants) + ")")
+    else:  # http and kafka rules on one port (compile fails closed)
+        lines.append(f"  {direction} L7: the flow goes through the proxy, which denies every request "
+                     "(http and kafka rules on one port)")
+    if request is None:
+        lines.append("    no request given (--http-method/--http-path, or --kafka-api-key/--kafka-topic): "
+                     "every request is decided by these rules")
+        return
+    verdict = f.http_verdict(request) if isinstance(request, HttpRequest) else f.kafka_verdict(request)
+    lines.extend(f"    {step}" for step in verdict.steps)
+    word = f"ALLOWED by rule {verdict.rule}" if verdict.allowed else "DENIED (no L7 rule allows it)"
+    lines.append(f"  {direction} L7 verdict: {word}")
+    if egress:
+        result.l7_egress = verdict
+    else:
+        result.l7_ingress = verdict
+
+
 def trace(rules: list[Rule], identities: Mapping[int, LabelSet], mode: str, src: Party, dst: Party,
-          proto: int, port: int) -> TraceResult:
+          proto: int, port: int, request: L7Request | None = None) -> TraceResult:
     result = TraceResult()
     names = {v: k for k, v in PROTO_NUMBERS.items()}
     result.lines.append(f"Tracing From: {_who(src)} => To: {_who(dst)} Port: {port}/{names.get(proto, proto)}")
     if src.local:
         result.egress = _side(result, src, dst, True, rules, identities, mode, proto, port)
+        _l7_side(result, result.egress, True, request)
     else:
         result.lines.append(f"Egress: {_who(src)} is not an endpoint here; no egress policy applies")
     if dst.local:
         result.ingress = _side(result, dst, src, False, rules, identities, mode, proto, port)
+        _l7_side(result, result.ingress, False, request)
     else:
         result.lines.append(f"Ingress: {_who(dst)} is not an endpoint here; no ingress policy applies")
     result.lines.append(f"Final verdict: {'ALLOWED' if result.allowed else 'DENIED'}")

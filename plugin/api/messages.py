@@ -14,8 +14,9 @@ from typing import Any
 from datapath.errors import InvalidRequest
 from datapath.labels import Label
 from datapath.policy import Rule, parse_rules
+from datapath.policy.l7 import KAFKA_KEY_NAMES, HttpRequest, KafkaRequest, normalize_path
 
-EVENT_TYPES = frozenset({"drop", "verdict", "trace"})
+EVENT_TYPES = frozenset({"drop", "verdict", "trace", "l7"})
 PARTY_KINDS_HELP = ('send {"src": {KIND: VALUE}, "dst": {KIND: VALUE}, "dport": "80/tcp"} '
                     "with KIND endpoint, identity, labels or ip")
 
@@ -107,17 +108,84 @@ class TraceRequest:
     src: PartySpec
     dst: PartySpec
     dport: str
+    request: HttpRequest | KafkaRequest | None = None  # an L7 request to decide as the proxy would
 
     @classmethod
     def parse(cls, body: Mapping[str, Any]) -> TraceRequest:
-        unknown = set(body) - {"src", "dst", "dport"}
+        unknown = set(body) - {"src", "dst", "dport", "http", "kafka"}
         if unknown or not isinstance(body.get("src"), dict) or not isinstance(body.get("dst"), dict):
             raise InvalidRequest(PARTY_KINDS_HELP)
         src, dst = (PartySpec.parse(body[side], side) for side in ("src", "dst"))
         dport = body.get("dport") or ""
         if not isinstance(dport, str):
             raise InvalidRequest("dport must be a string like 80/tcp")
-        return cls(src, dst, dport)
+        if body.get("http") is not None and body.get("kafka") is not None:
+            raise InvalidRequest("trace an http or a kafka request, not both")
+        request: HttpRequest | KafkaRequest | None = None
+        if body.get("http") is not None:
+            request = _http_request(body["http"])
+        elif body.get("kafka") is not None:
+            request = _kafka_request(body["kafka"])
+        return cls(src, dst, dport, request)
+
+
+def _text(raw: Mapping[str, Any], key: str, where: str, default: str = "") -> str:
+    value = raw.get(key, default)
+    if not isinstance(value, str) or len(value) > 8192:
+        raise InvalidRequest(f"{where}.{key} must be a string (at most 8192 characters)")
+    return value
+
+
+def _http_request(raw: Any) -> HttpRequest:
+    if not isinstance(raw, dict) or set(raw) - {"method", "path", "host", "headers"}:
+        raise InvalidRequest("http must be an object with method, path, host and headers (a list of 'Name: value')")
+    headers = raw.get("headers")
+    headers = [] if headers is None else headers  # null: none; "" or {} are not a list
+    if not isinstance(headers, list) or len(headers) > 100 or not all(isinstance(h, str) for h in headers):
+        raise InvalidRequest("http.headers must be a list of at most 100 'Name: value' strings")
+    pairs = []
+    for h in headers:
+        name, sep, value = h.partition(":")
+        if not name.strip():
+            raise InvalidRequest(f"http.headers: {h!r} is not 'Name: value'")
+        pairs.append((name.strip(), value.strip() if sep else ""))
+    path = _text(raw, "path", "http", "/")
+    if not path.startswith("/") and path != "*":
+        raise InvalidRequest("http.path must start with '/'")
+    return HttpRequest(_text(raw, "method", "http", "GET").upper(), normalize_path(path), _text(raw, "host", "http"),
+                       tuple(pairs))
+
+
+# Every name a rule's apiKey takes (and the few more traces name), so any rule can be traced by name.
+KAFKA_KEYS = {name: key for key, name in sorted(KAFKA_KEY_NAMES.items())}
+
+
+def _kafka_request(raw: Any) -> KafkaRequest:
+    if not isinstance(raw, dict) or set(raw) - {"apiKey", "apiVersion", "clientID", "topics"}:
+        raise InvalidRequest("kafka must be an object with apiKey, apiVersion, clientID and topics")
+    key = raw.get("apiKey", "produce")
+    digits = isinstance(key, str) and key.isascii() and key.isdigit()  # not "²" (int() refuses it)
+    if isinstance(key, str) and not digits:
+        if key.lower() not in KAFKA_KEYS:
+            raise InvalidRequest(f"kafka.apiKey {key!r}: one of {', '.join(KAFKA_KEYS)} or a number")
+        number = KAFKA_KEYS[key.lower()]
+    elif digits and int(key) < 32768:
+        number = int(key)
+    elif isinstance(key, int) and not isinstance(key, bool) and 0 <= key < 32768:
+        number = key
+    else:
+        raise InvalidRequest("kafka.apiKey must be a name or a number")
+    version = raw.get("apiVersion", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version < 32768:
+        raise InvalidRequest("kafka.apiVersion must be a number")
+    topics = raw.get("topics")
+    topics = [] if topics is None else topics
+    if not isinstance(topics, list) or len(topics) > 100 or not all(isinstance(t, str) for t in topics):
+        raise InvalidRequest("kafka.topics must be a list of topic names")
+    client = raw.get("clientID")
+    if client is not None and not isinstance(client, str):
+        raise InvalidRequest("kafka.clientID must be a string")
+    return KafkaRequest(number, version, client, tuple(topics))
 
 
 @dataclass(frozen=True)

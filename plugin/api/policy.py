@@ -61,12 +61,14 @@ def policy_trace() -> Response:
     req = TraceRequest.parse(read_body())
     agent = ctx().agent
     src, dst = (agent.party(side.kind, side.value) for side in (req.src, req.dst))
-    result = agent.trace(src, dst, req.dport)
+    result = agent.trace(src, dst, req.dport, req.request)
     return reply({
         "lines": result.lines,
         "verdict": "ALLOWED" if result.allowed else "DENIED",
         "egress": _decision(result.egress),
         "ingress": _decision(result.ingress),
+        "l7": {side: {"allowed": v.allowed, "rule": v.rule} if v is not None else None
+               for side, v in (("egress", result.l7_egress), ("ingress", result.l7_ingress))},
     })
 
 

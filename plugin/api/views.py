@@ -140,7 +140,7 @@ def ct_entry(key: Any, value: Any, now_ns: int) -> dict[str, Any]:
     src = ipaddress.ip_address(bytes(key.saddr)[:size])
     dst = ipaddress.ip_address(bytes(key.daddr)[:size])
     proto = {6: "tcp", 17: "udp", 132: "sctp", 1: "icmp", 58: "icmpv6"}.get(key.proto, str(key.proto))
-    flags = [name for bit, name in ((1, "replied"), (2, "fin-sent"), (4, "fin-received"), (8, "reset"))
+    flags = [name for bit, name in ((1, "replied"), (2, "fin-sent"), (4, "fin-received"), (8, "reset"), (16, "proxy"))
              if value.flags & bit]
     return {
         "protocol": proto,

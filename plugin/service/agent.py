@@ -18,7 +18,7 @@ from datapath.labels import Label, LabelSet
 from datapath.model import Endpoint, Network
 from datapath.policy import Rule
 from datapath.policy.compile import PolicyKey, PolicyValue
-from datapath.policy.trace import Party, TraceResult, parse_dport
+from datapath.policy.trace import L7Request, Party, TraceResult, parse_dport
 from ipam.pool import Pool
 from plugin.service.restore import AgentRestore
 
@@ -93,7 +93,7 @@ class Agent(AgentRestore):
     def _is_local(self, number: int) -> bool:
         return any(e.identity == number for e in self.endpoints.values())
 
-    def trace(self, src: Party, dst: Party, dport: str) -> TraceResult:
+    def trace(self, src: Party, dst: Party, dport: str, request: L7Request | None = None) -> TraceResult:
         try:
             proto, port = parse_dport(dport) if dport else (6, 0)
         except ValueError as exc:
@@ -101,7 +101,7 @@ class Agent(AgentRestore):
         with self._lock:
             if src.identity == dst.identity == HYPOTHETICAL:
                 dst = Party(HYPOTHETICAL + 1, dst.labels, dst.local)
-            return self.policy.trace(src, dst, proto, port)
+            return self.policy.trace(src, dst, proto, port, request)
 
     def set_trace(self, on: bool) -> None:
         with self._lock:

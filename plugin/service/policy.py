@@ -25,11 +25,20 @@ from datapath.identity import Identities
 from datapath.labels import Label, LabelSet
 from datapath.model import Endpoint
 from datapath.policy import Change, Repository, Rule
-from datapath.policy.compile import ENFORCEMENT_MODES, Entries, PolicyKey, PolicyValue, compile_all, enforcement
+from datapath.policy.compile import (
+    ENFORCEMENT_MODES,
+    Entries,
+    PolicyKey,
+    PolicyValue,
+    compile_all,
+    enforcement,
+    l7_kind_conflicts,
+)
 from datapath.policy.rules import named_prefixes
-from datapath.policy.trace import Party, TraceResult, trace
+from datapath.policy.trace import L7Request, Party, TraceResult, trace
 from datapath.ports import Kernel
 from datapath.store import MemoryStore
+from plugin.service.l7filters import FilterTable
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +55,7 @@ Converge = Callable[[Iterable[plan.Key]], None]  # make the kernel match the des
 
 class PolicyState:
     def __init__(self, identities: Identities, repository: Repository, kernel: Kernel, mode: str = "default",
-                 cidrs: CidrIdentities | None = None) -> None:
+                 cidrs: CidrIdentities | None = None, filters: FilterTable | None = None) -> None:
         if mode not in ENFORCEMENT_MODES:
             raise InvalidRequest(f"enforcement must be one of {', '.join(ENFORCEMENT_MODES)}")
         self.identities = identities
@@ -56,6 +65,7 @@ class PolicyState:
         self.applied: Entries = {}
         self.realized_revision = 0
         self.cidrs = cidrs if cidrs is not None else CidrIdentities(MemoryStore())
+        self.filters = filters if filters is not None else FilterTable()  # numbered L7 rules, for the proxy
         # Prefixes with an identity but no ipcache entry (yet, or any more) while rules change.
         self._unpublished: set[IPNetwork] = set()
         # Exactly the prefixes the stored rules name (a crash between the steps of a change may
@@ -115,9 +125,11 @@ class PolicyState:
 
     def sync(self, endpoints: Iterable[Endpoint], rules: list[Rule] | None = None,
              extra: Mapping[int, LabelSet] | None = None, delete: bool = True) -> SyncReport:
-        want = self.desired(endpoints, rules, extra)
+        want = self.filters.number(self.desired(endpoints, rules, extra))
         upserts = {k: v for k, v in want.items() if self.applied.get(k) != v}
         deletes = [k for k in self.applied if k not in want] if delete else []
+        if any(v.l7 for v in upserts.values()):
+            self.filters.publish()  # the proxy knows a filter before any entry names it
         if upserts or deletes:
             try:
                 self.kernel.policy_update(upserts, deletes)
@@ -132,6 +144,8 @@ class PolicyState:
             self.applied.update(upserts)
             for key in deletes:
                 del self.applied[key]
+            if delete and self.filters.retire({v.l7 for v in self.applied.values() if v.l7}):
+                self.filters.publish()
             log.info("policy map: %d entries written, %d removed (%d in force)", len(upserts), len(deletes),
                      len(self.applied))
         return SyncReport(len(upserts), len(deletes), len(self.applied))
@@ -142,6 +156,9 @@ class PolicyState:
         `converge` writes the ipcache (the Agent's); without it, CIDR prefixes get identities
         and policy entries but no ipcache entries (nothing has that address then)."""
         change = self.repository.plan_add(rules)
+        conflict = l7_kind_conflicts(change.rules)
+        if conflict:
+            raise InvalidRequest(conflict)
         revision = self._enforce(change, endpoints, converge)
         log.info("policy revision %d: %d rules imported", revision, len(rules))
         return revision
@@ -229,6 +246,6 @@ class PolicyState:
         labels = self.identity_labels(identity)
         return sorted(str(lb) for lb in labels) if labels else []
 
-    def trace(self, src: Party, dst: Party, proto: int, port: int) -> TraceResult:
+    def trace(self, src: Party, dst: Party, proto: int, port: int, request: L7Request | None = None) -> TraceResult:
         _, rules = self.repository.snapshot()
-        return trace(rules, self.all_identities(), self.mode, src, dst, proto, port)
+        return trace(rules, self.all_identities(), self.mode, src, dst, proto, port, request)

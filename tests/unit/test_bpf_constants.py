@@ -82,13 +82,15 @@ def test_event_types_and_directions() -> None:
 
 def test_conntrack_flags_and_sides() -> None:
     assert group("CG_CT_F_") == {name: getattr(layout, name) for name in
-                                 ("CG_CT_F_REPLIED", "CG_CT_F_FIN_FWD", "CG_CT_F_FIN_REV", "CG_CT_F_RST")}
+                                 ("CG_CT_F_REPLIED", "CG_CT_F_FIN_FWD", "CG_CT_F_FIN_REV", "CG_CT_F_RST",
+                                  "CG_CT_F_PROXY")}
     assert group("CG_CT_SIDE_") == {"CG_CT_SIDE_EGRESS": layout.CG_CT_SIDE_EGRESS,
                                     "CG_CT_SIDE_INGRESS": layout.CG_CT_SIDE_INGRESS}
 
 
 @pytest.mark.parametrize(("name", "shown"), [("CG_CT_F_REPLIED", "replied"), ("CG_CT_F_FIN_FWD", "fin-sent"),
-                                             ("CG_CT_F_FIN_REV", "fin-received"), ("CG_CT_F_RST", "reset")])
+                                             ("CG_CT_F_FIN_REV", "fin-received"), ("CG_CT_F_RST", "reset"),
+                                             ("CG_CT_F_PROXY", "proxy")])
 def test_the_conntrack_view_names_each_flag_bit(name: str, shown: str) -> None:
     from plugin.api import views
 

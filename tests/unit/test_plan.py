@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from dataclasses import replace
 from typing import Any
@@ -131,7 +132,7 @@ def test_adds_follow_order_and_removals_run_in_reverse() -> None:
     ranks = [ORDER.index(type(o)) for o in remove]
     assert ranks == sorted(ranks, reverse=True)
     assert isinstance(remove[0], Masquerade) and isinstance(remove[-1], HostDevice)
-    assert {type(o) for o in objs} == set(ORDER) - {plan.TunnelDevice}  # the cluster's: tests/unit/test_nodes.py
+    assert {type(o) for o in objs} == set(ORDER) - {plan.TunnelDevice, plan.ProxyRoute}  # cluster: test_nodes.py
 
 
 def test_a_different_value_under_the_same_key_is_a_change() -> None:
@@ -232,3 +233,12 @@ def test_fake_kernel_deleting_a_link_takes_its_dependents() -> None:
     fake.apply(Plan(remove=(veth,)))
     left = {type(o) for o in fake.observe() if getattr(o, "dev", None) == ep.host_ifname}
     assert left == {EndpointEntry, AddressEntry}  # map entries outlive the link, as in the kernel
+
+
+def test_the_proxy_brings_its_routing_for_both_families() -> None:
+    net = network(1)
+    without = plan.desired_state([net], [], SETTINGS)
+    with_proxy = plan.desired_state([net], [], dataclasses.replace(SETTINGS, proxy=True))
+    table = naming.proxy_table(SETTINGS.instance)
+    assert with_proxy - without == {plan.ProxyRoute(4, table), plan.ProxyRoute(6, table)}
+    assert not diff(with_proxy, with_proxy)

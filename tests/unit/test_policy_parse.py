@@ -221,7 +221,7 @@ ERRORS = [
     ([rule(ingress=[{"toPorts": [{"port": [{"port": "80"}]}]}])], 0, ["toPorts[0]: unknown field 'port'"]),
     # L7 and other features that are not there yet
     ([rule(ingress=[{"toPorts": [{"ports": [{"port": "80"}], "rules": {"http": [{"method": "GET"}]}}]}])], 0,
-     ["ingress[0].toPorts[0].rules", "L7 rules", "not supported yet"]),
+     ["ingress[0].toPorts[0].ports[0]", "L7 rules need protocol TCP"]),  # no protocol is ANY
     ([rule(egress=[{"toPorts": [{"ports": [{"port": "53"}], "rules": {"dns": [{"matchPattern": "*"}]}}]}])], 0,
      ["egress[0].toPorts[0].rules", "not supported yet"]),
     ([rule(ingress=[{"toPorts": [{"ports": [{"port": "443"}], "terminatingTLS": {}}]}])], 0,

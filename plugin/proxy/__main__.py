@@ -1,0 +1,3 @@
+from plugin.proxy.main import main
+
+main()
