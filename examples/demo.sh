@@ -17,7 +17,8 @@ cleanup() {
   set +e
   say "Cleaning up"
   $CG policy delete --labels name=l4-backend-80 >/dev/null 2>&1
-  docker rm -f cgdemo-a cgdemo-b cgdemo-c >/dev/null 2>&1
+  $CG policy delete --labels name=l7-public-get >/dev/null 2>&1
+  docker rm -f cgdemo-a cgdemo-b cgdemo-c cgdemo-w >/dev/null 2>&1
   docker network rm "$NET" >/dev/null 2>&1
   docker rmi "$IMAGE" >/dev/null 2>&1
   if [ -n "$started_agent" ]; then
@@ -104,6 +105,23 @@ wait_for 10 sh -c "$CG status -o json | grep -q '\"subscribers\": [1-9]'"
 docker exec cgdemo-c nc -w 1 "$B" 80 || echo "(no answer: dropped by policy, as the monitor shows)"
 wait "$mon" || true
 show $CG policy trace --src app=other --dst app=backend --dport 80/tcp
+
+say "API-aware policy: the frontend may only GET /public/... (enforced by the L7 proxy)"
+show $CG policy delete --labels name=l4-backend-80
+show docker run -d --name cgdemo-w --network "$NET" -l app=backend "$IMAGE" \
+  sh -c 'mkdir -p /www/public && echo "a public page" > /www/public/index.html && echo secret > /www/private && exec httpd -f -p 80 -h /www'
+W=$(docker inspect -f "{{(index .NetworkSettings.Networks \"$NET\").IPAddress}}" cgdemo-w)
+wait_for 10 sh -c "[ \$($CG endpoint list | grep -c app=backend) -ge 2 ]"   # its labels are known
+show cat examples/policies/l7-http.yaml
+show $CG policy import examples/policies/l7-http.yaml
+$CG monitor --type l7 --count 2 --timeout 15 2>/dev/null &
+mon=$!
+wait_for 10 sh -c "$CG status -o json | grep -q '\"subscribers\": [1-9]'"
+show docker exec cgdemo-a wget -q -O - "http://$W/public/index.html"
+printf '$ docker exec cgdemo-a wget -q -O - http://%s/private\n' "$W"
+docker exec cgdemo-a wget -q -O - "http://$W/private" || echo "(refused by the proxy: 403 Access denied)"
+wait "$mon" || true
+show $CG policy trace --src app=frontend --dst app=backend --dport 80/tcp --http-method GET --http-path /private
 
 say "What cellgate knows"
 show $CG endpoint list

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from datapath.naming import proxy_table
 from tests.e2e.cni_support import Cni, Namespaces, host_ifname, running_agent
 from tests.e2e.harness import CELLGATE, Agent, Scene, run
 
@@ -65,9 +66,12 @@ def test_cleanup_removes_everything_of_the_instance_and_nothing_else(scene: Scen
     rules = run("iptables-save").stdout
     assert f"CG-{agent.name}" not in rules
     assert run("ip", "route", "show", "proto", "203").stdout.count(f"cg_{agent.name}") == 0
+    table = proxy_table(agent.name)  # the L7 proxy's routing: its rule and table gone, other instances' kept
+    assert f"lookup {table}" not in run("ip", "rule").stdout + run("ip", "-6", "rule").stdout
+    assert "proxy-ipv4" in report["routes"] and not run("ip", "route", "show", "table", str(table), check=False).stdout
     assert others <= host_links()  # nothing that was not ours went away
     again = json.loads(run(CELLGATE, "cleanup", *agent.args, "-o", "json").stdout)
-    assert again == {"links": [], "routes": [], "iptables": False, "pins": [], "sockets": [], "state": ""}
+    assert again == {"links": [], "routes": [], "iptables": False, "pins": [], "sockets": [], "state": "", "proxy": 0}
     agent.start()  # the fixture expects a live agent to tear down
 
 

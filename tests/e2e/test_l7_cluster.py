@@ -272,6 +272,10 @@ def test_kafka_product_example_across_nodes(l7c: tuple[Cluster, Scene, dict[str,
         assert client(s1, "service1", "produce", "topic2") == "TopicAuthorizationFailedError"
         assert client(s2, "service2", "produce", "topic1") == "TopicAuthorizationFailedError"
         assert client(s2, "service2", "consume", "topic1") == "OK hello from service1"
+        for topic, verdict in (("topic1", "ALLOWED"), ("topic2", "DENIED")):  # the trace, as the proxy decided
+            out = c.cli(c.node(2), "policy", "trace", "--src", "app=service1", "--dst", "app=kafka", "--dport",
+                        "9092/tcp", "--kafka-api-key", "produce", "--kafka-topic", topic)
+            assert out["verdict"] == verdict, out["lines"]
     finally:
         broker.kill()
         broker.wait()
