@@ -10,7 +10,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
+
+from tests.servers import ServerProcess
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -19,7 +20,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-class EtcdServer:
+class EtcdServer(ServerProcess):
     def __init__(self, data_dir: Path, host: str = "127.0.0.1", port: int = 0, netns: str = "") -> None:
         self.data_dir = Path(data_dir)
         self.host = host
@@ -97,13 +98,3 @@ class EtcdServer:
                        capture_output=True, env=env, check=True)
         return revision
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid if self.proc else 0
-
-    def __enter__(self) -> EtcdServer:
-        self.start()
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self.stop()

@@ -12,8 +12,9 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import IO
+
+from tests.servers import ServerProcess
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -45,7 +46,7 @@ def tansu_binary() -> str | None:
     return str(copy)
 
 
-class TansuBroker:
+class TansuBroker(ServerProcess):
     """`tansu broker` on host:port; `advertised` is the address Metadata hands to clients (default: its
     own listener; a test proxy passes its listen address so clients reconnect through the proxy)."""
 
@@ -107,13 +108,3 @@ class TansuBroker:
             self._log.close()
             self._log = None
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid if self.proc else 0
-
-    def __enter__(self) -> TansuBroker:
-        self.start()
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self.stop()
