@@ -18,7 +18,7 @@ from h2.exceptions import ProtocolError, StreamClosedError
 
 from datapath.policy.l7 import HttpRequest, normalize_path
 from plugin.proxy.flows import Connector, Emit, Flow, FlowSource, L7Event, Limits
-from plugin.proxy.http import CHUNK, DENIED_BODY, HIGH_WATER, Gone, close_stream, drain
+from plugin.proxy.streams import CHUNK, DENIED_BODY, HIGH_WATER, Gone, close_stream, drain
 
 log = logging.getLogger(__name__)
 

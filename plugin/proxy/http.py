@@ -13,50 +13,15 @@ import h11
 
 from datapath.policy.l7 import HttpRequest, normalize_path
 from plugin.proxy.flows import Connector, Emit, Flow, FlowSource, L7Event, Limits
+from plugin.proxy.grpc import handle_h2
+from plugin.proxy.streams import CHUNK, DENIED_BODY, HIGH_WATER, Gone, close_stream, drain, read_some
 
 log = logging.getLogger(__name__)
 
-CHUNK = 65536  # bytes per read
-HIGH_WATER = 1 << 20  # await drain only when this much is queued for a peer
 DISCARD_LIMIT = 1 << 20  # body bytes of a refused request read and dropped to keep the connection usable
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DENIED_BODY = b"Access denied\r\n"  # Cilium's Envoy: "Access denied" + CRLF, content-length 15
 _PLAIN = (b"content-type", b"text/plain")
 _HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection"))
-
-
-class Gone(Exception):
-    """The client or upstream went away, or a timeout ended the connection: stop quietly."""
-
-
-async def close_stream(writer: asyncio.StreamWriter | None, wait: float = 1.0) -> None:
-    """Close a stream without raising; abort it if its buffer does not flush within `wait`."""
-    if writer is None:
-        return
-    with contextlib.suppress(Exception):
-        writer.close()
-        async with asyncio.timeout(wait):
-            await writer.wait_closed()
-    if not writer.transport.is_closing() or writer.transport.get_write_buffer_size():
-        writer.transport.abort()
-
-
-async def read_some(reader: asyncio.StreamReader, deadline: float) -> bytes:
-    """Up to CHUNK bytes (b"" at EOF) before `deadline` (loop time), else Gone."""
-    try:
-        async with asyncio.timeout_at(deadline):
-            return await reader.read(CHUNK)
-    except TimeoutError:
-        raise Gone("timeout") from None
-
-
-async def drain(writer: asyncio.StreamWriter, timeout: float) -> None:
-    """Wait for `writer`'s buffer to drain; Gone if the peer reads nothing for `timeout`."""
-    try:
-        async with asyncio.timeout(timeout):
-            await writer.drain()
-    except TimeoutError:
-        raise Gone("peer not reading") from None
 
 
 async def handle_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flow: Flow, source: FlowSource,
@@ -72,7 +37,6 @@ async def handle_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                 break
             data += more
         if data.startswith(PREFACE):
-            from plugin.proxy.grpc import handle_h2
             await handle_h2(reader, writer, flow, source, connect, emit, limits, data)
             return
         relay = _Http1(reader, writer, flow, source, connect, emit, limits)

@@ -11,6 +11,8 @@ import socket
 from collections.abc import Sequence
 
 from plugin.proxy.flows import Address, Connector, Emit, Flow, FlowSource, Limits
+from plugin.proxy.http import handle_http
+from plugin.proxy.kafka import handle_kafka
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +186,8 @@ class ProxyServer:
             return
         kind = flow.kind
         if kind == "http":
-            from plugin.proxy.http import handle_http
             await handle_http(reader, writer, flow, self.source, self.connect, self.emit, self.limits)
         elif kind == "kafka":
-            from plugin.proxy.kafka import handle_kafka  # type: ignore[import-not-found,unused-ignore]
             await handle_kafka(reader, writer, flow, self.source, self.connect, self.emit, self.limits)
         else:
             log.warning("L7 proxy: no handler for %r flows, closing %s:%d", kind, *client)
