@@ -78,28 +78,35 @@ def test_without_a_listener_l7_flows_drop_with_a_named_reason(xi: Instance, poli
     assert other["code"] == VERDICT["DROP_POLICY"]  # L3/L4 decides before the proxy matters
 
 
+@pytest.mark.parametrize("family", [4, 6])
 def test_a_transparent_listener_gets_the_flow_with_its_original_destination(
-        xi: Instance, policy: Policy, endpoints: Endpoints) -> None:
+        xi: Instance, policy: Policy, endpoints: Endpoints, family: int) -> None:
     a_id, b_id = policy.identity("a"), policy.identity("b")
     policy.add_rules([http_rule("b", "a")])
     policy.write(numbered(policy.compile()))
     port = free_port()
-    route = plan.ProxyRoute(4, naming.proxy_table(xi.name))
+    route = plan.ProxyRoute(family, naming.proxy_table(xi.name))
     xi.kernel.apply(plan.Plan(add=(route,)))
-    listener = socket.socket()
+    listener = socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6)
     try:
-        listener.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
-        listener.bind(("127.0.0.1", port))
+        if family == 4:
+            listener.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
+            listener.bind(("127.0.0.1", port))
+        else:
+            listener.setsockopt(socket.IPPROTO_IPV6, 75, 1)  # IPV6_TRANSPARENT
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            listener.bind(("::1", port))
         listener.listen(8)
         xi.kernel.config.set_proxy_port(port)
         a, b = endpoints(identity=a_id), endpoints(identity=b_id)
+        dst, src = (b.ip4, a.ip4) if family == 4 else (b.ip6, a.ip6)
         seen: dict[str, Any] = {}
 
         def accept() -> None:
             listener.settimeout(5)
             conn, peer = listener.accept()
             with conn:
-                seen["peer"], seen["local"] = peer, conn.getsockname()
+                seen["peer"], seen["local"] = peer[:2], conn.getsockname()[:2]
                 flow = ConntrackReader(xi.pin_dir).lookup(peer, conn.getsockname())
                 seen["flow"] = flow
                 seen["request"] = conn.recv(64)
@@ -107,10 +114,10 @@ def test_a_transparent_listener_gets_the_flow_with_its_original_destination(
 
         t = threading.Thread(target=accept)
         t.start()
-        out = tcp_try(a.ns, b.ip4, 80, 3.0)
+        out = tcp_try(a.ns, dst, 80, 3.0)
         t.join()
         assert out == "ok", out
-        assert seen["local"] == (str(b.ip4), 80) and seen["peer"][0] == str(a.ip4)
+        assert seen["local"] == (str(dst), 80) and seen["peer"][0] == str(src)
         assert seen["request"] == b"hello\n"
         flow = seen["flow"]
         assert flow is not None and (flow.src_identity, flow.dst_identity) == (a_id, b_id)
