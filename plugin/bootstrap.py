@@ -142,7 +142,7 @@ class Runtime:
         self.proxy: ProxySupervisor | None = None
         if cfg.proxy:
             self.proxy = ProxySupervisor(proxy_state, cfg.bpf_dir, proxy_port, cfg.access_log, self._l7_event,
-                                         cfg.debug)
+                                         cfg.debug, cfg.proxy_workers)
             self.proxy.start()
         self._ifnames: dict[int, str] = {}
         self.servers: list[UnixServer] = []

@@ -85,6 +85,7 @@ class Config:
     proxy_port: int = 0
     access_log: str = ""
     proxy: bool = True
+    proxy_workers: int = 0  # event loops (processes) of the proxy; 0: one per CPU, at most 4
 
     @property
     def clustered(self) -> bool:
@@ -157,6 +158,10 @@ class Config:
         parser.add_argument("--access-log", default=_env("CELLGATE_ACCESS_LOG", ""),
                             help="append every L7 request and verdict to this file as JSON lines "
                                  "[CELLGATE_ACCESS_LOG]")
+        parser.add_argument("--proxy-workers", type=int, default=int(_env("CELLGATE_PROXY_WORKERS", "0")),
+                            help="processes of the L7 proxy, each an event loop on the port (SO_REUSEPORT; "
+                                 "Linux 6.5+ for more than one) [CELLGATE_PROXY_WORKERS, default one per CPU, "
+                                 "at most 4]")
         parser.add_argument("--no-proxy", dest="proxy", action="store_false",
                             default=not _flag(_env("CELLGATE_NO_PROXY", "false")),
                             help="do not run the L7 proxy: flows that L7 rules cover are dropped "
@@ -197,6 +202,7 @@ class Config:
             proxy_port=_proxy_port(getattr(args, "proxy_port", 0)),
             access_log=getattr(args, "access_log", "") or "",
             proxy=getattr(args, "proxy", True),
+            proxy_workers=_proxy_workers(getattr(args, "proxy_workers", 0)),
             **cluster,
         )
 
@@ -249,6 +255,12 @@ def _proxy_port(port: int) -> int:
     if not 0 <= port <= 65535:
         raise ValueError(f"--proxy-port {port}: must be between 1 and 65535 (0: chosen)")
     return port
+
+
+def _proxy_workers(n: int) -> int:
+    if not 0 <= n <= 64:
+        raise ValueError(f"--proxy-workers {n}: must be between 1 and 64 (0: one per CPU)")
+    return n or min(os.cpu_count() or 1, 4)
 
 
 def default_api_socket(name: str = "") -> str:

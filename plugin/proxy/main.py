@@ -1,16 +1,22 @@
 """The proxy process: `python -m plugin.proxy --pin-dir P --filters F --port N [--events SOCK]
-[--access-log FILE]`. Started, adopted and restarted by the agent (plugin/proxy/supervisor.py).
+[--access-log FILE] [--workers W]`. Started, adopted and restarted by the agent
+(plugin/proxy/supervisor.py). With W > 1 it forks W - 1 workers that bind their own listeners on
+the same port (SO_REUSEPORT): one event loop per core. It restarts a worker that dies, and the
+workers end with it (PR_SET_PDEATHSIG), so the agent supervises one process.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from plugin.proxy.flows import L7Event, Limits
@@ -44,9 +50,10 @@ class EventSink:
 
 async def serve(args: argparse.Namespace) -> None:
     source = KernelFlowSource(Path(args.pin_dir), Path(args.filters))
-    sockets = [transparent_listener("127.0.0.1", args.port)]
+    reuse = args.workers > 1 or args.reuseport
+    sockets = [transparent_listener("127.0.0.1", args.port, reuseport=reuse)]
     try:
-        sockets.append(transparent_listener("::1", args.port))
+        sockets.append(transparent_listener("::1", args.port, reuseport=reuse))
     except OSError as exc:  # no IPv6 in this netns
         log.info("no IPv6 listener: %s", exc)
     server = ProxyServer(source, marked_connector(), EventSink(args.events, args.access_log), Limits(),
@@ -61,6 +68,51 @@ async def serve(args: argparse.Namespace) -> None:
     await server.close()
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> None:
+    """A worker ends with the proxy that started it (SIGTERM when its parent goes)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent:  # it went before prctl took effect
+        raise SystemExit(0)
+
+
+def _spawn_worker(argv: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "plugin.proxy", *argv, "--workers", "1", "--reuseport",
+                             "--worker-of", str(os.getpid())], stdin=subprocess.DEVNULL)
+
+
+async def _serve_with_workers(args: argparse.Namespace, argv: list[str]) -> None:
+    """Serve, with args.workers - 1 worker processes on the same port, each replaced when it exits."""
+    workers = {w.pid: w for w in (_spawn_worker(argv) for _ in range(args.workers - 1))}
+    loop = asyncio.get_running_loop()
+
+    def reap() -> None:
+        for pid, w in list(workers.items()):
+            if w.poll() is not None:
+                del workers[pid]
+                log.error("L7 proxy worker %d exited (%s); starting another", pid, w.returncode)
+                new = _spawn_worker(argv)
+                workers[new.pid] = new
+
+    loop.add_signal_handler(signal.SIGCHLD, reap)
+    try:
+        await serve(args)
+    finally:
+        loop.remove_signal_handler(signal.SIGCHLD)
+        for w in workers.values():
+            w.terminate()
+        for w in workers.values():
+            try:
+                w.wait(5)
+            except subprocess.TimeoutExpired:
+                w.kill()
+                w.wait()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cellgate-proxy")
     parser.add_argument("--pin-dir", required=True)
@@ -68,8 +120,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--events", default="")
     parser.add_argument("--access-log", default="")
+    parser.add_argument("--workers", type=int, default=1, help="event loops (processes) on the port")
+    parser.add_argument("--reuseport", action="store_true", help="bind with SO_REUSEPORT (a worker)")
+    parser.add_argument("--worker-of", type=int, default=0, help="the proxy process this worker ends with")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s proxy %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(args))
+    if not 1 <= args.workers <= 64:
+        parser.error("--workers must be between 1 and 64")
+    if args.worker_of:
+        _die_with(args.worker_of)
+    if args.workers == 1:
+        asyncio.run(serve(args))
+    else:
+        worker = ["--pin-dir", args.pin_dir, "--filters", args.filters, "--port", str(args.port),
+                  "--events", args.events, "--access-log", args.access_log, *(["--debug"] if args.debug else [])]
+        asyncio.run(_serve_with_workers(args, worker))

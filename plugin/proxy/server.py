@@ -26,13 +26,17 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def transparent_listener(host: str, port: int, backlog: int = 1024) -> socket.socket:
+def transparent_listener(host: str, port: int, backlog: int = 1024, reuseport: bool = False) -> socket.socket:
     """A listening TCP socket with IP_TRANSPARENT (IPV6_TRANSPARENT) set before bind, so that the
-    datapath's bpf_sk_assign can hand it connections to any address (needs CAP_NET_ADMIN)."""
+    datapath's bpf_sk_assign can hand it connections to any address (needs CAP_NET_ADMIN). With
+    `reuseport`, every worker binds its own on the same port and the kernel spreads the connections
+    assigned to the group (bpf_sk_assign picks within a reuseport group since Linux 6.5)."""
     family = _family(host)
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)

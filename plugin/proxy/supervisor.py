@@ -48,13 +48,14 @@ def _cmdline(pid: int) -> list[str]:
 
 class ProxySupervisor:
     def __init__(self, state: Path, pin_dir: Path, port: int, access_log: str,
-                 publish: Callable[[dict[str, Any]], None], debug: bool = False) -> None:
+                 publish: Callable[[dict[str, Any]], None], debug: bool = False, workers: int = 1) -> None:
         self.state = state
         self.pin_dir = pin_dir
         self.port = port
         self.access_log = access_log
         self.publish = publish
         self.debug = debug
+        self.workers = workers
         self.filters = state / "filters.json"
         self.events_path = state / "events.sock"
         self.pid_path = state / "proxy.pid"
@@ -113,7 +114,7 @@ class ProxySupervisor:
 
     def _spawn(self) -> None:
         cmd = [sys.executable, "-m", MARKER, "--pin-dir", str(self.pin_dir), "--filters", str(self.filters),
-               "--port", str(self.port), "--events", str(self.events_path)]
+               "--port", str(self.port), "--events", str(self.events_path), "--workers", str(self.workers)]
         if self.access_log:
             cmd += ["--access-log", self.access_log]
         if self.debug:
