@@ -211,3 +211,36 @@ def test_agent_restart_keeps_l7_enforcement(web: Web, agent: Agent) -> None:
         agent.start()
     wait_until(lambda: web.curl("frontend", "/public/x", timeout=1)[0] == 200, 10, "allowed requests to resume")
     assert proxy_denied(*web.curl("frontend", "/private"))
+
+
+def egress_http(peer_allowed_at_l4: str) -> list[dict[str, Any]]:
+    """frontend's egress HTTP rules to the backend, and the backend's own L4 ingress rule."""
+    return [
+        {"labels": [{"key": "name", "value": "cg-l7-egress"}], "endpointSelector": {"matchLabels": {"app": "frontend"}},
+         "egress": [{"toEndpoints": [{"matchLabels": {"app": "backend"}}],
+                     "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}],
+                                  "rules": {"http": [{"method": "GET", "path": "/public/.*"}]}}]}]},
+        {"labels": [{"key": "name", "value": "cg-l4-ingress"}], "endpointSelector": {"matchLabels": {"app": "backend"}},
+         "ingress": [{"fromEndpoints": [{"matchLabels": {"app": peer_allowed_at_l4}}],
+                      "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]}]},
+    ]
+
+
+def import_rules(agent: Agent, rules: list[dict[str, Any]], tmp: Path) -> None:
+    path = tmp / "rules.json"
+    path.write_text(json.dumps(rules))
+    out = json.loads(agent.cli("policy", "import", str(path), "-o", "json").stdout)
+    agent.cli("policy", "wait", str(out["revision"]))
+
+
+def test_egress_rules_and_the_receivers_l4_policy_still_apply(web: Web, agent: Agent, tmp_path: Path) -> None:
+    """The sender's egress proxy forwards with a mark carrying the sender's identity: the receiver's
+    L3/L4 ingress policy judges the upstream leg as the frontend (not as the host), and is not skipped."""
+    import_rules(agent, egress_http("frontend"), tmp_path)
+    assert web.curl("frontend", "/public/x") == (200, "served:public/x\n")
+    assert proxy_denied(*web.curl("frontend", "/private"))
+    agent.cli("policy", "delete", "--all")
+    import_rules(agent, egress_http("other"), tmp_path)  # the backend admits only app=other at L4
+    status, body = web.curl("frontend", "/public/x")
+    assert status != 200 and body != "served:public/x\n", (status, body)  # allowed at L7, dropped at L4
+    assert web.curl("other", "/public/x") == (200, "served:public/x\n")
