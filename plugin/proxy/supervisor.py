@@ -73,6 +73,7 @@ class ProxySupervisor:
         os.chmod(self.state, 0o700)
         self._bind_events()
         if not self._adopt():
+            stop_left_over(self.state)  # ours but for another port (the flag changed): replaced
             self._spawn()
         for target, name in ((self._watch, "cg-proxy-watch"), (self._read_events, "cg-proxy-events")):
             t = threading.Thread(target=target, name=name, daemon=True)
