@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import importlib
 import json
 import logging
 import os
@@ -48,6 +49,10 @@ class EventSink:
                 self.lost += 1
 
 
+def loop_import(module: str) -> asyncio.Future[object]:
+    return asyncio.get_running_loop().run_in_executor(None, importlib.import_module, module)
+
+
 async def serve(args: argparse.Namespace) -> None:
     source = KernelFlowSource(Path(args.pin_dir), Path(args.filters))
     reuse = args.workers > 1 or args.reuseport
@@ -59,6 +64,8 @@ async def serve(args: argparse.Namespace) -> None:
     server = ProxyServer(source, marked_connector(), EventSink(args.events, args.access_log), Limits(),
                          sockets=sockets)
     await server.start()
+    # kafka-python takes most of the start; the listeners are up already, load it beside them
+    warm = loop_import("plugin.proxy.kafka")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -66,6 +73,7 @@ async def serve(args: argparse.Namespace) -> None:
     log.info("L7 proxy %d listening on port %d", os.getpid(), args.port)
     await stop.wait()
     await server.close()
+    await asyncio.wait([warm])  # (an import error shows again at the first Kafka flow)
 
 
 PR_SET_PDEATHSIG = 1

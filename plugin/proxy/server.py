@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 from plugin.proxy.flows import Address, Connector, Emit, Flow, FlowSource, Limits
 from plugin.proxy.http import handle_http
-from plugin.proxy.kafka import handle_kafka
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +191,8 @@ class ProxyServer:
         if kind == "http":
             await handle_http(reader, writer, flow, self.source, self.connect, self.emit, self.limits)
         elif kind == "kafka":
+            from plugin.proxy.kafka import handle_kafka  # kafka-python's schemas: loaded after the start (main.py)
+
             await handle_kafka(reader, writer, flow, self.source, self.connect, self.emit, self.limits)
         else:
             log.warning("L7 proxy: no handler for %r flows, closing %s:%d", kind, *client)
