@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.test_cluster import visible_everywhere
 from tests.simcluster import Cluster, SimEndpoint, SimNode, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -74,10 +75,7 @@ def l7c() -> Iterator[tuple[Cluster, Scene, dict[str, SimEndpoint]]]:
         eps = {"fe1": scene.endpoint(c.node(1), "fe1", "frontend"),
                "be2": scene.endpoint(c.node(2), "be2", "backend"),
                "ot1": scene.endpoint(c.node(1), "ot1", "other")}
-        for ep in eps.values():
-            for n in c.nodes:
-                if n.name != ep.node:
-                    wait_until(lambda n=n, ep=ep: f"{ep.ipv4}/32" in c.ipcache(n), 15, f"{ep.ipv4} on {n.name}")
+        visible_everywhere(c, *eps.values())
         yield c, scene, eps
     finally:
         scene.close()
@@ -183,7 +181,7 @@ def test_grpc_methods_across_nodes(l7c: tuple[Cluster, Scene, dict[str, SimEndpo
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         assert server.stdout is not None and server.stdout.readline().startswith(b"ready")
-        wait_until(lambda: f"{door.ipv4}/32" in c.ipcache(c.node(1)), 15, "the door on node 1")
+        visible_everywhere(c, door)
         rule = {"labels": [{"key": "name", "value": "cg-grpc"}], "endpointSelector": {"matchLabels": {"app": "door"}},
                 "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "frontend"}}],
                              "toPorts": [{"ports": [{"port": "50051", "protocol": "TCP"}],
@@ -250,8 +248,7 @@ def test_kafka_product_example_across_nodes(l7c: tuple[Cluster, Scene, dict[str,
                                "--storage-engine", "memory://tansu/"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        for ep in (kafka, s1, s2):
-            wait_until(lambda ep=ep: f"{ep.ipv4}/32" in c.ipcache(c.node(1 if ep is kafka else 2)), 15, ep.name)
+        visible_everywhere(c, kafka, s1, s2)
         create = ("import sys; from kafka.admin import KafkaAdminClient, NewTopic; "
                   "KafkaAdminClient(bootstrap_servers=sys.argv[1]).create_topics("
                   "[NewTopic('topic1', 1, 1), NewTopic('topic2', 1, 1)])")
