@@ -87,7 +87,7 @@
 
 /* skb->mark: the proxy's routing (fwmark rule to the local table) and its upstream sockets. */
 #define CG_MARK_MASK       0xf00
-#define CG_MARK_TO_PROXY   0x200  /* set with bpf_sk_assign; `ip rule fwmark 0x200/0xf00 lookup 2004` */
+#define CG_MARK_TO_PROXY   0x200  /* set with bpf_sk_assign; `ip rule fwmark 0x200/0xf00 lookup T` (naming.proxy_table) */
 #define CG_MARK_FROM_PROXY 0xa00  /* SO_MARK of the proxy's upstream sockets; the rest is the identity */
 
 #define CG_METRICS_SIZE    256
