@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -65,16 +64,7 @@ class EtcdServer(ServerProcess):
         return subprocess.run(cmd, capture_output=True, env=env, check=False).returncode == 0
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc.pid, sig)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        self.proc = None
+        self.end(sig)
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)

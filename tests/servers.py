@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 from types import TracebackType
 from typing import Any
@@ -18,6 +21,19 @@ class ServerProcess:
 
     def stop(self) -> None:
         raise NotImplementedError
+
+    def end(self, sig: int = signal.SIGTERM) -> None:
+        """Signal the process, wait for it, SIGKILL it if it outlives 10 s."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, sig)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
 
     @property
     def pid(self) -> int:

@@ -57,7 +57,10 @@ class FilterTable:
         self._next = next_id
 
     def number(self, entries: Entries) -> Entries:
-        """`entries` with every filter numbered (new filters get a free number)."""
+        """`entries` with every filter numbered (new filters get a free number); the same dict when
+        no entry has one (L3/L4-only policy pays one pass, no copy)."""
+        if not any(v.filter is not None for v in entries.values()):
+            return entries
         out: Entries = {}
         for key, value in entries.items():
             out[key] = value if value.filter is None else dataclasses.replace(value, l7=self._id(value.filter))
