@@ -27,6 +27,7 @@
 #include "lib/pipeline.h"
 #include "lib/encap.h"
 #include "lib/proxy.h"
+#include "lib/lbpkt.h"
 
 /* The inner packet's addresses and flow, for either family. 0, or -DROP_*. */
 static __always_inline int cg_overlay_flow(struct __sk_buff *skb, __u8 family, struct cg_flow *f,
@@ -89,6 +90,12 @@ static __always_inline int cg_from_overlay_dispatch(struct __sk_buff *skb, struc
 	dst = cg_lookup_ip(family, daddr);
 	if (!dst)
 		return -DROP_NOT_LOCAL;
+	if (family == 4) {
+		struct iphdr ip;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) == 0 && ip.ihl == 7)
+			cg_dsr_learn4(skb, &ip);             /* balanced by another node: reply as the service */
+	}
 	ret = cg_stage_from_tunnel(skb, ctx, &f, dst);
 	if (ret < 0)
 		return ret;

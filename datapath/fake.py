@@ -22,16 +22,22 @@ from datapath.plan import (
     IPNetwork,
     KernelObject,
     Key,
+    LbService,
     Masquerade,
     Neighbour,
+    NetdevProgram,
     Plan,
     Programs,
     ProxyRoute,
     Route,
+    ServedNetns,
+    SockPrograms,
     TunnelDevice,
     Veth,
+    VipRoute,
 )
 from datapath.policy.compile import PolicyKey, PolicyValue
+from datapath.services import Backend
 
 
 class _Stored:
@@ -128,6 +134,11 @@ HANDLERS: dict[str, type[_Stored]] = {
     IpcacheEntry.kind: _Stored,
     Masquerade.kind: _Stored,
     ProxyRoute.kind: _Stored,
+    VipRoute.kind: _Stored,
+    LbService.kind: _Stored,
+    ServedNetns.kind: _Stored,
+    SockPrograms.kind: _Stored,
+    NetdevProgram.kind: _Stored,
     TunnelDevice.kind: _Tunnels,
 }
 
@@ -139,6 +150,8 @@ class FakeKernel:
         self.foreign: set[str] = set()  # links someone else made: never observed, changed or removed
         self.routes: list[IPNetwork] = []
         self.applied: list[Plan] = []
+        self.resets: list[tuple[tuple[Backend, ...], tuple[str, ...]]] = []
+        self.pending_netns: set[str] = set()  # sandbox paths that are no network namespace yet
         self.fail: Callable[[KernelObject], bool] | None = None  # make matching adds fail
         self.policy: dict[PolicyKey, PolicyValue] = {}
         self.fail_policy = False  # make the next policy_update fail
@@ -213,6 +226,13 @@ class FakeKernel:
 
     def ct_gc(self, now_ns: int) -> int:
         return 0
+
+    def reset_connections(self, backends: Sequence[Backend], netns_paths: Sequence[str]) -> int:
+        self.resets.append((tuple(backends), tuple(netns_paths)))
+        return 0
+
+    def netns_ready(self, path: str) -> bool:
+        return path not in self.pending_netns
 
     def set_config(self, trace: bool, timeouts: dict[str, float], verdicts: bool = True) -> None:
         self.config = (trace, dict(timeouts))

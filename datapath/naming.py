@@ -70,6 +70,24 @@ def proxy_table(instance: str) -> int:
     return PROXY_TABLE_FIRST + digest % PROXY_TABLES
 
 
+def vip_metric(instance: str) -> int:
+    """The metric of an instance's VIP routes (`unreachable VIP`): its own, so that instances
+    sharing a network namespace can each hold one for the same VIP and remove only theirs."""
+    digest = int.from_bytes(hashlib.sha256(f"vip:{instance}".encode()).digest()[:4], "big")
+    return 0x7C000000 + digest % 0x100000
+
+
+def netdev_prio(instance: str) -> int:
+    """The tc filter priority of an instance's cg_from_netdev on a device it does not own."""
+    digest = int.from_bytes(hashlib.sha256(f"netdev:{instance}".encode()).digest()[:4], "big")
+    return 100 + digest % 800
+
+
+def sock_pin_dir(bpf_dir: str) -> str:
+    """Where an instance pins its cgroup socket programs (they stay attached across restarts)."""
+    return f"{bpf_dir}/progs"
+
+
 def nat_chain(instance: str) -> str:
     return f"CG-{instance}-NAT"
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from datapath import naming
 from datapath.model import Endpoint, IPAddress, Network
+from datapath.services import Backend, Frontend
 
 if TYPE_CHECKING:
     from datapath.nodes import ClusterView
@@ -36,6 +37,8 @@ class Settings:
     # receiving node sees the sender's own address (and the ipcache its identity).
     cluster_cidrs: tuple[IPNetwork, ...] = ()
     proxy: bool = False  # the L7 proxy runs: its routing (ProxyRoute) is in place
+    cgroup: str = ""  # the cgroup2 directory the socket balancer attaches to; "" = no socket balancing
+    lb_devices: tuple[str, ...] = ()  # the node's devices where packets for VIPs are balanced (cg_netdev)
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,79 @@ class ProxyRoute:
 
 
 @dataclass(frozen=True)
+class LbService:
+    """A load-balanced service in cg_lb_services/cg_lb_revnat (bpf/lib/lb.h): the frontend, its
+    reverse-NAT index and the backends, slot i+1 holding backends[i]."""
+
+    kind: ClassVar[str] = "lb-service"
+    frontend: Frontend
+    rev_nat: int
+    backends: tuple[Backend, ...] = ()
+    flags: int = 0
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return (self.kind, str(self.frontend))
+
+
+@dataclass(frozen=True)
+class VipRoute:
+    """`unreachable VIP` at the instance's own metric: a VIP packet that no balancer translated
+    (no backends, or traffic the hooks do not see) is refused with ICMP, never routed on."""
+
+    kind: ClassVar[str] = "vip-route"
+    address: IPAddress
+    metric: int
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return (self.kind, str(self.address))
+
+
+@dataclass(frozen=True)
+class ServedNetns:
+    """A network namespace whose sockets the socket balancer translates (cg_lb_netns): the
+    agent's own (`path` "") and each joined endpoint's sandbox."""
+
+    kind: ClassVar[str] = "served-netns"
+    scoped_by: ClassVar[str] = "sandbox"
+    tag: int  # the endpoints' sandbox hash; 0 = the agent's own namespace
+    path: str = field(compare=False, default="")  # where to find it ("" = our own); not observable
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return (self.kind, str(self.tag))
+
+
+@dataclass(frozen=True)
+class SockPrograms:
+    """bpf/cg_sock.c attached to the cgroup2 root (BPF_F_ALLOW_MULTI, so instances coexist) and
+    pinned, at the datapath's revision; they stay attached when the agent stops."""
+
+    kind: ClassVar[str] = "sock-programs"
+    cgroup: str
+    revision: str
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return (self.kind, self.cgroup)
+
+
+@dataclass(frozen=True)
+class NetdevProgram:
+    """cg_from_netdev (bpf/cg_netdev.c) on the ingress of one of the node's own devices, which
+    the agent does not own: only its filter is ours (packet-level balancing, DSR)."""
+
+    kind: ClassVar[str] = "netdev-program"
+    dev: str
+    revision: str
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return (self.kind, self.dev)
+
+
+@dataclass(frozen=True)
 class Masquerade:
     kind: ClassVar[str] = "masquerade"
     subnet: ipaddress.IPv4Network
@@ -228,13 +304,13 @@ class Masquerade:
 
 KernelObject = (
     HostDevice | HostAddress | TunnelDevice | IpcacheEntry | Veth | EndpointEntry | AddressEntry | Programs
-    | Neighbour | Route | Masquerade | ProxyRoute
+    | Neighbour | Route | Masquerade | ProxyRoute | VipRoute | LbService | ServedNetns | SockPrograms | NetdevProgram
 )
 Key = tuple[str, ...]
 
 ORDER = (
     HostDevice, HostAddress, TunnelDevice, IpcacheEntry, Veth, EndpointEntry, AddressEntry, Programs, Neighbour,
-    Route, Masquerade, ProxyRoute,
+    Route, Masquerade, ProxyRoute, VipRoute, LbService, ServedNetns, SockPrograms, NetdevProgram,
 )
 
 
@@ -321,6 +397,8 @@ def endpoint_objects(ep: Endpoint, settings: Settings) -> set[KernelObject]:
         EndpointEntry(dev, value),
         Programs(dev, settings.program_revision),
     }
+    if ep.sandbox and settings.cgroup:
+        objs.add(ServedNetns(ep.sandbox_hash, ep.sandbox))
     for addr, gw in ((ep.ipv4, ep.gateway4), (ep.ipv6, ep.gateway6)):
         if addr is None:
             continue
@@ -353,6 +431,9 @@ def desired_state(
     objects (datapath.nodes) are looked up by key under a scope, in O(len(scope)).
     """
     objs: set[KernelObject] = host_objects(host_addresses)
+    if settings.cgroup:
+        objs |= {ServedNetns(0), SockPrograms(settings.cgroup, settings.program_revision)}
+    objs |= {NetdevProgram(dev, settings.program_revision) for dev in settings.lb_devices}
     if settings.proxy:
         table = naming.proxy_table(settings.instance)
         objs |= {ProxyRoute(4, table), ProxyRoute(6, table)}
@@ -365,21 +446,23 @@ def desired_state(
     for net in networks:
         objs |= network_objects(net, settings)
     if scope is not None:
-        devices, ips = _scope_owners(scope)
+        devices, ips, sandboxes = _scope_owners(scope)
         endpoints = [ep for ep in endpoints
-                     if ep.host_ifname in devices or any(a.ip in ips for a in ep.addresses)]
+                     if ep.host_ifname in devices or any(a.ip in ips for a in ep.addresses)
+                     or (ep.sandbox and ep.sandbox_hash in sandboxes)]
     for ep in endpoints:
         objs |= endpoint_objects(ep, settings)
     return objs
 
 
-def _scope_owners(scope: set[Key]) -> tuple[set[str], set[IPAddress]]:
+def _scope_owners(scope: set[Key]) -> tuple[set[str], set[IPAddress], set[int]]:
     """Host devices and addresses named by the keys in `scope`: an endpoint whose host device
     or address is not among them owns none of the keys (each key endpoint_objects makes names
     its device, its address, or its /32 or /128 route). Worked out once per scope, so that
     checking each of 1,000 endpoints is two set lookups."""
     devices: set[str] = set()
     ips: set[IPAddress] = set()
+    sandboxes: set[int] = set()
     for key in scope:
         cls = KINDS.get(key[0])
         owner = getattr(cls, "scoped_by", "")
@@ -391,7 +474,19 @@ def _scope_owners(scope: set[Key]) -> tuple[set[str], set[IPAddress]]:
             net = ipaddress.ip_network(key[1])
             if net.prefixlen == net.max_prefixlen:
                 ips.add(net.network_address)
-    return devices, ips
+        elif owner == "sandbox":
+            sandboxes.add(int(key[1]))
+    return devices, ips, sandboxes
+
+
+def service_objects(services: Iterable[tuple[Frontend, int, tuple[Backend, ...]]], instance: str) -> set[KernelObject]:
+    """The kernel form of the services a node balances: the maps' entries and each VIP's route."""
+    metric = naming.vip_metric(instance)
+    objs: set[KernelObject] = set()
+    for frontend, rev_nat, backends in services:
+        objs.add(LbService(frontend, rev_nat, backends))
+        objs.add(VipRoute(frontend.address, metric))
+    return objs
 
 
 def keys(objs: Iterable[KernelObject]) -> set[Key]:

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 from datapath.model import IPAddress, IPInterface
 from datapath.plan import IPNetwork, KernelObject, Key, Plan
 from datapath.policy.compile import PolicyKey, PolicyValue
+from datapath.services import Backend
 
 
 class Kernel(Protocol):
@@ -43,6 +44,15 @@ class Kernel(Protocol):
 
     def ct_entries(self) -> list[tuple[Any, Any]]:
         """Conntrack entries as (key, value) mirrors of struct cg_ct_key / cg_ct_value."""
+        ...
+
+    def reset_connections(self, backends: Sequence[Backend], netns_paths: Sequence[str]) -> int:
+        """Reset the TCP connections to `backends` (gone from their services) of the sockets in
+        this network namespace and in `netns_paths`; how many were reset."""
+        ...
+
+    def netns_ready(self, path: str) -> bool:
+        """Whether `path` is a network namespace (a Docker sandbox key becomes one after Join)."""
         ...
 
     def ct_gc(self, now_ns: int) -> int:

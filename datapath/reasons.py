@@ -15,6 +15,8 @@ VERDICTS: dict[int, tuple[str, str]] = {
     7: ("CG_OK_POLICY", "allowed by policy"),
     12: ("CG_OK_TUNNEL", "sent through the tunnel to another node"),
     13: ("CG_OK_PROXY", "redirected to the L7 proxy"),
+    14: ("CG_OK_LB", "service translated to a local backend"),
+    15: ("CG_OK_LB_DSR", "service translated to a remote backend (direct server return)"),
     130: ("DROP_INVALID_SMAC", "invalid source MAC"),
     131: ("DROP_INVALID_DMAC", "invalid destination MAC"),
     132: ("DROP_INVALID_SIP", "invalid source IP"),
@@ -38,6 +40,7 @@ VERDICTS: dict[int, tuple[str, str]] = {
     194: ("DROP_TUNNEL_SRC", "inner source belongs to another node"),
     195: ("DROP_NO_TUNNEL_ENDPOINT", "no node hosts the tunnelled destination"),
     196: ("DROP_PROXY_REQUIRED", "L7 policy on a path that cannot reach the proxy"),
+    197: ("DROP_LB_BACKEND", "packet-level balancing to a backend outside the cluster"),
 }
 POLICY = {7, 13, 133, 157, 178, 179, 181, 196}
 

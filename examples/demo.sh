@@ -12,13 +12,16 @@ mkdir -p "$RUN"
 say()  { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 show() { printf '$ %s\n' "$*"; "$@"; }
 
-started_dockerd="" started_agent=""
+VIPS=10.96.77.0/24 VIP=10.96.77.10
+started_dockerd="" started_agent="" added_blackhole=""
 cleanup() {
   set +e
   say "Cleaning up"
   $CG policy delete --labels name=l4-backend-80 >/dev/null 2>&1
   $CG policy delete --labels name=l7-public-get >/dev/null 2>&1
-  docker rm -f cgdemo-a cgdemo-b cgdemo-c cgdemo-w >/dev/null 2>&1
+  $CG service delete cgdemo-web >/dev/null 2>&1
+  docker rm -f cgdemo-a cgdemo-b cgdemo-c cgdemo-w cgdemo-s1 cgdemo-s2 >/dev/null 2>&1
+  [ -z "$added_blackhole" ] || ip route del blackhole "$VIPS" 2>/dev/null
   docker network rm "$NET" >/dev/null 2>&1
   docker rmi "$IMAGE" >/dev/null 2>&1
   if [ -n "$started_agent" ]; then
@@ -122,6 +125,28 @@ printf '$ docker exec cgdemo-a wget -q -O - http://%s/private\n' "$W"
 docker exec cgdemo-a wget -q -O - "http://$W/private" || echo "(refused by the proxy: 403 Access denied)"
 wait "$mon" || true
 show $CG policy trace --src app=frontend --dst app=backend --dport 80/tcp --http-method GET --http-path /private
+
+say "A service: a VIP balanced over every container labelled app=web (cgroup socket programs)"
+ip route show | grep -q "^blackhole $VIPS" || { show ip route add blackhole "$VIPS"; added_blackhole=1; }
+for n in 1 2; do
+  show docker run -d --name cgdemo-s$n --network "$NET" -l app=web "$IMAGE" \
+    sh -c 'mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 80 -h /www'
+done
+show $CG service create --frontend "$VIP:80" --selector app=web --target-port 80 --name cgdemo-web
+has_backends() {  # has_backends N: the service balances over N backends
+  [ "$($CG service get cgdemo-web -o json | .venv/bin/python -c 'import json, sys; print(len(json.load(sys.stdin)["active_backends"]))')" = "$1" ]
+}
+wait_for 10 has_backends 2
+show $CG service list
+for i in 1 2 3 4 5 6; do
+  printf '$ docker exec cgdemo-a wget -q -O - http://%s/  -> ' "$VIP"
+  docker exec cgdemo-a wget -q -O - "http://$VIP/"
+done
+printf '$ wget -q -O - http://%s/   (from the host)  -> ' "$VIP"
+wget -q -O - "http://$VIP/"
+show docker rm -f cgdemo-s2
+wait_for 10 has_backends 1
+show $CG service get cgdemo-web
 
 say "What cellgate knows"
 show $CG endpoint list

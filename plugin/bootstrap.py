@@ -103,7 +103,9 @@ class Runtime:
             settings = dataclasses.replace(settings, cluster_cidrs=cluster_cidrs(cfg))
         proxy_state = cfg.state_dir / "proxy"
         proxy_port = choose_port(proxy_state, cfg.proxy_port) if cfg.proxy else 0
-        settings = dataclasses.replace(settings, proxy=cfg.proxy)
+        settings = dataclasses.replace(settings, proxy=cfg.proxy, cgroup=socket_lb_cgroup(cfg),
+                                       lb_devices=lb_devices(cfg))
+        self.kernel.config.lb_flows = bool(settings.lb_devices) or kvstore is not None
         identities: Identities = (ClusterIdentities(JsonDir(cfg.state_dir / "identities"), IdentityCache())
                                   if kvstore is not None else Identities(JsonDir(cfg.state_dir / "identities")))
         policy = PolicyState(identities, Repository(JsonDir(cfg.state_dir / "policy")), self.kernel, cfg.enforcement,
@@ -111,7 +113,7 @@ class Runtime:
                              FilterTable(cfg.state_dir / "proxy" / "filters.json"))
         self.agent = Agent(
             JsonDir(cfg.state_dir / "networks"), JsonDir(cfg.state_dir / "endpoints"),
-            self.ipam, self.kernel, settings, policy=policy,
+            self.ipam, self.kernel, settings, policy=policy, services=JsonDir(cfg.state_dir / "services"),
         )
         self.kernel.set_config(False, self.agent.timeouts, verdicts=False)  # until a monitor asks
         self.kernel.config.set_proxy_port(proxy_port)  # 0 without a proxy: L7 flows drop
@@ -259,6 +261,46 @@ class Runtime:
         return 0
 
 
+def socket_lb_cgroup(cfg: Config) -> str:
+    """The cgroup2 directory of the socket balancer, or "" (off, or no cgroup2 on this host)."""
+    from datapath.kernel.cgroup import ensure_cgroup2
+
+    if not cfg.socket_lb:
+        return ""
+    if cfg.socket_lb == "auto":
+        found = ensure_cgroup2()
+        if not found:
+            log.warning("no cgroup2 mount: services are balanced only for packets (no socket-level balancing)")
+        return found
+    if not Path(cfg.socket_lb, "cgroup.procs").is_file():
+        raise StateError(f"--socket-lb {cfg.socket_lb}: not a cgroup2 directory")
+    return cfg.socket_lb
+
+
+def lb_devices(cfg: Config) -> tuple[str, ...]:
+    """The devices cg_from_netdev runs on; refuses a device that does not exist."""
+    if cfg.lb_devices == "none":
+        return ()
+    if cfg.lb_devices == "auto":
+        if not cfg.clustered or cfg.node_address is None:
+            return ()
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            for msg in ipr.get_addr(family=socket.AF_INET):
+                if msg.get_attr("IFA_ADDRESS") == str(cfg.node_address):
+                    return (socket.if_indextoname(msg["index"]),)
+        log.warning("no device holds the node address %s: no packet-level balancing", cfg.node_address)
+        return ()
+    names = tuple(cfg.lb_devices.split(","))
+    for name in names:
+        try:
+            socket.if_nametoindex(name)
+        except OSError:
+            raise StateError(f"--lb-devices: no device {name}") from None
+    return names
+
+
 def open_kvstore(cfg: Config) -> KVStore | None:
     """The cluster's store, when one is configured, after checking that this node may join: a live
     node with this name (another agent) or an overlapping range refuses the start. A store that does
@@ -346,11 +388,12 @@ def cleanup(cfg: Config) -> dict[str, Any]:
     Refuses while an agent holds the state directory. Containers still attached lose
     their network: their veths are deleted.
     """
+    from datapath.kernel.cgroup import detach_pinned, ensure_cgroup2
     from datapath.kernel.executor import KernelExecutor
     from datapath.kernel.loader import remove_pins
 
     report: dict[str, Any] = {"links": [], "routes": [], "iptables": False, "pins": [], "sockets": [], "state": "",
-                              "proxy": 0}
+                              "proxy": 0, "socket_programs": []}
     if cfg.state_dir.is_dir():
         handle = lock_state(cfg.state_dir)  # raises StateError while an agent runs
         handle.close()
@@ -359,13 +402,17 @@ def cleanup(cfg: Config) -> dict[str, Any]:
     try:
         owned = kernel.observe()
         links = [o for o in owned if isinstance(o, (plan.Veth, plan.HostDevice, plan.TunnelDevice))]
-        routes = [o for o in owned if isinstance(o, (plan.Route, plan.ProxyRoute))]
+        routes = [o for o in owned if isinstance(o, (plan.Route, plan.ProxyRoute, plan.VipRoute))]
         kernel.apply(plan.Plan(remove=tuple(routes) + tuple(links)))
         report["links"] = sorted(o.name for o in links)
-        report["routes"] = sorted(str(o.dst) if isinstance(o, plan.Route) else f"proxy-ipv{o.family}" for o in routes)
+        report["routes"] = sorted(str(o.dst) if isinstance(o, plan.Route) else
+                                  f"proxy-ipv{o.family}" if isinstance(o, plan.ProxyRoute) else f"vip {o.address}"
+                                  for o in routes)
         report["iptables"] = kernel.iptables.teardown()
     finally:
         kernel.close()
+    cgroup = cfg.socket_lb if cfg.socket_lb not in ("", "auto") else ensure_cgroup2()
+    report["socket_programs"] = detach_pinned(cfg.bpf_dir, cgroup)
     report["pins"] = remove_pins(cfg.bpf_dir)
     for path in (cfg.plugin_socket, cfg.api_socket):
         if path.is_socket():

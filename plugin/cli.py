@@ -331,6 +331,58 @@ def cmd_bpf_ct(args: argparse.Namespace) -> int:
     return 0
 
 
+def _service_rows(items: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return [(s["name"], s["frontend"], (s["selector"] and f"{s['selector']} :{s['target_port']}") or "-",
+             ", ".join(s["active_backends"]) or "(none: refused)", s["node"]) for s in items]
+
+
+SERVICE_HEADER = ("NAME", "FRONTEND", "SELECTOR", "BACKENDS", "NODE")
+
+
+def _service_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    for field in ("frontend", "name", "selector"):
+        if getattr(args, field, None):
+            body[field] = getattr(args, field)
+    if args.backends is not None:
+        body["backends"] = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if args.target_port:
+        body["target_port"] = args.target_port
+    return body
+
+
+def cmd_service_create(args: argparse.Namespace) -> int:
+    if (args.backends is None) == (not args.selector):
+        raise ValueError("give --backends IP:PORT[,...] or --selector k=v --target-port N")
+    out = _client(args).post("/v1/services", _service_body(args))
+    _emit(args, out, _table(_service_rows([out]), SERVICE_HEADER))
+    return 0
+
+
+def cmd_service_update(args: argparse.Namespace) -> int:
+    out = _client(args).call("PUT", f"/v1/services/{quote(args.name, safe='')}", _service_body(args))
+    _emit(args, out, _table(_service_rows([out]), SERVICE_HEADER))
+    return 0
+
+
+def cmd_service_list(args: argparse.Namespace) -> int:
+    out = _client(args).get("/v1/services")
+    _emit(args, out, _table(_service_rows(out), SERVICE_HEADER))
+    return 0
+
+
+def cmd_service_get(args: argparse.Namespace) -> int:
+    out = _client(args).get(f"/v1/services/{quote(args.name, safe='')}")
+    _emit(args, out, _table(_service_rows([out]), SERVICE_HEADER))
+    return 0
+
+
+def cmd_service_delete(args: argparse.Namespace) -> int:
+    out = _client(args).call("DELETE", f"/v1/services/{quote(args.name, safe='')}")
+    _emit(args, out, f"Deleted service {out['name']} ({out['frontend']})")
+    return 0
+
+
 def cmd_install_cni(args: argparse.Namespace) -> int:
     from plugin.cni.install import install
 
@@ -348,6 +400,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         f"routes removed:   {', '.join(report['routes']) or '-'}",
         f"iptables chains:  {'removed' if report['iptables'] else '-'}",
         f"pinned maps:      {', '.join(report['pins']) or '-'}",
+        f"socket programs:  {', '.join(report['socket_programs']) or '-'}",
         f"sockets removed:  {', '.join(report['sockets']) or '-'}",
         f"state removed:    {report['state'] or '-'}",
     ]
@@ -459,6 +512,26 @@ def build_parser() -> argparse.ArgumentParser:
     nodes.add_parser("list", parents=[common], help="nodes registered in the kvstore").set_defaults(func=cmd_node_list)
     bct = bpf.add_parser("ct", help="connection tracking").add_subparsers(dest="op", required=True, metavar="OP")
     bct.add_parser("list", parents=[common], help="tracked flows").set_defaults(func=cmd_bpf_ct)
+
+    svc = sub.add_parser("service", help="load-balanced services (VIPs)").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND")
+    for op, helptext in (("create", "balance a VIP:PORT over backends (by address or by labels)"),
+                         ("update", "change a service's backends or selector")):
+        p = svc.add_parser(op, parents=[common], help=helptext)
+        if op == "update":
+            p.add_argument("name", help="service name")
+        p.add_argument("--frontend", required=op == "create", help="VIP:PORT[/tcp|udp] ([IPv6]:PORT for IPv6)")
+        p.add_argument("--backends", default=None, help="IP:PORT[,IP:PORT...]")
+        p.add_argument("--selector", default="", help="endpoints with these labels, e.g. app=web[,tier=x]")
+        p.add_argument("--target-port", type=int, default=0, help="the selected endpoints' port")
+        if op == "create":
+            p.add_argument("--name", default="", help="service name [default: from the frontend]")
+        p.set_defaults(func=cmd_service_create if op == "create" else cmd_service_update)
+    svc.add_parser("list", parents=[common], help="every service and its backends").set_defaults(func=cmd_service_list)
+    for op, fn in (("get", cmd_service_get), ("delete", cmd_service_delete)):
+        p = svc.add_parser(op, parents=[common], help=f"{op} one service")
+        p.add_argument("name", help="service name")
+        p.set_defaults(func=fn)
 
     inst = sub.add_parser("install-cni", parents=[common], help="install the cellgate-cni plugin for CNI runtimes")
     inst.add_argument("--dir", default="/opt/cni/bin", help="CNI plugin directory [default /opt/cni/bin]")

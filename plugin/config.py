@@ -86,6 +86,12 @@ class Config:
     access_log: str = ""
     proxy: bool = True
     proxy_workers: int = 0  # event loops (processes) of the proxy; 0: one per CPU, at most 4
+    # Services (docs/services.md): the cgroup2 directory the socket balancer attaches to
+    # ("auto": the cgroup2 mount; "": no socket-level balancing).
+    socket_lb: str = "auto"
+    # the node's devices where packets for VIPs are balanced ("auto": in a cluster, the device
+    # holding --node-address; "none"; or a comma list)
+    lb_devices: str = "auto"
 
     @property
     def clustered(self) -> bool:
@@ -166,6 +172,14 @@ class Config:
                             default=not _flag(_env("CELLGATE_NO_PROXY", "false")),
                             help="do not run the L7 proxy: flows that L7 rules cover are dropped "
                                  "[CELLGATE_NO_PROXY]")
+        parser.add_argument("--socket-lb", default=_env("CELLGATE_SOCKET_LB", "auto"), metavar="CGROUP2_DIR",
+                            help="cgroup2 directory whose processes' connect()/sendmsg() to a service VIP are "
+                                 "balanced ('auto': the cgroup2 mount, /sys/fs/cgroup/unified on hybrid hosts; "
+                                 "'off': none) [CELLGATE_SOCKET_LB]")
+        parser.add_argument("--lb-devices", default=_env("CELLGATE_LB_DEVICES", "auto"), metavar="DEV[,DEV]",
+                            help="devices on which packets for service VIPs from outside are balanced, with direct "
+                                 "server return to other nodes' backends ('auto': in a cluster, the device of "
+                                 "--node-address; 'none') [CELLGATE_LB_DEVICES]")
         parser.add_argument("--debug", action="store_true", default=_flag(_env("CELLGATE_DEBUG", "false")),
                             help="log wire bodies and kernel changes [CELLGATE_DEBUG]")
 
@@ -203,6 +217,8 @@ class Config:
             access_log=getattr(args, "access_log", "") or "",
             proxy=getattr(args, "proxy", True),
             proxy_workers=_proxy_workers(getattr(args, "proxy_workers", 0)),
+            socket_lb=_socket_lb(getattr(args, "socket_lb", "auto")),
+            lb_devices=_lb_devices(getattr(args, "lb_devices", "auto")),
             **cluster,
         )
 
@@ -248,6 +264,25 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds >= 0")
+    return value
+
+
+def _lb_devices(value: str) -> str:
+    value = value.strip()
+    if value in ("auto", "none", ""):
+        return value or "none"
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    for name in names:
+        if len(name) > 15 or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise ValueError(f"--lb-devices: {name!r} is not a device name")
+    return ",".join(names)
+
+
+def _socket_lb(value: str) -> str:
+    if value in ("auto", "off", ""):
+        return "" if value in ("off", "") else "auto"
+    if not value.startswith("/"):
+        raise ValueError(f"--socket-lb {value!r}: give 'auto', 'off' or an absolute cgroup2 directory")
     return value
 
 

@@ -55,6 +55,10 @@ class SimNode:
     base: str
     api_socket: str
     pid: int = 0
+    # A bpffs the cluster mounts in the host's namespace: `ip netns exec` remounts /sys, so pins under
+    # /sys/fs/bpf would live in each process's own mount namespace, lost to restarts and `cleanup`
+    # (and the cgroup socket programs they hold would stay attached with nobody to detach them).
+    bpf_root: str = "/sys/fs/bpf"
 
     @property
     def state_dir(self) -> str:
@@ -62,7 +66,7 @@ class SimNode:
 
     @property
     def bpf_dir(self) -> str:
-        return f"/sys/fs/bpf/{self.name}"
+        return f"{self.bpf_root}/{self.name}"
 
 
 @dataclass
@@ -133,6 +137,7 @@ class Cluster:
                 raise RuntimeError(f"the underlay {UNDERLAY} overlaps the host route {line!r}")
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
+            self._mount_bpffs()
             self._underlay()
             self._start_etcd()
             for i in range(1, self.count + 1):
@@ -150,6 +155,15 @@ class Cluster:
             self.down()
             raise
         self.write()
+
+    @property
+    def bpf_root(self) -> Path:
+        return RUN_DIR / f"{self.tag}-bpf"
+
+    def _mount_bpffs(self) -> None:
+        self.bpf_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not os.path.ismount(self.bpf_root):
+            sh("mount", "-t", "bpf", "bpf", str(self.bpf_root))
 
     def _underlay(self) -> None:
         sh("ip", "netns", "add", self.ul)
@@ -189,7 +203,8 @@ class Cluster:
         v6 = f"fd63:6767:0:{slot:x}::/64"
         base = self.workdir / name
         base.mkdir(parents=True, exist_ok=True)
-        self.nodes.append(SimNode(i, name, ns, address, v4, v6, str(base), str(base / "api.sock")))
+        self.nodes.append(SimNode(i, name, ns, address, v4, v6, str(base), str(base / "api.sock"),
+                                  bpf_root=str(self.bpf_root)))
 
     # -- the host's Docker as a node ------------------------------------------------------------
 
@@ -306,6 +321,10 @@ class Cluster:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.etcd_pid, signal.SIGTERM)
         sh("ip", "netns", "del", self.ul, check=False)
+        if os.path.ismount(self.bpf_root):
+            sh("umount", str(self.bpf_root), check=False)
+        with contextlib.suppress(OSError):
+            self.bpf_root.rmdir()
         for ep in self.endpoints:
             sh("ip", "netns", "del", ep.netns, check=False)
         shutil.rmtree(self.workdir, ignore_errors=True)

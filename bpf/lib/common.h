@@ -60,6 +60,8 @@
 #define CG_OK_POLICY       7   /* a new flow allowed by policy (verdict events) */
 #define CG_OK_TUNNEL       12  /* sent into the VXLAN tunnel towards another node */
 #define CG_OK_PROXY        13  /* handed to the L7 proxy's socket (bpf_sk_assign) */
+#define CG_OK_LB           14  /* a service VIP translated to a backend on this node (packet level) */
+#define CG_OK_LB_DSR       15  /* a service VIP translated to a backend on another node, direct server return */
 
 #define DROP_INVALID_SMAC  130 /* source MAC is not the endpoint's */
 #define DROP_INVALID_DMAC  131 /* destination MAC is not the gateway's */
@@ -84,6 +86,7 @@
 #define DROP_PROXY_LOOKUP  178 /* L7 policy applies and the proxy's listener is not there (fail closed) */
 #define DROP_PROXY_ASSIGN  179 /* L7 policy applies and the proxy's socket refused the packet */
 #define DROP_PROXY_REQUIRED 196 /* L7 policy applies on a path that cannot reach the proxy */
+#define DROP_LB_BACKEND    197 /* packet-level balancing chose a backend outside the cluster's endpoints */
 
 /* skb->mark: the proxy's routing (fwmark rule to the local table) and its upstream sockets. */
 #define CG_MARK_MASK       0xf00
@@ -115,11 +118,13 @@
 #define CG_ID_HOST         1
 #define CG_ID_WORLD        2
 #define CG_ID_REMOTE_NODE  6
+#define CG_ID_FIRST_ALLOCATED 256
 #define CG_TUNNEL_MAX_ID   0xffffff /* the VNI carries 24 bits of identity */
 
 /* cg_config flags. */
 #define CG_CFG_TRACE       0x1
 #define CG_CFG_QUIET       0x2   /* no events for allowed new flows: no monitor listens */
+#define CG_CFG_LB_FLOWS    0x4   /* packet-level balancing is on: replies of balanced flows are translated */
 
 static __always_inline int cg_mac_eq(const __u8 *a, const __u8 *b)
 {

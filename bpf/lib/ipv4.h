@@ -9,6 +9,7 @@
 #include "lib/l4.h"
 #include "lib/pipeline.h"
 #include "lib/encap.h"
+#include "lib/lbpkt.h"
 
 #define CG_IP4_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
 #define CG_IP4_TTL_OFF  (ETH_HLEN + offsetof(struct iphdr, ttl))
@@ -41,6 +42,9 @@ static __always_inline int cg_ipv4_from_ep(struct __sk_buff *skb, const struct c
 		return ret;
 	if (ctx->proxy)
 		return cg_redirect_proxy(skb, ctx, &f);
+	ret = cg_lb_reply4(skb, ctx, &ip, &f);              /* a backend answering a balanced client */
+	if (ret < 0)
+		return ret;
 	if (!dst && ctx->tunnel_ifindex && ip.ttl > 1) {
 		ret = cg_stage_encap(skb, ctx);
 		if (ret != CG_NO_ENCAP)

@@ -141,3 +141,58 @@ class ProgTester:
         attr.repeat = repeat
         _bpf(BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
         return TestRun(attr.retval, attr.duration)
+
+
+# -- cgroup programs: attach, detach, query, pin ---------------------------------------------
+
+BPF_OBJ_PIN, BPF_PROG_ATTACH, BPF_PROG_DETACH, BPF_PROG_QUERY = 6, 8, 9, 16
+BPF_F_ALLOW_MULTI = 2
+
+
+class _AttachAttr(ctypes.Structure):
+    _fields_ = [("target_fd", ctypes.c_uint32), ("attach_bpf_fd", ctypes.c_uint32),
+                ("attach_type", ctypes.c_uint32), ("attach_flags", ctypes.c_uint32),
+                ("replace_bpf_fd", ctypes.c_uint32)]
+
+
+class _QueryAttr(ctypes.Structure):
+    _fields_ = [("target_fd", ctypes.c_uint32), ("attach_type", ctypes.c_uint32),
+                ("query_flags", ctypes.c_uint32), ("attach_flags", ctypes.c_uint32),
+                ("prog_ids", ctypes.c_uint64), ("prog_cnt", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("prog_attach_flags", ctypes.c_uint64)]
+
+
+class _ProgInfo(ctypes.Structure):  # the head of struct bpf_prog_info
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8),
+                ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32)]
+
+
+def prog_attach(cgroup_fd: int, prog_fd: int, attach_type: int, flags: int = BPF_F_ALLOW_MULTI) -> None:
+    attr = _AttachAttr(target_fd=cgroup_fd, attach_bpf_fd=prog_fd, attach_type=attach_type, attach_flags=flags)
+    _bpf(BPF_PROG_ATTACH, attr, "BPF_PROG_ATTACH")
+
+
+def prog_detach(cgroup_fd: int, prog_fd: int, attach_type: int) -> None:
+    attr = _AttachAttr(target_fd=cgroup_fd, attach_bpf_fd=prog_fd, attach_type=attach_type)
+    _bpf(BPF_PROG_DETACH, attr, "BPF_PROG_DETACH")
+
+
+def attached_ids(cgroup_fd: int, attach_type: int) -> list[int]:
+    """IDs of the programs attached to the cgroup at `attach_type` (not inherited ones)."""
+    ids = (ctypes.c_uint32 * 64)()
+    attr = _QueryAttr(target_fd=cgroup_fd, attach_type=attach_type, prog_ids=ctypes.addressof(ids), prog_cnt=64)
+    _bpf(BPF_PROG_QUERY, attr, "BPF_PROG_QUERY")
+    return list(ids[: attr.prog_cnt])
+
+
+def prog_id(prog_fd: int) -> int:
+    info = _ProgInfo()
+    attr = _InfoAttr(bpf_fd=prog_fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "BPF_OBJ_GET_INFO_BY_FD")
+    return int(info.id)
+
+
+def obj_pin(fd: int, path: str) -> None:
+    raw = os.fsencode(path) + b"\0"
+    name = ctypes.create_string_buffer(raw, len(raw))
+    _bpf(BPF_OBJ_PIN, _ObjGetAttr(pathname=ctypes.addressof(name), bpf_fd=fd), f"BPF_OBJ_PIN {path}")

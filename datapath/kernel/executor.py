@@ -11,17 +11,18 @@ import ipaddress
 import logging
 import subprocess
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
 from datapath.errors import KernelError
-from datapath.kernel import iptables, layout, links, maps, proxyroute, tunnel
+from datapath.kernel import cgroup, iptables, layout, lb, links, maps, netdev, proxyroute, tunnel
 from datapath.kernel.context import Handler, KernelContext, attr
 from datapath.kernel.loader import Datapath
 from datapath.plan import KINDS, ORDER, IPNetwork, KernelObject, Key, Plan
 from datapath.policy.compile import PolicyKey, PolicyValue
+from datapath.services import Backend
 
 log = logging.getLogger(__name__)
 RANK = {cls: rank for rank, cls in enumerate(ORDER)}
@@ -35,7 +36,8 @@ class KernelExecutor:
         self.dp = datapath
         self.iptables = iptables.Iptables(instance)
         self.config = maps.Config(self.ctx)
-        made: list[Handler] = [cls(self.ctx) for cls in (*links.HANDLERS, *maps.HANDLERS)]
+        made: list[Handler] = [cls(self.ctx) for cls in (*links.HANDLERS, *maps.HANDLERS, *lb.HANDLERS,
+                                                             *cgroup.HANDLERS, *netdev.HANDLERS)]
         made.append(iptables._Masquerades(self.iptables))
         made.append(tunnel.TunnelDevices(self.ctx, self.config))
         made.append(proxyroute.ProxyRoutes(instance))
@@ -145,6 +147,14 @@ class KernelExecutor:
 
     def ct_gc(self, now_ns: int) -> int:
         return self.conntrack.gc(now_ns)
+
+    def reset_connections(self, backends: Sequence[Backend], netns_paths: Sequence[str]) -> int:
+        return lb.reset_connections(backends, netns_paths)
+
+    def netns_ready(self, path: str) -> bool:
+        from datapath.kernel.netns import netns_ready
+
+        return netns_ready(path)
 
     def set_config(self, trace: bool, timeouts: dict[str, float], verdicts: bool = True) -> None:
         self.config.set(trace, timeouts, verdicts)

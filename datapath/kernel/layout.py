@@ -22,6 +22,7 @@ CG_EP_F_IPV4 = FLAG_IPV4  # struct cg_endpoint.flags
 CG_EP_F_IPV6 = FLAG_IPV6
 CG_CFG_TRACE = 0x1  # struct cg_config.flags
 CG_CFG_QUIET = 0x2
+CG_CFG_LB_FLOWS = 0x4
 CG_CT_F_REPLIED = 0x1  # struct cg_ct_value.flags
 CG_CT_F_FIN_FWD = 0x2
 CG_CT_F_FIN_REV = 0x4
@@ -164,6 +165,79 @@ class CgEvent(ctypes.Structure):
     ]
 
 
+class CgLbKey(ctypes.Structure):
+    _fields_ = [
+        ("addr", ctypes.c_uint8 * 16),
+        ("port", ctypes.c_uint16),  # network order
+        ("proto", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("slot", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class CgLbValue(ctypes.Structure):
+    _fields_ = [
+        ("addr", ctypes.c_uint8 * 16),
+        ("port", ctypes.c_uint16),  # network order
+        ("count", ctypes.c_uint16),
+        ("rev_nat", ctypes.c_uint16),
+        ("flags", ctypes.c_uint16),
+    ]
+
+
+class CgLbRevnat(ctypes.Structure):
+    _fields_ = [
+        ("addr", ctypes.c_uint8 * 16),
+        ("port", ctypes.c_uint16),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+    ]
+
+
+class CgLbSockKey(ctypes.Structure):
+    _fields_ = [
+        ("cookie", ctypes.c_uint64),
+        ("addr", ctypes.c_uint8 * 16),
+        ("port", ctypes.c_uint16),
+        ("family", ctypes.c_uint8),
+        ("dir", ctypes.c_uint8),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class CgLbSockValue(ctypes.Structure):
+    _fields_ = [
+        ("addr", ctypes.c_uint8 * 16),
+        ("port", ctypes.c_uint16),
+        ("slot", ctypes.c_uint16),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class CgLbFlowKey(ctypes.Structure):
+    _fields_ = [
+        ("saddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * 16),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
+    ]
+
+
+class CgLbFlowValue(ctypes.Structure):
+    _fields_ = [
+        ("addr", ctypes.c_uint8 * 16),
+        ("port", ctypes.c_uint16),
+        ("slot", ctypes.c_uint16),
+        ("rev_nat", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+        ("expires", ctypes.c_uint64),
+    ]
+
+
 MIRRORS = {
     "cg_endpoints": (ctypes.c_uint32, CgEndpoint),
     "cg_ips": (CgIpKey, CgEndpoint),
@@ -172,7 +246,31 @@ MIRRORS = {
     "cg_ipcache": (CgIpcacheKey, CgIpcacheValue),
     "cg_ct": (CgCtKey, CgCtValue),
     "cg_config": (ctypes.c_uint32, CgConfig),
+    "cg_lb_services": (CgLbKey, CgLbValue),
+    "cg_lb_revnat": (ctypes.c_uint32, CgLbRevnat),
+    "cg_lb_sock": (CgLbSockKey, CgLbSockValue),
+    "cg_lb_netns": (ctypes.c_uint64, ctypes.c_uint32),
+    "cg_lb_flows": (CgLbFlowKey, CgLbFlowValue),
 }
+
+
+def addr16(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
+    """An address as the maps hold it: IPv4 in the first four of 16 bytes."""
+    return address.packed.ljust(16, b"\0")
+
+
+def addr_of(raw: bytes, family: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw[:16])
+
+
+def lb_key(address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int, proto: int, slot: int) -> CgLbKey:
+    key = CgLbKey()
+    key.addr[:] = addr16(address)
+    key.port = socket.htons(port)
+    key.proto = proto
+    key.family = address.version
+    key.slot = slot
+    return key
 
 
 def _mac_bytes(mac: str) -> bytes:

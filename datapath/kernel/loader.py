@@ -25,10 +25,17 @@ from datapath.errors import KernelError
 log = logging.getLogger(__name__)
 
 MAIN = "cg_lxc.c"
-SOURCES = (MAIN, "cg_overlay.c")  # one translation unit: one compile, shared maps
-PROGRAMS = ("cg_from_container", "cg_to_container", "cg_from_overlay", "cg_to_overlay")
+SOURCES = (MAIN, "cg_overlay.c", "cg_sock.c", "cg_netdev.c")  # one translation unit: one compile, shared maps
+PROGRAMS = ("cg_from_container", "cg_to_container", "cg_from_overlay", "cg_to_overlay", "cg_from_netdev")
+# cgroup sock_addr programs (bpf/cg_sock.c) and the attach type (BPFAttachType name) of each
+SOCK_PROGRAMS = {
+    "cg_sock_connect4": "CGROUP_INET4_CONNECT", "cg_sock_sendmsg4": "CGROUP_UDP4_SENDMSG",
+    "cg_sock_recvmsg4": "CGROUP_UDP4_RECVMSG", "cg_sock_peer4": "CGROUP_INET4_GETPEERNAME",
+    "cg_sock_connect6": "CGROUP_INET6_CONNECT", "cg_sock_sendmsg6": "CGROUP_UDP6_SENDMSG",
+    "cg_sock_recvmsg6": "CGROUP_UDP6_RECVMSG", "cg_sock_peer6": "CGROUP_INET6_GETPEERNAME",
+}
 PINNED_MAPS = ("cg_endpoints", "cg_ips", "cg_metrics", "cg_events", "cg_policy", "cg_ipcache", "cg_ct",
-               "cg_config")
+               "cg_config", "cg_lb_services", "cg_lb_revnat", "cg_lb_sock", "cg_lb_netns", "cg_lb_flows")
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 
 
@@ -91,7 +98,7 @@ class Datapath:
 
     def __init__(self, pin_dir: Path, max_endpoints: int = 65536) -> None:
         try:
-            from bcc import BPF
+            from bcc import BPF, BPFAttachType
         except ImportError as exc:
             raise KernelError(
                 "the BCC Python binding is missing: install python3-bpfcc and use a venv made "
@@ -110,6 +117,11 @@ class Datapath:
             self.programs = {
                 name: Program(name, self.bpf.load_func(name.encode(), BPF.SCHED_CLS).fd) for name in PROGRAMS
             }
+            self.sock_programs = {
+                name: (self.bpf.load_func(name.encode(), BPF.CGROUP_SOCK_ADDR,
+                                          attach_type=getattr(BPFAttachType, kind)), getattr(BPFAttachType, kind))
+                for name, kind in SOCK_PROGRAMS.items()
+            }
         except Exception as exc:  # BCC raises bare Exception for compile and verifier errors
             raise KernelError(f"cannot build the datapath: {exc}") from exc
         self.compile_seconds = time.monotonic() - started
@@ -121,6 +133,11 @@ class Datapath:
         self.ipcache = self.bpf[b"cg_ipcache"]
         self.ct = self.bpf[b"cg_ct"]
         self.config = self.bpf[b"cg_config"]
+        self.lb_services = self.bpf[b"cg_lb_services"]
+        self.lb_revnat = self.bpf[b"cg_lb_revnat"]
+        self.lb_sock = self.bpf[b"cg_lb_sock"]
+        self.lb_netns = self.bpf[b"cg_lb_netns"]
+        self.lb_flows = self.bpf[b"cg_lb_flows"]
         self._ring: Any = None
         self._sink: Callable[[bytes], None] = lambda _raw: None
         log.info("datapath %s built in %.0f ms", self.revision[:12], self.compile_seconds * 1000)

@@ -145,10 +145,12 @@ class Config:
         self.ctx = ctx
         self._lock = threading.Lock()
         self._config: layout.CgConfig | None = None  # what cg_config holds, once we wrote it
+        self.lb_flows = False  # packet-level balancing: replies of balanced flows are translated
 
     def set(self, trace: bool, timeouts: dict[str, float], verdicts: bool = True) -> None:
         cfg = layout.CgConfig()
-        cfg.flags = (layout.CG_CFG_TRACE if trace else 0) | (0 if verdicts else layout.CG_CFG_QUIET)
+        cfg.flags = ((layout.CG_CFG_TRACE if trace else 0) | (0 if verdicts else layout.CG_CFG_QUIET)
+                     | (layout.CG_CFG_LB_FLOWS if self.lb_flows else 0))
         for name, seconds in timeouts.items():
             setattr(cfg, f"{name}_timeout_ns", int(seconds * 1e9))
         with self._lock:
@@ -256,9 +258,13 @@ class Conntrack:
                 for k, v in self.ctx.need_dp().ct.items()]
 
     def gc(self, now_ns: int) -> int:
-        """Delete expired conntrack entries; returns how many."""
-        ct = self.ctx.need_dp().ct
-        expired = [k for k, v in ct.items() if v.expires <= now_ns]
-        for key in expired:
-            ct.pop(key, None)
-        return len(expired)
+        """Delete expired conntrack entries, and idle packet-balanced flows (cg_lb_flows);
+        returns how many."""
+        dp = self.ctx.need_dp()
+        count = 0
+        for table in (dp.ct, dp.lb_flows):
+            expired = [k for k, v in table.items() if v.expires <= now_ns]
+            for key in expired:
+                table.pop(key, None)
+            count += len(expired)
+        return count

@@ -202,3 +202,51 @@ def _state(ipr: IPRoute, ifname: str) -> InterfaceState | None:
         if not ip.is_link_local:
             addrs.append(ipaddress.ip_interface(f"{ip}/{a['prefixlen']}"))
     return InterfaceState(str(link.get_attr("IFLA_ADDRESS")), tuple(addrs), link["flags"] & 1 == 1)
+
+
+SO_NETNS_COOKIE = 71  # Linux 5.14+
+
+
+def netns_ready(path: str) -> bool:
+    """Whether `path` is a network namespace yet (Docker's sandbox key becomes one only when the
+    container's runtime hook mounts it, after the driver's Join)."""
+    try:
+        with open_netns(path):
+            return True
+    except InvalidRequest:
+        return False
+
+
+def netns_cookie(path: str = "") -> int:
+    """The kernel's cookie of the network namespace at `path` ("" = our own), which the socket
+    programs read with bpf_get_netns_cookie(): a socket made there answers SO_NETNS_COOKIE."""
+    if not path:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+    result: dict[str, Any] = {}
+    with open_netns(path) as ns_fd:
+
+        def enter_and_ask() -> None:
+            own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(ns_fd, CLONE_NEWNET) != 0:
+                    result["error"] = OSError(ctypes.get_errno(), "setns into the network namespace failed")
+                    return
+                try:
+                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                        result["cookie"] = int.from_bytes(
+                            sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+                except OSError as exc:
+                    result["error"] = exc
+                finally:
+                    if _libc.setns(own, CLONE_NEWNET) != 0:
+                        result["error"] = OSError(ctypes.get_errno(), "cannot return to the host namespace")
+            finally:
+                os.close(own)
+
+        worker = threading.Thread(target=enter_and_ask, name="netns")
+        worker.start()
+        worker.join()
+    if "error" in result:
+        raise KernelError(f"netns cookie of {path}: {result['error']}")
+    return int(result["cookie"])

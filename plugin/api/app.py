@@ -21,6 +21,7 @@ from plugin.api.context import MAX_STREAMS, MAX_WAITS, ApiContext
 from plugin.api.monitor import monitor
 from plugin.api.policy import policy
 from plugin.api.resources import BLUEPRINTS
+from plugin.api.services import services
 from plugin.api.wire import problem
 from plugin.monitor import EventHub
 from plugin.service import Agent
@@ -42,7 +43,7 @@ def create_app(agent: Agent, hub: EventHub, info: Callable[[], dict[str, Any]],
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.extensions[context.KEY] = ApiContext.build(agent, hub, info, cni, cluster)
     add_server_timing(app)
-    for blueprint in (*BLUEPRINTS, policy, monitor, cluster_routes):
+    for blueprint in (*BLUEPRINTS, policy, monitor, cluster_routes, services):
         app.register_blueprint(blueprint)
     if cni is not None:
         app.register_blueprint(cni_routes)

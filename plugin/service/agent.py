@@ -20,14 +20,14 @@ from datapath.policy import Rule
 from datapath.policy.compile import PolicyKey, PolicyValue
 from datapath.policy.trace import L7Request, Party, TraceResult, parse_dport
 from ipam.pool import Pool
-from plugin.service.restore import AgentRestore
+from plugin.service.services import AgentServices
 
 log = logging.getLogger(__name__)
 
 HYPOTHETICAL = 0x7FFF0000  # identity of labels no endpoint has yet, for traces only
 
 
-class Agent(AgentRestore):
+class Agent(AgentServices):
     """Everything the agent does, behind one lock."""
 
     # -- policy -----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from plugin.kvstore.port import KVStore, KvstoreError
 from plugin.kvstore.session import Session
 from plugin.service import cluster_keys as keys
 from plugin.service.cluster_identities import ClusterIdentities, IdentityAllocator, IdentityCache
-from plugin.service.endpoints import AgentBase
+from plugin.service.services import AgentServices
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class _Published:
 
 
 class ClusterService:
-    def __init__(self, agent: AgentBase, store: KVStore, settings: ClusterSettings,
+    def __init__(self, agent: AgentServices, store: KVStore, settings: ClusterSettings,
                  identities: ClusterIdentities) -> None:
         self.agent = agent
         self.store = store
@@ -169,16 +169,19 @@ class ClusterService:
         self.nodes = _Cache("nodes", keys.parse_node, self.dirty.set)
         self.ips = _Cache("ipcache", keys.parse_ip, self.dirty.set)
         self.ident_handler = _IdentityHandler(identities.cache, self.dirty.set)
+        self.services = _Cache("services", keys.parse_service, self.dirty.set)
         self.watchers = [
             ListWatcher(store, keys.NODES, self.nodes, "nodes"),
             ListWatcher(store, keys.IPCACHE, self.ips, "ipcache"),
             ListWatcher(store, keys.IDENTITIES, self.ident_handler, "identities"),
+            ListWatcher(store, keys.SERVICES, self.services, "services"),
         ]
         self.state = _Published()
         self._policy_version = -1
         self._collect_after: dict[int, float] = {}
         self._view_file = settings.state_dir / "view.json"
         agent.listeners.append(self.dirty.set)
+        agent.service_listeners.append(self.dirty.set)
 
     # -- start -------------------------------------------------------------------------------
 
@@ -253,8 +256,10 @@ class ClusterService:
         if self._online() and self.synced() and self._publish_node():
             self._publish_identities()
             self._publish_ips()
+            self._publish_services()
             self._collect()
         self._apply_view()
+        self._apply_services()
 
     def _publish_node(self) -> bool:
         for other in self.nodes.snapshot().values():
@@ -315,6 +320,25 @@ class ClusterService:
                 self.store.put(key, value, self.session.lease_id)
         for key in have.keys() - want.keys():
             self.store.delete(key)
+
+    def _publish_services(self) -> None:
+        """This node's services under its lease; its keys of services deleted here go."""
+        want = {keys.service_key(s.name): keys.encode_service(s) for s in self.agent.own_services()}
+        have = {k: v for k, v in self.services.snapshot().items() if v.node == self.node.name}
+        for key, value in want.items():
+            current = have.get(key)
+            if current is None or keys.encode_service(current) != value:
+                self.store.put(key, value, self.session.lease_id)
+        for key in have.keys() - want.keys():
+            self.store.delete(key)
+
+    def _apply_services(self) -> None:
+        """The peers' services (those of live nodes only: a node's lease keeps its services)."""
+        if not self.synced():
+            return
+        live = {rec.node.name for rec in self.nodes.snapshot().values()}
+        peers = [s for s in self.services.snapshot().values() if s.node != self.node.name and s.node in live]
+        self.agent.set_remote_services(peers)
 
     def _collect(self) -> None:
         """Identities no node references any more (their users' leases expired): delete them after
@@ -390,7 +414,7 @@ class ClusterService:
             "lease_ttl": self.settings.lease_ttl,
             "lease_ttl_left": self.session.ttl_left(),
             "relists": sum(w.relists for w in self.watchers),
-            "bad_keys": self.nodes.bad + self.ips.bad + self.ident_handler.bad,
+            "bad_keys": self.nodes.bad + self.ips.bad + self.ident_handler.bad + self.services.bad,
             "last_error": self.state.last_error or next((w.last_error for w in self.watchers if w.last_error), ""),
             "clash": self.state.clash,
             "node": {"name": self.node.name, "address": str(self.node.address), "tunnel": self.settings.tunnel},

@@ -7,6 +7,7 @@ Everything lives under one prefix, versioned per kind as Cilium's (`cilium/state
   cellgate/state/identities/v1/id/<number>              identity JSON {"labels": [...]} (no lease)
   cellgate/state/identities/v1/labels/<sha256 of labels> {"id": number}: one number per label set
   cellgate/state/identities/v1/refs/<number>/<node>     a node uses the identity (under its lease)
+  cellgate/state/services/v1/<cluster>/<name>           service spec JSON, under the owning node's lease
 
 Store data is untrusted input: every reader here returns None (and says why) for anything
 malformed, out of range or foreign, and callers skip it. Pure: standard library and datapath only.
@@ -23,8 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from datapath import identity as ids
+from datapath.errors import InvalidRequest
 from datapath.labels import Label, LabelSet, canonical
 from datapath.nodes import Node, RemoteEntry
+from datapath.services import ServiceSpec
 
 PREFIX = "cellgate/state/"
 CLUSTER = "default"
@@ -34,9 +37,11 @@ IDENTITIES = f"{PREFIX}identities/v1/"
 ID = f"{IDENTITIES}id/"
 LABELS = f"{IDENTITIES}labels/"
 REFS = f"{IDENTITIES}refs/"
+SERVICES = f"{PREFIX}services/v1/{CLUSTER}/"
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 MAX_VALUE = 64 * 1024  # no honest value comes near this
+MAX_SERVICE_VALUE = 256 * 1024  # a service of 4,096 IPv6 backends is about 130 KiB
 
 
 class BadData(ValueError):
@@ -150,6 +155,32 @@ def parse_ip(key: str, value: bytes) -> IpRecord:
     return IpRecord(address, number, node, host_ip)
 
 
+# -- services ------------------------------------------------------------------------------
+
+
+def service_key(name: str) -> str:
+    return SERVICES + name
+
+
+def encode_service(spec: ServiceSpec) -> bytes:
+    return _dump(spec.to_json())
+
+
+def parse_service(key: str, value: bytes) -> ServiceSpec:
+    """A peer's service, validated as a request is (frontend, backends, selector, limits)."""
+    name = _tail(key, SERVICES)
+    doc = _load(value, MAX_SERVICE_VALUE)
+    try:
+        spec = ServiceSpec.from_json(doc, f"service {key}")
+    except InvalidRequest as exc:
+        raise BadData(str(exc)) from None
+    if spec.name != name:
+        raise BadData(f"service key {key} holds service {spec.name!r}")
+    if not NAME.fullmatch(spec.node):
+        raise BadData(f"service {key}: bad owner node {spec.node!r}")
+    return spec
+
+
 # -- identities ----------------------------------------------------------------------------
 
 
@@ -228,8 +259,8 @@ def _number(text: str, key: str) -> int:
     return number
 
 
-def _load(value: bytes) -> dict[str, Any]:
-    if len(value) > MAX_VALUE:
+def _load(value: bytes, limit: int = MAX_VALUE) -> dict[str, Any]:
+    if len(value) > limit:
         raise BadData(f"value of {len(value)} bytes")
     try:
         doc = json.loads(value)

@@ -55,7 +55,10 @@ class AgentBase:
         settings: Settings,
         clock: Callable[[], float] = time.time,
         policy: PolicyState | None = None,
+        services: DocumentStore | None = None,
     ) -> None:
+        from plugin.service.services import ServiceTable
+
         self._net_store = networks
         self._ep_store = endpoints
         self.ipam = ipam
@@ -80,21 +83,26 @@ class AgentBase:
         # wants to hear that local endpoints changed (the cluster service publishes them).
         self.cluster_view: ClusterView | None = None
         self.listeners: list[Callable[[], None]] = []
+        self.services = ServiceTable(services, settings.instance)
+        self.service_listeners: list[Callable[[], None]] = []  # the cluster service publishes our services
         self.networks.update(_load(networks, Network.from_doc, "network"))
         self.endpoints.update(_load(endpoints, Endpoint.from_doc, "endpoint"))
 
     # -- kernel helpers ---------------------------------------------------------------------
 
     def _desired(self, scope: set[plan.Key] | None = None) -> set[KernelObject]:
-        if self.cluster_view is None:
-            return self.policy.with_cidr_entries(plan.desired_state(
-                self.networks.values(), self.endpoints.values(), self.settings, self.host_addresses, scope))
-        return self.policy.with_cidr_entries(plan.desired_state(  # + the CIDR identities' ipcache entries
+        objs = self.policy.with_cidr_entries(plan.desired_state(  # + the CIDR identities' ipcache entries
             self.networks.values(), self.endpoints.values(), self.settings, self.host_addresses, scope,
             cluster=self.cluster_view))
+        return objs | self.services.objects()
 
     def _changed(self) -> None:
-        """Tell the listeners (outside nothing: they only take note and return)."""
+        """Tell the listeners (outside nothing: they only take note and return), after the
+        label-selected services followed the endpoints."""
+        try:
+            self.refresh_services()
+        except CellgateError as exc:
+            log.warning("services not updated after an endpoint change: %s", exc)
         for listener in self.listeners:
             try:
                 listener()
@@ -288,7 +296,30 @@ class AgentBase:
             if ep.sandbox != sandbox:
                 ep = self._update(replace(ep, sandbox=sandbox))
                 log.info("endpoint %s joined %s", endpoint_id[:12], sandbox)
+                if self.settings.cgroup and sandbox and not self.kernel.netns_ready(sandbox):
+                    threading.Thread(target=self._serve_when_ready, args=(ep.id, sandbox), daemon=True,
+                                     name="netns-wait").start()
             return JoinInfo(ep.peer_ifname, ep.gateway4, ep.gateway6)
+
+    NETNS_WAIT = 60.0  # how long a joined sandbox may take to become a namespace
+
+    def _serve_when_ready(self, endpoint_id: str, sandbox: str) -> None:
+        """Docker mounts a sandbox's namespace only after Join (its runtime hook, before the
+        container's process runs): the socket balancer serves it as soon as it exists."""
+        deadline = time.monotonic() + self.NETNS_WAIT
+        while not self.kernel.netns_ready(sandbox):
+            if time.monotonic() > deadline:
+                log.warning("sandbox %s of endpoint %s never became a network namespace", sandbox, endpoint_id[:12])
+                return
+            time.sleep(0.001)  # noqa: the namespace appears without any event we could wait on
+        with self._lock:
+            ep = self.endpoints.get(endpoint_id)
+            if ep is None or ep.sandbox != sandbox:
+                return
+            try:
+                self._converge({(plan.ServedNetns.kind, str(ep.sandbox_hash))})
+            except CellgateError as exc:
+                log.warning("cannot serve the sockets of %s: %s", sandbox, exc)
 
     def leave(self, network_id: str, endpoint_id: str) -> None:
         with self._lock:
@@ -424,7 +455,14 @@ class AgentBase:
                 self.cluster_view = previous
                 raise
             self.policy.sync(self.endpoints.values())
+            self.refresh_services()  # remote endpoints came or went: selectors may pick them
             return len(scope)
+
+    def refresh_services(self) -> None:
+        """Overridden by the service use cases (plugin.service.services)."""
+
+    def resolve_all_services(self) -> None:
+        """Overridden by the service use cases (plugin.service.services)."""
 
     def policy_resync(self) -> None:
         """The set of known identities changed (a peer's identity came or went)."""

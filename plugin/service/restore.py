@@ -147,6 +147,7 @@ class AgentRestore(AgentBase):
             self._restore_identities()
             self.policy.load()
             self.policy.sync(self.endpoints.values(), delete=False)  # close before anything opens
+            self.resolve_all_services()  # label-selected backends, before the services are written
             change = plan.diff(self._desired(), actual)
             if change:
                 log.info("restore: %d removals, %d changes, %d additions",

@@ -45,7 +45,8 @@ def test_the_parser_reads_defines_in_hex_and_decimal() -> None:
 
 
 def test_config_flags() -> None:
-    assert group("CG_CFG_") == {"CG_CFG_TRACE": layout.CG_CFG_TRACE, "CG_CFG_QUIET": layout.CG_CFG_QUIET}
+    assert group("CG_CFG_") == {"CG_CFG_TRACE": layout.CG_CFG_TRACE, "CG_CFG_QUIET": layout.CG_CFG_QUIET,
+                                "CG_CFG_LB_FLOWS": layout.CG_CFG_LB_FLOWS}
 
 
 def test_endpoint_flags() -> None:
@@ -55,7 +56,8 @@ def test_endpoint_flags() -> None:
 
 def test_reserved_identities() -> None:
     assert group("CG_ID_") == {"CG_ID_ANY": identity.ANY, "CG_ID_HOST": identity.HOST, "CG_ID_WORLD": identity.WORLD,
-                               "CG_ID_REMOTE_NODE": identity.REMOTE_NODE}
+                               "CG_ID_REMOTE_NODE": identity.REMOTE_NODE,
+                               "CG_ID_FIRST_ALLOCATED": identity.FIRST_ALLOCATED}
     assert C["CG_ID_HOST"] == plan.HOST_IDENTITY
 
 

@@ -132,7 +132,9 @@ def test_adds_follow_order_and_removals_run_in_reverse() -> None:
     ranks = [ORDER.index(type(o)) for o in remove]
     assert ranks == sorted(ranks, reverse=True)
     assert isinstance(remove[0], Masquerade) and isinstance(remove[-1], HostDevice)
-    assert {type(o) for o in objs} == set(ORDER) - {plan.TunnelDevice, plan.ProxyRoute}  # cluster: test_nodes.py
+    # cluster: test_nodes.py; services and socket balancing: test_services.py
+    assert {type(o) for o in objs} == set(ORDER) - {plan.TunnelDevice, plan.ProxyRoute, plan.VipRoute, plan.LbService,
+                                                    plan.ServedNetns, plan.SockPrograms, plan.NetdevProgram}
 
 
 def test_a_different_value_under_the_same_key_is_a_change() -> None:
