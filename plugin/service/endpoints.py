@@ -28,6 +28,7 @@ from datapath.store import DocumentStore, MemoryStore
 from ipam.allocator import Ipam
 from ipam.pool import check_routable, host_address_problem
 from plugin.service.policy import PolicyState
+from plugin.service.service_table import ServiceTable
 
 if TYPE_CHECKING:
     from datapath.nodes import ClusterView
@@ -57,7 +58,6 @@ class AgentBase:
         policy: PolicyState | None = None,
         services: DocumentStore | None = None,
     ) -> None:
-        from plugin.service.services import ServiceTable
 
         self._net_store = networks
         self._ep_store = endpoints
@@ -311,7 +311,7 @@ class AgentBase:
             if time.monotonic() > deadline:
                 log.warning("sandbox %s of endpoint %s never became a network namespace", sandbox, endpoint_id[:12])
                 return
-            time.sleep(0.001)  # noqa: the namespace appears without any event we could wait on
+            time.sleep(0.001)  # the namespace appears without any event this could wait on
         with self._lock:
             ep = self.endpoints.get(endpoint_id)
             if ep is None or ep.sandbox != sandbox:
