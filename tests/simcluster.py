@@ -132,7 +132,8 @@ class Cluster:
     def up(self) -> None:
         routes = sh("ip", "-4", "route", "show").stdout
         for line in routes.splitlines():
-            dst = line.split()[0]
+            words = line.split()
+            dst = words[1] if words[0] in ("blackhole", "unreachable", "prohibit", "local", "broadcast") else words[0]
             if dst != "default" and ipaddress.ip_network(dst, strict=False).overlaps(UNDERLAY):
                 raise RuntimeError(f"the underlay {UNDERLAY} overlaps the host route {line!r}")
         self.workdir.mkdir(parents=True, exist_ok=True)

@@ -70,8 +70,8 @@ def refuse_own(fd: int, path: str) -> None:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def netlink_socket_in(ns_fd: int) -> socket.socket:
-    """A route netlink socket that lives in the namespace `ns_fd`.
+def socket_in(ns_fd: int, family: int, kind: int, proto: int = 0) -> socket.socket:
+    """A socket that lives in the namespace `ns_fd`.
 
     A socket belongs to the namespace of the thread that creates it, so a short-lived
     thread enters the namespace, opens the socket and leaves; nobody else moves. (pyroute2's
@@ -86,7 +86,9 @@ def netlink_socket_in(ns_fd: int) -> socket.socket:
                 result["error"] = OSError(ctypes.get_errno(), "setns into the network namespace failed")
                 return
             try:
-                result["socket"] = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE)
+                result["socket"] = socket.socket(family, kind, proto)
+            except OSError as exc:
+                result["error"] = exc
             finally:
                 if _libc.setns(own, CLONE_NEWNET) != 0:
                     result["error"] = OSError(ctypes.get_errno(), "cannot return to the host namespace")
@@ -102,6 +104,11 @@ def netlink_socket_in(ns_fd: int) -> socket.socket:
         raise KernelError(str(result["error"]))
     sock: socket.socket = result["socket"]
     return sock
+
+
+def netlink_socket_in(ns_fd: int) -> socket.socket:
+    """A route netlink socket that lives in the namespace `ns_fd`."""
+    return socket_in(ns_fd, socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE)
 
 
 class NetnsOps:
@@ -221,32 +228,12 @@ def netns_cookie(path: str = "") -> int:
     """The kernel's cookie of the network namespace at `path` ("" = our own), which the socket
     programs read with bpf_get_netns_cookie(): a socket made there answers SO_NETNS_COOKIE."""
     if not path:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    else:
+        with open_netns(path) as ns_fd:
+            sock = socket_in(ns_fd, socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        try:
             return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
-    result: dict[str, Any] = {}
-    with open_netns(path) as ns_fd:
-
-        def enter_and_ask() -> None:
-            own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc.setns(ns_fd, CLONE_NEWNET) != 0:
-                    result["error"] = OSError(ctypes.get_errno(), "setns into the network namespace failed")
-                    return
-                try:
-                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-                        result["cookie"] = int.from_bytes(
-                            sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
-                except OSError as exc:
-                    result["error"] = exc
-                finally:
-                    if _libc.setns(own, CLONE_NEWNET) != 0:
-                        result["error"] = OSError(ctypes.get_errno(), "cannot return to the host namespace")
-            finally:
-                os.close(own)
-
-        worker = threading.Thread(target=enter_and_ask, name="netns")
-        worker.start()
-        worker.join()
-    if "error" in result:
-        raise KernelError(f"netns cookie of {path}: {result['error']}")
-    return int(result["cookie"])
+        except OSError as exc:
+            raise KernelError(f"netns cookie of {path or 'our namespace'}: {exc}") from exc
