@@ -269,3 +269,32 @@ class ServiceState:
 
 def labels_of(texts: Sequence[str]) -> LabelSet:
     return frozenset(Label.parse(t) for t in texts)
+
+
+# -- what policy sees of a service (toServices) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServiceTarget:
+    """What a policy's `toServices` naming this service allows (a datapath.policy.rules.ServicePeer):
+    the endpoints its selector matches, or else its backends' addresses, as /32 and /128 prefixes."""
+
+    name: str
+    selector: Selector | None = None
+    addresses: tuple[IPAddress, ...] = ()
+    prefixes: tuple[IPNetwork, ...] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefixes", tuple(ipaddress.ip_network(a) for a in self.addresses))
+
+    @classmethod
+    def of(cls, spec: ServiceSpec) -> ServiceTarget:
+        if spec.by_labels:
+            return cls(spec.name, spec.label_selector)
+        addresses = sorted({b.address for b in spec.backends}, key=lambda a: (a.version, int(a)))
+        return cls(spec.name, None, tuple(addresses))
+
+
+def service_targets(specs: Iterable[ServiceSpec]) -> tuple[ServiceTarget, ...]:
+    """The targets of the services balanced here (ServiceTable.active()), by name."""
+    return tuple(ServiceTarget.of(s) for s in sorted(specs, key=lambda s: s.name))

@@ -10,6 +10,9 @@ Wildcards are single entries: "port 80 from anyone" (`toPorts` without peers) an
 `all` are one key with peer 0, never one key per identity. Endpoint selectors enumerate the
 identities they match, `{}` too: it means every endpoint, never the host or world, which peer
 0 would also admit.
+
+`toServices` peers come from `services` (name -> ServicePeer): a service's selector is an endpoint
+selector, its backend addresses are /32 and /128 CIDR peers; a name not there allows nothing.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from datapath import identity as ids
-from datapath.cidr import is_cidr_identity
+from datapath.cidr import CidrSelector, is_cidr_identity
 from datapath.labels import LabelSet
 from datapath.policy.l7 import Grant, L7Filter
-from datapath.policy.rules import PeerRule, PortRange, Rule
-from datapath.policy.selectors import Selector, namespaces_of
+from datapath.policy.rules import NO_SERVICES, PeerRule, PortRange, Rule, ServicePeers
+from datapath.policy.selectors import Selector, is_reserved, namespaces_of
 
 ENFORCEMENT_MODES = ("default", "always", "never")
 
@@ -171,7 +174,34 @@ def enforcement(labels_number: int, labels: LabelSet, rules: Iterable[Rule], mod
                        any(r.default_deny(egress=True) for r in selected))
 
 
-def _peers(pr: PeerRule, identities: Mapping[int, LabelSet], index: LabelIndex | None = None) -> set[int]:
+def service_cidrs(pr: PeerRule, services: ServicePeers) -> tuple[CidrSelector, ...]:
+    """The CIDR peers of an entry's services that balance to addresses: one per backend address."""
+    out: list[CidrSelector] = []
+    for name in pr.services:
+        target = services.get(name)
+        if target is not None:
+            out.extend(CidrSelector(p) for p in target.prefixes)
+    return tuple(out)
+
+
+def service_selectors(pr: PeerRule, services: ServicePeers) -> tuple[Selector, ...]:
+    """The selectors of an entry's services that select their backends by labels."""
+    out = []
+    for name in pr.services:
+        target = services.get(name)
+        if target is not None and target.selector is not None:
+            out.append(target.selector)
+    return tuple(out)
+
+
+def selects_backend(selector: Selector, labels: LabelSet) -> bool:
+    """A service selector picks endpoints only (the balancer resolves it against endpoints), so
+    it never matches a reserved or CIDR identity, whatever labels it names."""
+    return not is_reserved(labels) and selector.matches(labels)
+
+
+def _peers(pr: PeerRule, identities: Mapping[int, LabelSet], index: LabelIndex | None = None,
+           services: ServicePeers = NO_SERVICES) -> set[int]:
     if pr.nobody:
         return set()  # an empty list of peers: nobody (Cilium >= 1.15)
     peers: set[int] = set()
@@ -180,7 +210,13 @@ def _peers(pr: PeerRule, identities: Mapping[int, LabelSet], index: LabelIndex |
             peers.update(index.matching(sel))
         else:
             peers.update(n for n, labels in identities.items() if sel.matches(labels))
-    for cidr in pr.cidrs:  # the CIDR identities of prefixes inside the cidr and outside its excepts
+    cidrs = pr.cidrs
+    if pr.services:  # toServices: their selectors' endpoints, their backend addresses' CIDR identities
+        for sel in service_selectors(pr, services):
+            matched = index.matching(sel) if index is not None else identities
+            peers.update(n for n in matched if selects_backend(sel, identities[n]))
+        cidrs += service_cidrs(pr, services)
+    for cidr in cidrs:  # the CIDR identities of prefixes inside the cidr and outside its excepts
         candidates = index.with_label(str(cidr.cidr)) if index is not None else identities
         peers.update(n for n in candidates if is_cidr_identity(n) and cidr.matches(identities[n]))
     for entity in pr.entities:
@@ -337,12 +373,13 @@ def compile_subject(
     mode: str = "default",
     selected: list[Rule] | None = None,
     index: LabelIndex | None = None,
+    services: ServicePeers = NO_SERVICES,
 ) -> Entries:
     """Every policy-map entry for one subject identity.
 
     `selected` (the rules that select the subject, in repository order) and `index` (of
     `identities`) are what compile_all precomputes once for every subject; alone, this
-    function works them out itself.
+    function works them out itself. `services`: what the names of toServices stand for.
     """
     entries: Entries = {}
     if selected is None:
@@ -359,7 +396,7 @@ def compile_subject(
         grants: dict[PolicyKey, list[Grant] | None] = {}  # L7 rules per allow key; None = one allows all
         for rule in selected:
             for pr in rule.egress if egress else rule.ingress:
-                for peer in _peers(pr, identities, index):
+                for peer in _peers(pr, identities, index, services):
                     for key, l7 in _keys(subject, egress, peer, pr.ports):
                         entries.setdefault(key, PolicyValue(False, rule.id))
                         if l7 is None:
@@ -369,7 +406,7 @@ def compile_subject(
                         elif grants[key] is not None:
                             grants[key].append(_grant(rule, l7))  # type: ignore[union-attr]
             for pr in rule.egress_deny if egress else rule.ingress_deny:
-                for peer in _peers(pr, identities, index):
+                for peer in _peers(pr, identities, index, services):
                     for key, _ in _keys(subject, egress, peer, pr.ports):
                         denies.setdefault(key, PolicyValue(True, rule.id))
             requires = [s for pr in (rule.egress if egress else rule.ingress) for s in pr.requires]
@@ -406,6 +443,7 @@ def compile_all(
     rules: list[Rule],
     identities: Mapping[int, LabelSet],
     mode: str = "default",
+    services: ServicePeers = NO_SERVICES,
 ) -> Entries:
     """Every entry for every subject. Each rule's selector is matched against the subjects
     once, through a label index, rather than every rule against every subject."""
@@ -418,7 +456,7 @@ def compile_all(
     peer_index = LabelIndex(identities)
     for number, labels in subjects.items():
         selected = [rules[i] for i in by_subject[number]]
-        entries.update(compile_subject(number, labels, rules, identities, mode, selected, peer_index))
+        entries.update(compile_subject(number, labels, rules, identities, mode, selected, peer_index, services))
     return entries
 
 

@@ -221,6 +221,9 @@ def _peer_rule(raw: Any, where: str, egress: bool, deny: bool, scope: Scope = PL
         if key not in allowed and (key in NOT_YET or key.replace("from", "to", 1) in NOT_YET):
             raise InvalidRequest(f"{where}: {key}: {NOT_YET.get(key) or NOT_YET[key.replace('from', 'to', 1)]} "
                                  "are not supported yet")
+    if not egress and ("toServices" in raw or "fromServices" in raw):
+        raise InvalidRequest(f"{where}: {'toServices' if 'toServices' in raw else 'fromServices'}: services are "
+                             "egress peers only (toServices in an egress entry), as in Cilium")
     _only(raw, allowed, where)
     endpoints_raw = raw.get(endpoints_key)
     endpoints = _selectors(endpoints_raw, f"{where}.{endpoints_key}", scope, entities_key)
@@ -239,8 +242,11 @@ def _peer_rule(raw: Any, where: str, egress: bool, deny: bool, scope: Scope = PL
         entities = tuple(entities_raw)
     cidr_raw, cidr_set_raw = raw.get(keys["cidr"]), raw.get(keys["cidr_set"])
     cidrs = _cidrs(cidr_raw, f"{where}.{keys['cidr']}") + _cidr_set(cidr_set_raw, f"{where}.{keys['cidr_set']}")
+    services_raw = raw.get("toServices") if egress else None
+    services = _services(services_raw, f"{where}.toServices", scope, deny)
     # As Cilium's sanitize: one kind of L3 peer per entry ("Combining X and Y is not supported yet").
-    given = [k for k in (endpoints_key, entities_key, keys["cidr"], keys["cidr_set"]) if raw.get(k) is not None]
+    peer_keys = (endpoints_key, entities_key, keys["cidr"], keys["cidr_set"], *(("toServices",) if egress else ()))
+    given = [k for k in peer_keys if raw.get(k) is not None]
     if len(given) > 1:
         raise InvalidRequest(f"{where}: combining {given[0]} and {given[1]} is not supported "
                              "(write them as two entries)")
@@ -250,13 +256,62 @@ def _peer_rule(raw: Any, where: str, egress: bool, deny: bool, scope: Scope = PL
                              "as if left out); leave it out for every port, or name the ports")
     ports = _ports(ports_raw, f"{where}.toPorts", deny, strict)
     # Cilium >= 1.15: an empty list of peers selects no peer (not, as an absent one, every peer)
-    nobody = [] in (endpoints_raw, entities_raw, cidr_raw, cidr_set_raw)
-    return PeerRule(endpoints, requires, entities, ports, nobody, cidrs)
+    nobody = [] in (endpoints_raw, entities_raw, cidr_raw, cidr_set_raw, services_raw)
+    return PeerRule(endpoints, requires, entities, ports, nobody, cidrs, services)
 
 
 _PEER_KEYS = {egress: {"endpoints": f"{p}Endpoints", "requires": f"{p}Requires", "entities": f"{p}Entities",
-                       "cidr": f"{p}CIDR", "cidr_set": f"{p}CIDRSet", "ports": "toPorts"}
+                       "cidr": f"{p}CIDR", "cidr_set": f"{p}CIDRSet", "ports": "toPorts",
+                       **({"services": "toServices"} if egress else {})}
               for egress, p in ((False, "from"), (True, "to"))}
+
+# A service's name, as datapath.services.NAME (which this cannot import: that module imports the
+# policy selectors); tests/unit/test_policy_services.py keeps the two equal.
+SERVICE_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?")
+
+
+def _services(raw: Any, where: str, scope: Scope, deny: bool) -> tuple[str, ...]:
+    """toServices: `[{k8sService: {serviceName, namespace}}]`, the names of services whose backends
+    are the peers. cellgate services have no namespace and no labels: a namespace other than
+    `default` and k8sServiceSelector are refused, as is toServices in a deny (it could not hold
+    before a new backend takes traffic through the service)."""
+    if raw is None:
+        return ()
+    if deny:
+        raise InvalidRequest(f"{where}: toServices is not supported in egressDeny: a service's backends change "
+                             "under it, and a deny must never lag behind them; deny the backends with "
+                             "toEndpoints or toCIDR")
+    if not isinstance(raw, list):
+        raise InvalidRequest(f"{where}: must be a list of {{k8sService: {{serviceName: NAME}}}}")
+    names = []
+    for i, item in enumerate(raw):
+        w = f"{where}[{i}]"
+        if not isinstance(item, dict):
+            raise InvalidRequest(f"{w}: must be an object with k8sService")
+        if "k8sServiceSelector" in item:
+            raise InvalidRequest(f"{w}.k8sServiceSelector: selecting services by their labels is not supported: "
+                                 "cellgate services have no labels; name the service with "
+                                 "k8sService: {serviceName: NAME}")
+        _only(item, ("k8sService",), w)
+        ref = item.get("k8sService")
+        if not isinstance(ref, dict):
+            raise InvalidRequest(f"{w}.k8sService: required, an object with serviceName (and namespace)")
+        _only(ref, ("serviceName", "namespace"), f"{w}.k8sService")
+        name = ref.get("serviceName")
+        if not isinstance(name, str) or not SERVICE_NAME.fullmatch(name):
+            raise InvalidRequest(f"{w}.k8sService.serviceName: {name!r} is not a service name (1-63 lower-case "
+                                 "letters, digits, '.' or '-')")
+        namespace = ref.get("namespace")
+        if namespace is None or namespace == "":
+            if scope.kind == CNP and scope.namespace != DEFAULT_NAMESPACE:
+                raise InvalidRequest(f"{w}.k8sService: a {CNP} of namespace {scope.namespace!r} names a service "
+                                     f"of its own namespace, and cellgate services are in no namespace but "
+                                     f"{DEFAULT_NAMESPACE!r}: write namespace: {DEFAULT_NAMESPACE}")
+        elif namespace != DEFAULT_NAMESPACE:
+            raise InvalidRequest(f"{w}.k8sService.namespace: {namespace!r}: cellgate services have no namespace "
+                                 f"(leave it out, or write {DEFAULT_NAMESPACE!r})")
+        names.append(name)
+    return tuple(dict.fromkeys(names))
 
 
 def _cidrs(raw: Any, where: str) -> tuple[CidrSelector, ...]:

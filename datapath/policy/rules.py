@@ -1,6 +1,7 @@
 """The policy language as frozen values: rules, peer rules, port ranges, and the Scope (plain
 rule, CNP of a namespace, CCNP) a rule is read in. Pure; imports no policy module but selectors
-and l7 (and datapath.cidr for the CIDR peers).
+and l7 (and datapath.cidr for the CIDR peers). What a `toServices` name stands for comes from
+outside as a ServicePeer (datapath.services.ServiceTarget is one), never from here.
 """
 
 from __future__ import annotations
@@ -8,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from datapath.cidr import CidrSelector, IPNetwork
 from datapath.errors import InvalidRequest
@@ -107,7 +108,7 @@ PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132, "ICMP": 1, "ICMPV6": 58, "ANY": 0
 PORTED = (6, 17, 132)
 MAX_PORTS = 40  # per port rule, as Cilium
 NOT_YET = {
-    "toServices": "service rules", "toFQDNs": "FQDN rules", "fromNodes": "node rules", "toNodes": "node rules",
+    "toFQDNs": "FQDN rules", "fromNodes": "node rules", "toNodes": "node rules",
     "icmps": "ICMP field rules (use toPorts with protocol ICMP and the type as port)",
     "fromGroups": "group rules", "toGroups": "group rules", "authentication": "authentication rules (mutual TLS)",
 }
@@ -138,11 +139,12 @@ class PeerRule:
     ports: tuple[PortRange, ...] = ()  # empty: every port and protocol
     nobody: bool = False  # an empty list of peers was given (`fromEndpoints: []`): it selects no peer
     cidrs: tuple[CidrSelector, ...] = ()  # fromCIDR/fromCIDRSet/toCIDR/toCIDRSet: addresses outside the cluster
+    services: tuple[str, ...] = ()  # toServices: the names of services whose backends are the peers
 
     @property
     def has_l3(self) -> bool:
         """Names its peers (maybe none). Without them, ports apply to any peer, and no ports means nothing."""
-        return bool(self.endpoints or self.entities or self.cidrs or self.nobody)
+        return bool(self.endpoints or self.entities or self.cidrs or self.services or self.nobody)
 
 
 @dataclass(frozen=True)
@@ -203,12 +205,39 @@ class Rule:
         return f"rule {self.id}"
 
 
-def named_prefixes(rules: Iterable[Rule]) -> set[IPNetwork]:
-    """Every prefix the CIDR peers of `rules` name (cidrs and excepts): each needs its identity."""
+class ServicePeer(Protocol):
+    """What `toServices` of one service allows: the endpoints its selector matches (a service
+    that selects its backends by labels), else its backends' addresses as /32 and /128 prefixes,
+    which are CIDR peers (and so need their CIDR identities). datapath.services.ServiceTarget."""
+
+    @property
+    def selector(self) -> Selector | None: ...
+
+    @property
+    def prefixes(self) -> tuple[IPNetwork, ...]: ...
+
+
+ServicePeers = Mapping[str, ServicePeer]  # by service name; a name that is absent allows nothing
+NO_SERVICES: ServicePeers = {}
+
+
+def named_services(rules: Iterable[Rule]) -> set[str]:
+    """The names of the services `toServices` entries of `rules` name."""
+    return {name for rule in rules for section in (rule.ingress, rule.egress, rule.ingress_deny, rule.egress_deny)
+            for pr in section for name in pr.services}
+
+
+def named_prefixes(rules: Iterable[Rule], services: ServicePeers = NO_SERVICES) -> set[IPNetwork]:
+    """Every prefix the CIDR peers of `rules` name (cidrs and excepts), and the backend addresses
+    of the services their toServices entries name (of `services`): each needs its identity."""
     out: set[IPNetwork] = set()
     for rule in rules:
         for section in (rule.ingress, rule.egress, rule.ingress_deny, rule.egress_deny):
             for pr in section:
                 for sel in pr.cidrs:
                     out.update(sel.prefixes)
+                for name in pr.services:
+                    target = services.get(name)
+                    if target is not None:
+                        out.update(target.prefixes)
     return out

@@ -14,9 +14,17 @@ from dataclasses import dataclass, field
 from datapath import identity as ids
 from datapath.cidr import is_cidr_identity, prefix_of
 from datapath.labels import LabelSet, render
-from datapath.policy.compile import Decision, compile_subject, decide, enforcement
+from datapath.policy.compile import (
+    Decision,
+    compile_subject,
+    decide,
+    enforcement,
+    selects_backend,
+    service_cidrs,
+    service_selectors,
+)
 from datapath.policy.l7 import HttpRequest, KafkaRequest, L7Verdict
-from datapath.policy.rules import PeerRule, PortRange, Rule
+from datapath.policy.rules import NO_SERVICES, PeerRule, PortRange, Rule, ServicePeers
 
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132, "icmp": 1, "icmpv6": 58}
 
@@ -72,13 +80,16 @@ def _port_matches(ranges: tuple[PortRange, ...], proto: int, port: int) -> bool:
     return any((r.protocol in (0, proto)) and (r.first == 0 or r.first <= port <= r.last) for r in ranges)
 
 
-def _peer_matches(pr: PeerRule, peer: Party) -> bool:
+def _peer_matches(pr: PeerRule, peer: Party, services: ServicePeers = NO_SERVICES) -> bool:
     if pr.nobody:
         return False
     for sel in pr.endpoints:
         if sel.matches(peer.labels):
             return True
-    if is_cidr_identity(peer.identity) and any(c.matches(peer.labels) for c in pr.cidrs):
+    if any(selects_backend(sel, peer.labels) for sel in service_selectors(pr, services)):
+        return True
+    cidrs = pr.cidrs + service_cidrs(pr, services) if pr.services else pr.cidrs
+    if is_cidr_identity(peer.identity) and any(c.matches(peer.labels) for c in cidrs):
         return True
     outside = peer.identity == ids.WORLD or is_cidr_identity(peer.identity)
     for entity in pr.entities:
@@ -90,7 +101,18 @@ def _peer_matches(pr: PeerRule, peer: Party) -> bool:
     return not pr.has_l3 and bool(pr.ports)
 
 
-def _describe(pr: PeerRule, egress: bool) -> str:
+def _service(name: str, services: ServicePeers) -> str:
+    target = services.get(name)
+    if target is None:
+        return f"{name} (no such service: allows nothing)"
+    if target.selector is not None:
+        return f"{name} (endpoints {target.selector.text})"
+    if not target.prefixes:
+        return f"{name} (no backends)"
+    return f"{name} (backends {', '.join(map(str, target.prefixes))})"
+
+
+def _describe(pr: PeerRule, egress: bool, services: ServicePeers = NO_SERVICES) -> str:
     parts = []
     word = "to" if egress else "from"
     if pr.endpoints:
@@ -99,6 +121,8 @@ def _describe(pr: PeerRule, egress: bool) -> str:
         parts.append(f"{word} entities {', '.join(pr.entities)}")
     if pr.cidrs:
         parts.append(f"{word} CIDR " + " | ".join(str(c) for c in pr.cidrs))
+    if pr.services:
+        parts.append(f"{word} services " + " | ".join(_service(n, services) for n in pr.services))
     if pr.nobody:
         parts.append(f"{word} no one (an empty list of peers selects nothing)")
     elif not pr.has_l3:
@@ -108,7 +132,8 @@ def _describe(pr: PeerRule, egress: bool) -> str:
 
 
 def _side(result: TraceResult, subject: Party, peer: Party, egress: bool, rules: list[Rule],
-          identities: Mapping[int, LabelSet], mode: str, proto: int, port: int) -> Decision:
+          identities: Mapping[int, LabelSet], mode: str, proto: int, port: int,
+          services: ServicePeers = NO_SERVICES) -> Decision:
     direction = "Egress" if egress else "Ingress"
     lines = result.lines
     lines.append(f"{direction} of {_who(subject)}:")
@@ -133,21 +158,22 @@ def _side(result: TraceResult, subject: Party, peer: Party, egress: bool, rules:
         title = f"rule {rule.id} ({rule.name})" if rule.labels else f"rule {rule.id}"
         lines.append(f"  * {title} selects it ({rule.selector.text})")
         for pr in allows:
-            peer_ok, port_ok = _peer_matches(pr, peer), _port_matches(pr.ports, proto, port)
+            peer_ok, port_ok = _peer_matches(pr, peer, services), _port_matches(pr.ports, proto, port)
             verdict = "matches" if peer_ok and port_ok else ("port does not match" if peer_ok else "peer not matched")
-            lines.append(f"      allows {_describe(pr, egress)}: {verdict}")
+            lines.append(f"      allows {_describe(pr, egress, services)}: {verdict}")
             for sel in pr.requires:
                 ok = sel.matches(peer.labels)
                 lines.append(f"      requires {sel.text}: {'met' if ok else 'NOT met, denies'}")
         for pr in denies:
-            hit = _peer_matches(pr, peer) and _port_matches(pr.ports, proto, port)
-            lines.append(f"      denies {_describe(pr, egress)}: {'MATCHES, denies' if hit else 'does not match'}")
+            hit = _peer_matches(pr, peer, services) and _port_matches(pr.ports, proto, port)
+            lines.append(f"      denies {_describe(pr, egress, services)}: "
+                         f"{'MATCHES, denies' if hit else 'does not match'}")
     if not selected:
         lines.append("  no rule selects it")
     ident_map = dict(identities)
     ident_map[subject.identity] = subject.labels
     ident_map[peer.identity] = peer.labels
-    entries = compile_subject(subject.identity, subject.labels, rules, ident_map, mode)
+    entries = compile_subject(subject.identity, subject.labels, rules, ident_map, mode, services=services)
     decision = decide(entries, subject.identity, egress, peer.identity, proto, port)
     if decision.key is None:
         lines.append(f"  {direction} verdict: DENIED (no entry allows it: default deny)")
@@ -186,17 +212,19 @@ def _l7_side(result: TraceResult, decision: Decision | None, egress: bool, reque
 
 
 def trace(rules: list[Rule], identities: Mapping[int, LabelSet], mode: str, src: Party, dst: Party,
-          proto: int, port: int, request: L7Request | None = None) -> TraceResult:
+          proto: int, port: int, request: L7Request | None = None,
+          services: ServicePeers = NO_SERVICES) -> TraceResult:
+    """`services`: what the names of toServices entries stand for (as the compile takes them)."""
     result = TraceResult()
     names = {v: k for k, v in PROTO_NUMBERS.items()}
     result.lines.append(f"Tracing From: {_who(src)} => To: {_who(dst)} Port: {port}/{names.get(proto, proto)}")
     if src.local:
-        result.egress = _side(result, src, dst, True, rules, identities, mode, proto, port)
+        result.egress = _side(result, src, dst, True, rules, identities, mode, proto, port, services)
         _l7_side(result, result.egress, True, request)
     else:
         result.lines.append(f"Egress: {_who(src)} is not an endpoint here; no egress policy applies")
     if dst.local:
-        result.ingress = _side(result, dst, src, False, rules, identities, mode, proto, port)
+        result.ingress = _side(result, dst, src, False, rules, identities, mode, proto, port, services)
         _l7_side(result, result.ingress, False, request)
     else:
         result.lines.append(f"Ingress: {_who(dst)} is not an endpoint here; no ingress policy applies")

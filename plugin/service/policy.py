@@ -9,6 +9,12 @@ entry. A change of rules allocates the new prefixes' identities, writes their po
 their ipcache entries, then switches the rules; prefixes no rule names any more lose their ipcache
 entry first, then their identity and its entries. So the ipcache always holds every prefix the rules
 in force name, which is what makes the longest-prefix identity of an address decide exactly.
+
+Services (toServices): the Agent hands over what each service balances to (set_services) after
+every change of its services. A selector service's peers are the endpoints its selector matches; an
+address service's backends are CIDR prefixes of their own (/32, /128), which follow the same order as
+a rule's CIDRs, so a change of backends never leaves a backend address judged more openly. A name
+that names no service allows nothing until the service exists.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from datapath import identity as ids
 from datapath import plan
@@ -34,9 +41,10 @@ from datapath.policy.compile import (
     enforcement,
     l7_kind_conflicts,
 )
-from datapath.policy.rules import named_prefixes
+from datapath.policy.rules import named_prefixes, named_services
 from datapath.policy.trace import L7Request, Party, TraceResult, trace
 from datapath.ports import Kernel
+from datapath.services import ServiceTarget
 from datapath.store import MemoryStore
 from plugin.service.l7filters import FilterTable
 
@@ -51,6 +59,7 @@ class SyncReport:
 
 
 Converge = Callable[[Iterable[plan.Key]], None]  # make the kernel match the desired state for these keys
+T = TypeVar("T")
 
 
 class PolicyState:
@@ -66,6 +75,7 @@ class PolicyState:
         self.realized_revision = 0
         self.cidrs = cidrs if cidrs is not None else CidrIdentities(MemoryStore())
         self.filters = filters if filters is not None else FilterTable()  # numbered L7 rules, for the proxy
+        self.services: dict[str, ServiceTarget] = {}  # what toServices names stand for (set_services)
         # Prefixes with an identity but no ipcache entry (yet, or any more) while rules change.
         self._unpublished: set[IPNetwork] = set()
         # Exactly the prefixes the stored rules name (a crash between the steps of a change may
@@ -110,12 +120,14 @@ class PolicyState:
         return out
 
     def desired(self, endpoints: Iterable[Endpoint], rules: list[Rule] | None = None,
-                extra: Mapping[int, LabelSet] | None = None) -> Entries:
+                extra: Mapping[int, LabelSet] | None = None,
+                services: Mapping[str, ServiceTarget] | None = None) -> Entries:
         if rules is None:
             _, rules = self.repository.snapshot()
         identities = self.all_identities()
         identities.update(extra or {})
-        return compile_all(self.subjects(endpoints, extra), rules, identities, self.mode)
+        return compile_all(self.subjects(endpoints, extra), rules, identities, self.mode,
+                           self.services if services is None else services)
 
     # -- applying ---------------------------------------------------------------------------
 
@@ -124,8 +136,9 @@ class PolicyState:
         self.applied = self.kernel.policy_entries()
 
     def sync(self, endpoints: Iterable[Endpoint], rules: list[Rule] | None = None,
-             extra: Mapping[int, LabelSet] | None = None, delete: bool = True) -> SyncReport:
-        want = self.filters.number(self.desired(endpoints, rules, extra))
+             extra: Mapping[int, LabelSet] | None = None, delete: bool = True,
+             services: Mapping[str, ServiceTarget] | None = None) -> SyncReport:
+        want = self.filters.number(self.desired(endpoints, rules, extra, services))
         upserts = {k: v for k, v in want.items() if self.applied.get(k) != v}
         deletes = [k for k in self.applied if k not in want] if delete else []
         if any(v.l7 for v in upserts.values()):
@@ -170,30 +183,71 @@ class PolicyState:
         log.info("policy revision %d: %d rules deleted", revision, change.removed)
         return revision, change.removed
 
-    def _enforce(self, change: Change, endpoints: Sequence[Endpoint], converge: Converge | None = None) -> int:
-        """The maps first, then the repository; on any error both stay as the old rules say.
+    def set_services(self, targets: Iterable[ServiceTarget], endpoints: Sequence[Endpoint],
+                     converge: Converge | None = None) -> bool:
+        """What every service balances to now (all of them, by name: a name left out is a
+        service that is gone). Enforced at once for the rules that name a changed service, in
+        the order of a rule change; on an error the old targets stay in force (and the next
+        call tries again). True if the policy map was recomputed."""
+        new = {t.name: t for t in targets}
+        if new == self.services:
+            return False
+        _, rules = self.repository.snapshot()
+        named = named_services(rules)
+        if all(new.get(n) == self.services.get(n) for n in named):
+            self.services = new  # no rule in force names a service that changed
+            return False
 
-        New CIDR prefixes: identity, its entries (under the rules in force), ipcache entry, then
-        the new rules. Prefixes no rule names any more: ipcache entry out, then identity and entries.
+        changed = sorted(n for n in named if new.get(n) != self.services.get(n))
+
+        def adopt() -> None:
+            self.services = new
+
+        self._transition(rules, new, endpoints, converge, adopt)
+        log.info("policy: services %s changed, their toServices peers follow", ", ".join(changed))
+        return True
+
+    def adopt_services(self, targets: Iterable[ServiceTarget]) -> None:
+        """At restore, before its first sync: the services as stored, and the CIDR identities of
+        the backends the rules name. Writes nothing: the restore's syncs and its ipcache write
+        (with_cidr_entries) enforce them in its own order."""
+        self.services = {t.name: t for t in targets}
+        _, rules = self.repository.snapshot()
+        self.cidrs.acquire(named_prefixes(rules, self.services))
+
+    def _enforce(self, change: Change, endpoints: Sequence[Endpoint], converge: Converge | None = None) -> int:
+        """The maps first, then the repository; on any error both stay as the old rules say."""
+        revision = self._transition(change.rules, self.services, endpoints, converge,
+                                    lambda: self.repository.commit(change))
+        self.realized_revision = revision
+        return revision
+
+    def _transition(self, rules: list[Rule], services: Mapping[str, ServiceTarget], endpoints: Sequence[Endpoint],
+                    converge: Converge | None, adopt: Callable[[], T]) -> T:
+        """Enforce `rules` with `services` in the maps, then `adopt` them (commit); returns what
+        adopt returns. On any error the maps stay as the rules and services in force say.
+
+        New CIDR prefixes (rules' and services' backends): identity, its entries (under what is in
+        force), ipcache entry, then the new entries. Prefixes nothing names any more: ipcache entry
+        out, then identity and entries.
         """
-        wanted = named_prefixes(change.rules)
+        wanted = named_prefixes(rules, services)
         added = self.cidrs.acquire(wanted)
         try:
             if added:
                 self._unpublished.update(added)
-                self.sync(endpoints, delete=False)  # the new identities' entries, old rules
+                self.sync(endpoints, delete=False)  # the new identities' entries, under what is in force
                 self._unpublished.difference_update(added)
                 self._publish(added, converge)
-            self.sync(endpoints, change.rules)
-            revision = self.repository.commit(change)
+            self.sync(endpoints, rules, services=services)
+            result = adopt()
         except Exception:
             self._rollback(added, endpoints, converge)
             raise
-        self.realized_revision = revision
         gone = [p for p in self.cidrs.prefixes() if p not in wanted]
         if gone:
             self._withdraw(gone, endpoints, converge)
-        return revision
+        return result
 
     def _publish(self, prefixes: Iterable[IPNetwork], converge: Converge | None) -> None:
         if converge is not None:
@@ -248,4 +302,4 @@ class PolicyState:
 
     def trace(self, src: Party, dst: Party, proto: int, port: int, request: L7Request | None = None) -> TraceResult:
         _, rules = self.repository.snapshot()
-        return trace(rules, self.all_identities(), self.mode, src, dst, proto, port, request)
+        return trace(rules, self.all_identities(), self.mode, src, dst, proto, port, request, self.services)

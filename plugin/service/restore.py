@@ -16,6 +16,7 @@ from typing import Any
 
 from datapath import identity as ids
 from datapath import plan
+from datapath import services as svc
 from datapath.errors import CellgateError, Conflict
 from datapath.model import Endpoint, IPAddress
 from ipam.allocator import CheckReport, PoolRequest
@@ -146,8 +147,9 @@ class AgentRestore(AgentBase):
                         log.error("cannot reserve %s for endpoint %s: %s", addr.ip, ep.id[:12], exc)
             self._restore_identities()
             self.policy.load()
+            self.resolve_all_services()  # label-selected backends, and what toServices names
+            self.policy.adopt_services(svc.service_targets(self.services.active().values()))
             self.policy.sync(self.endpoints.values(), delete=False)  # close before anything opens
-            self.resolve_all_services()  # label-selected backends, before the services are written
             change = plan.diff(self._desired(), actual)
             if change:
                 log.info("restore: %d removals, %d changes, %d additions",

@@ -130,6 +130,7 @@ class AgentServices(AgentRestore):
                 self._undo_kernel(affected)
                 raise
             self.services.forget_numbers(affected)
+            self._services_changed()  # toServices follows peers' services too
             return True
 
     # -- inside -----------------------------------------------------------------------------
@@ -182,6 +183,13 @@ class AgentServices(AgentRestore):
         return self.services.state(spec)
 
     def _services_changed(self) -> None:
+        # toServices follows the services (after the balancer took the change: a new backend is
+        # allowed only once it is one); a failed write keeps the old targets, retried next change.
+        try:
+            self.policy.set_services(svc.service_targets(self.services.active().values()),
+                                     list(self.endpoints.values()), self._converge)
+        except CellgateError as exc:
+            log.error("toServices policy not updated after a service change: %s", exc)
         for listener in self.service_listeners:
             try:
                 listener()

@@ -234,8 +234,8 @@ ERRORS = [
      ["ingress[0]: combining fromEntities and fromCIDR is not supported"]),
     ([rule(ingress=[{"fromCIDRSet": [{"cidrGroupRef": "g"}]}])], 0, ["ingress[0].fromCIDRSet[0].cidrGroupRef"]),
     ([rule(egress=[{"toFQDNs": [{"matchName": "example.com"}]}])], 0, ["egress[0]: toFQDNs: FQDN rules"]),
-    ([rule(egress=[{"toServices": [{"k8sService": {"serviceName": "x"}}]}])], 0,
-     ["egress[0]: toServices: service rules are not supported yet"]),
+    ([rule(egress=[{"toServices": [{"k8sServiceSelector": {"selector": {"matchLabels": {"a": "b"}}}}]}])], 0,
+     ["egress[0].toServices[0].k8sServiceSelector: selecting services by their labels is not supported"]),
     ([rule(egressDeny=[{"toCIDR": "1.1.1.1/32"}])], 0, ["egressDeny[0].toCIDR: must be a list of CIDRs"]),
     ([rule(ingress=[{"icmps": [{"fields": [{"type": 8}]}]}])], 0, ["ingress[0]: icmps", "not supported yet"]),
     # requires, entities, combinations
