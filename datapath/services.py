@@ -81,8 +81,10 @@ def _address(text: str, where: str) -> IPAddress:
         address = ipaddress.ip_address(text)
     except ValueError:
         raise InvalidRequest(f"{where}: {text!r} is not an IP address") from None
-    if address.is_unspecified or address.is_multicast or address.is_loopback or address.is_link_local:
-        raise InvalidRequest(f"{where}: {address} is not a unicast address a service can use")
+    for kind, flag in (("unspecified", address.is_unspecified), ("multicast", address.is_multicast),
+                       ("loopback", address.is_loopback), ("link-local", address.is_link_local)):
+        if flag:
+            raise InvalidRequest(f"{where}: {address} is a {kind} address, not one a service can use")
     if isinstance(address, ipaddress.IPv4Address) and address == ipaddress.IPv4Address("255.255.255.255"):
         raise InvalidRequest(f"{where}: {address} is the broadcast address")
     return address

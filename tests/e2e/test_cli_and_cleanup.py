@@ -71,7 +71,8 @@ def test_cleanup_removes_everything_of_the_instance_and_nothing_else(scene: Scen
     assert "proxy-ipv4" in report["routes"] and not run("ip", "route", "show", "table", str(table), check=False).stdout
     assert others <= host_links()  # nothing that was not ours went away
     again = json.loads(run(CELLGATE, "cleanup", *agent.args, "-o", "json").stdout)
-    assert again == {"links": [], "routes": [], "iptables": False, "pins": [], "sockets": [], "state": "", "proxy": 0}
+    assert again == {"links": [], "routes": [], "iptables": False, "pins": [], "sockets": [], "state": "",
+                     "proxy": 0, "socket_programs": []}
     agent.start()  # the fixture expects a live agent to tear down
 
 

@@ -32,7 +32,7 @@ def test_a_published_service_reads_back_equal() -> None:
 @pytest.mark.parametrize(("doc", "message"), [
     (spec(name="other"), "holds service 'other'"),
     (spec(frontend="10.96.1.10:0"), "port 0"),
-    (spec(frontend="127.0.0.1:80"), "not a unicast address"),
+    (spec(frontend="127.0.0.1:80"), "is a loopback address"),
     (spec(selector="app in (a)"), "not supported"),
     (spec(selector="", target_port=0, backends=[f"10.1.{i // 256}.{i % 256}:80" for i in range(5000)]), "at most"),
     (spec(extra=1), "unknown field 'extra'"),

@@ -84,12 +84,12 @@ def test_frontend_text_form() -> None:
     ("fd96:1::10:80", "expected VIP:PORT"),  # IPv6 needs brackets
     ("10.96.1.300:80", "is not an IP address"),
     ("[fd96::1::2]:80", "is not an IP address"),
-    ("127.0.0.1:80", "not a unicast address a service can use"),
-    ("[::1]:80", "not a unicast address a service can use"),
-    ("224.0.0.251:5353/udp", "not a unicast address a service can use"),
-    ("[ff02::fb]:5353/udp", "not a unicast address a service can use"),
-    ("0.0.0.0:80", "not a unicast address a service can use"),
-    ("169.254.1.1:80", "not a unicast address a service can use"),
+    ("127.0.0.1:80", "is a loopback address, not one a service can use"),
+    ("[::1]:80", "is a loopback address, not one a service can use"),
+    ("224.0.0.251:5353/udp", "is a multicast address, not one a service can use"),
+    ("[ff02::fb]:5353/udp", "is a multicast address, not one a service can use"),
+    ("0.0.0.0:80", "is a unspecified address, not one a service can use"),
+    ("169.254.1.1:80", "is a link-local address, not one a service can use"),
     ("255.255.255.255:80", "broadcast"),
     ("", "expected VIP:PORT"),
 ])
