@@ -9,7 +9,7 @@ NODES  ?= 5
 TUNNEL ?= vxlan
 
 .PHONY: cluster cluster-down demo-cluster
-.PHONY: setup run demo test test-unit test-kernel test-e2e lint typecheck clean bench bench-quick bench-micro bench-cluster bench-l7 bench-deps install-cni image plugin
+.PHONY: setup run demo test test-unit test-kernel test-e2e lint typecheck clean bench bench-quick bench-micro bench-cluster bench-l7 bench-lb bench-deps install-cni image plugin
 
 setup:            ## apt packages, kernel headers link, .venv with cellgate installed (idempotent)
 	@bash .ci/setup.sh
@@ -86,6 +86,9 @@ bench-cluster: bench-deps  ## cross-node RR/CRR vs plain VXLAN, identity propaga
 
 bench-l7: bench-deps  ## HTTP through the L7 proxy vs L4 only vs nginx; 1,000 connections; Kafka produce (~3 min)
 	$(BENCH) l7 --run $(BENCH_RUN)
+
+bench-lb: bench-deps  ## services: socket LB vs straight and vs kube-proxy DNAT (1k/10k), create→effective, 10k loaded (~7 min)
+	$(PY) -m bench.lb --run $(BENCH_RUN)
 
 bench-micro: bench-deps  ## BPF_PROG_TEST_RUN of the real programs (< 1 min; CI runs it)
 	$(BENCH) micro --run $(BENCH_RUN)

@@ -103,8 +103,8 @@ def test_backend_forms_and_refusals() -> None:
     assert be("[fd00::2]:80") == svc.Backend(IP("fd00::2"), 80)
     assert str(be("[fd00::2]:80")) == "[fd00::2]:80"
     for bad, message in (("10.1.0.2:80/tcp", "expected IP:PORT"), ("10.1.0.2:0", "port 0"),
-                         ("10.1.0.2", "expected IP:PORT"), ("127.0.0.1:80", "unicast"),
-                         ("[ff02::1]:80", "unicast")):
+                         ("10.1.0.2", "expected IP:PORT"), ("127.0.0.1:80", "loopback"),
+                         ("[ff02::1]:80", "multicast")):
         with pytest.raises(InvalidRequest, match=message):
             be(bad)
 
