@@ -15,6 +15,20 @@ from tests.e2e.harness import CELLGATE, Agent, Scene, run
 pytestmark = pytest.mark.e2e
 
 
+CGROUP2 = "/sys/fs/cgroup/unified"
+
+
+def attached_socket_programs(agent: Agent) -> dict[str, int]:
+    """Pinned socket program → its id, for those of the agent attached to the cgroup2 root."""
+    attached = {p["id"] for p in json.loads(run("bpftool", "-j", "cgroup", "show", CGROUP2).stdout.strip() or "[]")}
+    pins = {}
+    for pin in sorted((agent.bpf / "progs").glob("*")):
+        prog = json.loads(run("bpftool", "-j", "prog", "show", "pinned", str(pin)).stdout)
+        if prog["id"] in attached:
+            pins[pin.name] = prog["id"]
+    return pins
+
+
 def host_links() -> set[str]:
     return {line.split(": ")[1].split("@")[0] for line in run("ip", "-o", "link").stdout.splitlines()}
 
@@ -55,11 +69,16 @@ def test_cleanup_removes_everything_of_the_instance_and_nothing_else(scene: Scen
     ours = set(agent.links())
     assert ours
     others = host_links() - ours
+    socket_progs = attached_socket_programs(agent)
+    assert socket_progs, "the agent attached its socket programs to the cgroup2 root"
     refused = run(CELLGATE, "cleanup", *agent.args, check=False)
     assert refused.returncode != 0 and "holds" in refused.stderr  # never under a running agent
     agent.stop()
     report = agent.cleanup()
     assert report["links"] and report["pins"] and report["state"]
+    assert len(report["socket_programs"]) == len(socket_progs)
+    attached = {p["id"] for p in json.loads(run("bpftool", "-j", "cgroup", "show", CGROUP2).stdout.strip() or "[]")}
+    assert not attached & set(socket_progs.values())  # detached from the cgroup2 root
     assert agent.links() == []
     assert not agent.bpf.exists() and not agent.state.exists()
     assert not agent.plugin.exists() and not agent.api.exists()
