@@ -295,8 +295,3 @@ class ServiceTarget:
             return cls(spec.name, spec.label_selector)
         addresses = sorted({b.address for b in spec.backends}, key=lambda a: (a.version, int(a)))
         return cls(spec.name, None, tuple(addresses))
-
-
-def service_targets(specs: Iterable[ServiceSpec]) -> tuple[ServiceTarget, ...]:
-    """The targets of the services balanced here (ServiceTable.active()), by name."""
-    return tuple(ServiceTarget.of(s) for s in sorted(specs, key=lambda s: s.name))

@@ -94,7 +94,7 @@ class AgentBase:
         objs = self.policy.with_cidr_entries(plan.desired_state(  # + the CIDR identities' ipcache entries
             self.networks.values(), self.endpoints.values(), self.settings, self.host_addresses, scope,
             cluster=self.cluster_view))
-        return objs | self.services.objects()
+        return objs | self.services.objects(scope)
 
     def _changed(self) -> None:
         """Tell the listeners (outside nothing: they only take note and return), after the

@@ -16,7 +16,6 @@ from typing import Any
 
 from datapath import identity as ids
 from datapath import plan
-from datapath import services as svc
 from datapath.errors import CellgateError, Conflict
 from datapath.model import Endpoint, IPAddress
 from ipam.allocator import CheckReport, PoolRequest
@@ -148,7 +147,7 @@ class AgentRestore(AgentBase):
             self._restore_identities()
             self.policy.load()
             self.resolve_all_services()  # label-selected backends, and what toServices names
-            self.policy.adopt_services(svc.service_targets(self.services.active().values()))
+            self.policy.adopt_services(self.services.targets())
             self.policy.sync(self.endpoints.values(), delete=False)  # close before anything opens
             change = plan.diff(self._desired(), actual)
             if change:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -44,6 +45,8 @@ class ServiceTable:
         self._names_at: dict[svc.Frontend, set[str]] = {}  # every spec's name by frontend
         self._winner: dict[svc.Frontend, svc.ServiceSpec] = {}
         self._active: dict[str, svc.ServiceSpec] = {}
+        self._targets: dict[str, svc.ServiceTarget] = {}  # what toServices sees of each active one
+        self._backend_refs: Counter[svc.Backend] = Counter()  # balanced services per backend
         self._vips: dict[svc.IPAddress, int] = {}  # VIP -> how many balanced frontends use it
         self._total = 0  # backends of every balanced service
         own, peers = {}, {}
@@ -115,7 +118,8 @@ class ServiceTable:
             if before is not None:
                 if self._active.get(before.name) is before:  # not the same name's new frontend
                     del self._active[before.name]
-                self._total -= len(self.backends(before))
+                    del self._targets[before.name]
+                self._count(self.backends(before), -1)
                 self._vips[fe.address] -= 1
                 if not self._vips[fe.address]:
                     del self._vips[fe.address]
@@ -126,12 +130,28 @@ class ServiceTable:
             best = min(candidates, key=lambda s: (s.name not in self.own, s.node, s.name))
             self._winner[fe] = best
             self._active[best.name] = best
-            self._total += len(self.backends(best))
+            self._targets[best.name] = svc.ServiceTarget.of(best)
+            self._count(self.backends(best), +1)
             self._vips[fe.address] = self._vips.get(fe.address, 0) + 1
 
     def active(self) -> dict[str, svc.ServiceSpec]:
         """Every service balanced here, by name."""
         return self._active
+
+    def targets(self) -> tuple[svc.ServiceTarget, ...]:
+        """What toServices sees of every active service (kept per change, not rebuilt)."""
+        return tuple(self._targets.values())
+
+    def balanced(self, backend: svc.Backend) -> bool:
+        """Whether any balanced service has this backend now."""
+        return self._backend_refs[backend] > 0
+
+    def _count(self, backends: tuple[svc.Backend, ...], delta: int) -> None:
+        self._total += delta * len(backends)
+        for b in backends:
+            self._backend_refs[b] += delta
+            if self._backend_refs[b] <= 0:
+                del self._backend_refs[b]
 
     def at(self, frontend: svc.Frontend) -> svc.ServiceSpec | None:
         return self._winner.get(frontend)
@@ -142,10 +162,10 @@ class ServiceTable:
     def set_resolved(self, frontend: svc.Frontend, backends: tuple[svc.Backend, ...]) -> None:
         winner = self._winner.get(frontend)
         if winner is not None:
-            self._total -= len(self.backends(winner))
+            self._count(self.backends(winner), -1)
         self.resolved[frontend] = backends
         if winner is not None:
-            self._total += len(backends)
+            self._count(backends, +1)
 
     @property
     def total_backends(self) -> int:

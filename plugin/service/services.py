@@ -186,8 +186,7 @@ class AgentServices(AgentRestore):
         # toServices follows the services (after the balancer took the change: a new backend is
         # allowed only once it is one); a failed write keeps the old targets, retried next change.
         try:
-            self.policy.set_services(svc.service_targets(self.services.active().values()),
-                                     list(self.endpoints.values()), self._converge)
+            self.policy.set_services(self.services.targets(), list(self.endpoints.values()), self._converge)
         except CellgateError as exc:
             log.error("toServices policy not updated after a service change: %s", exc)
         for listener in self.service_listeners:
@@ -231,9 +230,7 @@ class AgentServices(AgentRestore):
         gone: set[svc.Backend] = set()
         for key, backends in old_backends.items():
             gone |= backends - new_backends.get(key, set())
-        gone -= {b for s in self.services.active().values() if s.frontend not in frontends
-                 for b in self.services.backends(s)} if gone else set()
-        gone -= set().union(*new_backends.values()) if new_backends else set()
+        gone = {b for b in gone if not self.services.balanced(b)}  # still another service's (or this one's)
         if gone:
             paths = sorted({ep.sandbox for ep in self.endpoints.values() if ep.sandbox})
             self.kernel.reset_connections(sorted(gone, key=svc.Backend.sort_key), paths)

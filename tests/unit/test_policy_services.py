@@ -384,7 +384,7 @@ def test_adopt_services_at_restore_keeps_to_services_enforced_across_a_restart(
     agent.service_create({"name": "ext", "frontend": f"{VIP}:443", "backends": ["198.51.100.7:443"]})
     before = dict(kernel.policy)
     again = start()
-    again.policy.adopt_services(svc.service_targets(again.services.active().values()))
+    again.policy.adopt_services(again.services.targets())
     again.restore()
     b7 = ipcache(kernel)["198.51.100.7/32"]
     assert is_cidr_identity(b7) and may(kernel, web, b7, 443) and may(kernel, web, db.identity)

@@ -615,6 +615,33 @@ def test_reverse_nat_numbers_fit_the_maps_field() -> None:
     assert value.rev_nat == number, f"reverse-NAT index {number} does not fit cg_lb_value.rev_nat (__u16)"
 
 
+def test_the_table_keeps_targets_and_backend_counts_per_change() -> None:
+    """toServices targets and "is this backend still balanced" are kept per change (O(touched)),
+    and agree with recomputing them from every active service."""
+    table = ServiceTable(MemoryStore())
+    shared = svc.Backend.parse("10.1.0.7:80")
+    a = svc.parse_request({"frontend": f"{VIP4}:80", "backends": ["10.1.0.7:80", "10.1.0.8:80"], "name": "a"})
+    b = svc.parse_request({"frontend": f"{VIP4}:81", "backends": ["10.1.0.7:80"], "name": "b"})
+    c = svc.parse_request({"frontend": f"{VIP4}:82", "selector": "app=web", "target_port": 80, "name": "c"})
+    for spec in (a, b, c):
+        table.put(spec)
+
+    def expected() -> tuple[set[svc.ServiceTarget], int]:
+        active = table.active().values()
+        return {svc.ServiceTarget.of(s) for s in active}, sum(len(table.backends(s)) for s in active)
+
+    assert (set(table.targets()), table.total_backends) == expected()
+    table.set_resolved(c.frontend, (svc.Backend.parse("10.1.0.9:80"),))
+    assert table.balanced(svc.Backend.parse("10.1.0.9:80")) and table.total_backends == expected()[1]
+    table.drop("a")
+    assert table.balanced(shared) and not table.balanced(svc.Backend.parse("10.1.0.8:80"))
+    table.put(svc.parse_request({"frontend": f"{VIP4}:81", "backends": ["10.1.0.8:80"], "name": "b"}))
+    assert not table.balanced(shared) and table.balanced(svc.Backend.parse("10.1.0.8:80"))
+    assert (set(table.targets()), table.total_backends) == expected()
+    table.drop("c")
+    assert not table.balanced(svc.Backend.parse("10.1.0.9:80")) and [t.name for t in table.targets()] == ["b"]
+
+
 def test_stored_services_that_no_longer_parse_are_skipped(node: Node) -> None:
     node.agent.service_create({"frontend": f"{VIP4}:80", "backends": [], "name": "web"})
     node.services.put("junk", {"frontend": "nonsense"})
