@@ -336,7 +336,7 @@ class Pinger:
                     got += chunk
                 assert got == b"x\n", got
                 self.count += 1
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
+        except BaseException as exc:  # reported by the test
             self.error = exc
 
     def close(self) -> None:
