@@ -313,6 +313,8 @@ class LbRig(Rig):
         self.api = self.agent.client()
         self.api.post("/v1/services", {"name": f"{t}-target", "frontend": f"{self.cg_vip(0)}:{rig.RR_PORT}",
                                        "backends": [f"{self.cg_server}:{rig.RR_PORT}"]})
+        self.api.post("/v1/services", {"name": f"{t}-target-udp", "frontend": f"{self.cg_vip(0)}:{rig.RR_PORT}/udp",
+                                       "backends": [f"{self.cg_server}:{rig.RR_PORT}"]})  # connect_cost's
         with timed("iptables: kube-proxy chains"):
             self.build_iptables(s.large)
         pid = self.agent.proc.pid if self.agent.proc else 0
@@ -448,8 +450,8 @@ class LbRig(Rig):
         pid = self.agent.proc.pid if self.agent.proc else 0
         self.configs["cg_direct"].agent_pid = self.configs["cg_vip"].agent_pid = pid
         count = len(self.api.get("/v1/services"))
-        if count != hi:
-            raise RuntimeError(f"the agent restored {count} services, not {hi}")
+        if count != hi + 1:  # the fillers, the target and its UDP twin
+            raise RuntimeError(f"the agent restored {count} services, not {hi + 1}")
         return {"first": lo, "services": hi - lo, "documents_written_s": written, "restart_to_api_s": to_api,
                 "restart_to_kernel_s": in_map}
 
@@ -463,6 +465,34 @@ class LbRig(Rig):
         from datapath.kernel import layout
 
         return reader.lookup(layout.lb_key(ipaddress.ip_address(vip), port, 6, 0)) is not None
+
+    def connect_cost(self, calls: int = 20_000, batches: int = 7) -> dict[str, Any]:
+        """ns per connect() of a UDP socket in the client container's namespace: to the target VIP
+        (the connect4 program finds the service and rewrites) and straight to the server (it looks
+        up and misses). No packet is sent; what differs between phases is the map lookup."""
+        result: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                enter_netns(self._pid(self.cg_client))
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    for name, address in (("vip", self.cg_vip(0)), ("straight", self.cg_server)):
+                        per_batch = []
+                        for _ in range(batches):
+                            t0 = time.perf_counter_ns()
+                            for _ in range(calls):
+                                sock.connect((address, rig.RR_PORT))
+                            per_batch.append((time.perf_counter_ns() - t0) / calls)
+                        result[name] = {"ns": per_batch, "median": statistics.median(per_batch)}
+            except BaseException as exc:  # reported below, from the calling thread
+                result["error"] = repr(exc)
+
+        thread = threading.Thread(target=work, name="cgb-connect-cost", daemon=True)
+        thread.start()
+        thread.join(120)
+        if "error" in result or thread.is_alive():
+            raise RuntimeError(f"connect() cost: {result.get('error', 'timed out')}")
+        return result
 
     def effects(self, n: int, first: int) -> list[dict[str, Any]]:
         """n rounds of create → effective, update → effective, delete → effective on probe VIPs."""
@@ -565,6 +595,8 @@ def analyse(out: dict[str, Any]) -> None:
     e0 = out["effects_summary"]["0"]
     el = out["effects_summary"].get(large, e0)
     rv = ratios
+    cc = out["connect_cost"]
+    cc["loaded_vs_empty"] = {k: cc[large][k]["median"] / cc["0"][k]["median"] for k in ("vip", "straight")}
     out["goals"] = [
         goal("RR to a VIP ≥ 0.97x straight to the backend", rv["vip_vs_direct_rr"]["0"], 0.97, "x"),
         goal("CRR to a VIP ≥ 0.97x straight to the backend", rv["vip_vs_direct_crr"]["0"], 0.97, "x"),
@@ -577,6 +609,8 @@ def analyse(out: dict[str, Any]) -> None:
              el["create"]["effective_ms"]["median"], 10.0, "ms", below=True),
         goal(f"service update → effective p50 ≤ 10 ms ({large} services)",
              el["update"]["effective_ms"]["median"], 10.0, "ms", below=True),
+        goal(f"connect() to a VIP with {large} services within 5% of no other service (its map lookup)",
+             cc["loaded_vs_empty"]["vip"], 1.0, "x", band=0.05),
         goal(f"RR to a VIP with {large} services within 5% of no other service (paired with cg_direct)",
              rv["loaded_rr"]["vs_cg_direct"], 0.95, "x", band=0.05),
         goal(f"CRR to a VIP with {large} services within 5% of no other service (paired with cg_direct)",
@@ -606,6 +640,7 @@ def run_lb(quick: bool = False, seed: int = 13) -> dict[str, Any]:
         with timed("lb rig"):
             r.build()
         out["vips"] = str(r.vips)
+        out["connect_cost"] = {"0": r.connect_cost()}
         rounds(r, "0", ("cg_direct", "cg_vip", "br_direct", "ipt_1"), s.rounds[0], samples, rng)
         with timed("create/update/delete → effective, no other service"):
             out["effects"]["0"] = r.effects(s.effect_samples[0], 0)
@@ -618,6 +653,7 @@ def run_lb(quick: bool = False, seed: int = 13) -> dict[str, Any]:
         if more["next"] < s.large:
             with timed(f"{s.large - more['next']} more services as documents + agent restart"):
                 out["loading"]["restore"] = r.load_restore(more["next"], s.large)
+        out["connect_cost"][large] = r.connect_cost()
         rounds(r, large, ("cg_direct", "cg_vip", "br_direct", f"ipt_{large}"), s.rounds[2], samples, rng)
         with timed(f"create/update/delete → effective, {s.large} services"):
             out["effects"][large] = r.effects(s.effect_samples[1], s.effect_samples[0])
@@ -657,6 +693,12 @@ def markdown(out: dict[str, Any]) -> str:
                        ("raw", "raw rates")):
         lines.append(f"| VIP with {large} / with 0 services, {label} | {rv['loaded_rr'][key]:.3f} | "
                      f"{rv['loaded_crr'][key]:.3f} |")
+    cc = out["connect_cost"]
+    lines += ["", "| connect() of a UDP socket (no packet) | no other service | "
+              f"{large} services | ratio |", "|---|---:|---:|---:|"]
+    for k, label in (("vip", "to the VIP (found, rewritten)"), ("straight", "straight to the server (missed)")):
+        lines.append(f"| {label} | {cc['0'][k]['median']:.0f} ns | {cc[large][k]['median']:.0f} ns | "
+                     f"{cc['loaded_vs_empty'][k]:.3f} |")
     lines += ["", "| services | operation | REST call p50 / p95 ms | effective p50 / p95 / max ms |",
               "|---|---|---:|---:|"]
     for phase, ops in out["effects_summary"].items():
