@@ -411,7 +411,7 @@ def cleanup(cfg: Config) -> dict[str, Any]:
         report["iptables"] = kernel.iptables.teardown()
     finally:
         kernel.close()
-    cgroup = cfg.socket_lb if cfg.socket_lb not in ("", "auto") else ensure_cgroup2()
+    cgroup = cfg.socket_lb if cfg.socket_lb not in ("", "auto", "off") else ensure_cgroup2()
     report["socket_programs"] = detach_pinned(cfg.bpf_dir, cgroup)
     report["pins"] = remove_pins(cfg.bpf_dir)
     for path in (cfg.plugin_socket, cfg.api_socket):

@@ -96,23 +96,27 @@ def detach_pinned(pin_dir: Path, cgroup: str) -> list[str]:
     found = pinned(pin_dir)
     if not found:
         return gone
-    cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY) if cgroup and os.path.isdir(cgroup) else -1
+    if not cgroup or not os.path.isdir(cgroup):
+        log.warning("socket programs under %s kept pinned: no cgroup2 directory to detach them from", pin_dir)
+        return gone
+    cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for name, (_revision, path) in found.items():
-            if cg_fd >= 0:
-                with contextlib.suppress(OSError):
-                    fd = bpfsys.open_pinned(str(path))
-                    try:
-                        bpfsys.prog_detach(cg_fd, fd, ATTACH_TYPES[SOCK_PROGRAMS[name]])
-                    except OSError as exc:
-                        log.debug("detach %s: %s", name, exc)
-                    finally:
-                        os.close(fd)
+            kind = ATTACH_TYPES[SOCK_PROGRAMS[name]]
+            try:  # unpinned only once it is not attached here: a pin is how cleanup finds it again
+                fd = bpfsys.open_pinned(str(path))
+                try:
+                    if bpfsys.prog_id(fd) in bpfsys.attached_ids(cg_fd, kind):
+                        bpfsys.prog_detach(cg_fd, fd, kind)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                log.warning("socket program %s kept pinned, not detached from %s: %s", name, cgroup, exc)
+                continue
             path.unlink()
             gone.append(name)
     finally:
-        if cg_fd >= 0:
-            os.close(cg_fd)
+        os.close(cg_fd)
     with contextlib.suppress(OSError):
         Path(naming.sock_pin_dir(str(pin_dir))).rmdir()
     return sorted(gone)

@@ -58,12 +58,15 @@ def policy(rsi: Instance) -> Iterator[Policy]:
 
 
 @contextlib.contextmanager
-def restarted_agent(inst: Instance) -> Iterator[tuple[Any, Any]]:
-    """A second Datapath + KernelExecutor for the same instance and pin dir, as after a restart."""
+def restarted_agent(inst: Instance, revision: str = "") -> Iterator[tuple[Any, Any]]:
+    """A second Datapath + KernelExecutor for the same instance and pin dir, as after a restart
+    (with `revision`: as an upgraded agent, claiming new programs over the same maps)."""
     from datapath.kernel.executor import KernelExecutor
     from datapath.kernel.loader import Datapath
 
     dp = Datapath(inst.pin_dir)
+    if revision:
+        dp.revision = revision
     kernel = KernelExecutor(inst.name, dp)
     try:
         yield dp, kernel
