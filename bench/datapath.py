@@ -196,6 +196,18 @@ class Rig:
         self.dockerd(*args, self.image, *cmd)
         return name
 
+    def agent_network(self, v4: str) -> str:
+        """Start the cellgate agent (range v4) on the private dockerd; its network's name."""
+        t = self.tag
+        self.agent = rig.Agent(self.cleanup, self.workdir, f"{t}a", v4,
+                               f"fd63:cb:{self.rng.randrange(1 << 16):x}::/64",
+                               docker_host=f"unix://{self.dockerd.sock}")
+        self.agent.start()
+        self.cleanup.push("containers on the agent's network", self.dockerd.remove_containers)
+        net = f"{t}net"
+        self.dockerd("network", "create", "-d", self.agent.name, "--ipam-driver", self.agent.name, net)
+        return net
+
     def pair(self, prefix: str, network: str | None, labels: tuple[str, str] | None = None) -> tuple[str, str]:
         """(client container, server address), once the client reaches the server."""
         srv = self.container(f"{prefix}s", self.server_cpu, network,
@@ -227,13 +239,7 @@ class Rig:
                             ("ipt_10k_est", "R10kE")):
             self.configs[name] = Config(name, client, self._bridge_rules(rules))
 
-        self.agent = rig.Agent(self.cleanup, self.workdir, f"{t}a", v4,
-                               f"fd63:cb:{self.rng.randrange(1 << 16):x}::/64",
-                               docker_host=f"unix://{self.dockerd.sock}")
-        self.agent.start()
-        self.cleanup.push("containers on the agent's network", self.dockerd.remove_containers)
-        net = f"{t}net"
-        self.dockerd("network", "create", "-d", self.agent.name, "--ipam-driver", self.agent.name, net)
+        net = self.agent_network(v4)
         open_cli, open_addr = self.pair(f"{t}o", net, ("cgb-open-srv", "cgb-open-cli"))
         pol_cli, pol_addr = self.pair(f"{t}p", net, ("cgb-pol-srv", "cgb-pol-cli"))
         self._policy(pol_cli, pol_addr, open_cli)

@@ -300,13 +300,7 @@ class LbRig(Rig):
         self.image = self.dockerd.image(self.rr, f"{t}/rr:1")
         bcli, self.br_server = self.pair(f"{t}b", None)
         self.dockerd("exec", "-d", f"{t}bs", "/rr", "-s", "-p", str(DNAT_PORT), "-C", str(self.server_cpu))
-        self.agent = rig.Agent(self.cleanup, self.workdir, f"{t}a", str(rig.free_subnet("10.64.0.0/10", 20, self.rng)),
-                               f"fd63:cb:{self.rng.randrange(1 << 16):x}::/64",
-                               docker_host=f"unix://{self.dockerd.sock}")
-        self.agent.start()
-        self.cleanup.push("containers on the agent's network", self.dockerd.remove_containers)
-        net = f"{t}net"
-        self.dockerd("network", "create", "-d", self.agent.name, "--ipam-driver", self.agent.name, net)
+        net = self.agent_network(str(rig.free_subnet("10.64.0.0/10", 20, self.rng)))
         ccli, self.cg_server = self.pair(f"{t}o", net)
         self.cg_client = ccli
         run("nsenter", f"--net=/proc/{self._pid(ccli)}/ns/net", "ip", "route", "add", "blackhole", str(self.vips))

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.harness import Agent, Dockerd, Scene, run, wait_until
+from tests.e2e.test_services_cluster import UDP_CLIENT  # one unconnected socket: [reply, source, port]
 
 pytestmark = pytest.mark.e2e
 
@@ -39,21 +40,6 @@ while True:
     data, peer = s.recvfrom(2048)
     s.sendto(sys.argv[1].encode() + b":" + data, peer)
 """
-
-# The UDP client, run in the client container's namespace: one unconnected socket, sendto the VIP,
-# print [reply, source address, source port] of each answer.
-UDP_CLIENT = r"""
-import json, socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(2)
-out = []
-for i in range(int(sys.argv[3])):
-    s.sendto(b"ping%d" % i, (sys.argv[1], int(sys.argv[2])))
-    data, peer = s.recvfrom(2048)
-    out.append([data.decode(), peer[0], peer[1]])
-print(json.dumps(out))
-"""
-
 
 def free_vip_range() -> str:
     """A /24 of 10.96.0.0/12 that no route of this host touches."""
