@@ -103,8 +103,8 @@ class Runtime:
             settings = dataclasses.replace(settings, cluster_cidrs=cluster_cidrs(cfg))
         proxy_state = cfg.state_dir / "proxy"
         proxy_port = choose_port(proxy_state, cfg.proxy_port) if cfg.proxy else 0
-        settings = dataclasses.replace(settings, proxy=cfg.proxy, cgroup=socket_lb_cgroup(cfg),
-                                       lb_devices=lb_devices(cfg))
+        settings = dataclasses.replace(settings, proxy=cfg.proxy, lb_devices=lb_devices(cfg),
+                                       cgroup=socket_lb_cgroup(cfg, self.datapath.pins_private))
         self.kernel.config.lb_flows = bool(settings.lb_devices) or kvstore is not None
         identities: Identities = (ClusterIdentities(JsonDir(cfg.state_dir / "identities"), IdentityCache())
                                   if kvstore is not None else Identities(JsonDir(cfg.state_dir / "identities")))
@@ -261,12 +261,22 @@ class Runtime:
         return 0
 
 
-def socket_lb_cgroup(cfg: Config) -> str:
-    """The cgroup2 directory of the socket balancer, or "" (off, or no cgroup2 on this host)."""
+def socket_lb_cgroup(cfg: Config, pins_private: str = "") -> str:
+    """The cgroup2 directory of the socket balancer, or "" (off, or no cgroup2 on this host).
+
+    Programs on the cgroup2 root are shared by the whole host and stay attached after the agent
+    exits; with pins private to the agent (`pins_private` says why) nothing could find and detach
+    them again, so socket-level balancing is then off ('auto') or refused (a directory given)."""
     from datapath.kernel.cgroup import ensure_cgroup2
 
     if not cfg.socket_lb:
         return ""
+    if pins_private:
+        if cfg.socket_lb == "auto":
+            log.warning("no socket-level balancing (services are balanced only for packets): %s", pins_private)
+            return ""
+        raise StateError(f"--socket-lb {cfg.socket_lb}: the socket programs could not be detached again: "
+                         f"{pins_private}")
     if cfg.socket_lb == "auto":
         found = ensure_cgroup2()
         if not found:

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import hashlib
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -74,17 +75,44 @@ def expand_source(path: Path, root: Path = BPF_SRC, seen: set[Path] | None = Non
     return "\n".join(out)
 
 
-def ensure_bpffs(directory: Path) -> None:
-    """Mount bpffs on /sys/fs/bpf unless it is there already (a second mount would hide pins)."""
-    mounts = Path("/proc/mounts").read_text().split("\n")
-    if not any(len(f := m.split()) > 2 and f[1] == "/sys/fs/bpf" and f[2] == "bpf" for m in mounts):
+def ensure_bpffs(directory: Path) -> str:
+    """Mount bpffs on /sys/fs/bpf unless it is there already (a second mount would hide pins).
+
+    Returns "" when the pins under `directory` outlive this process, else why they do not: a bpffs
+    this call mounted in a mount namespace of its own (`ip netns exec` remounts /sys; a container
+    without the host's /sys/fs/bpf) is a new instance that vanishes with the namespace, so a
+    restart or `cleanup` would find nothing, and a program attached to a shared hierarchy (the
+    cgroup2 root) would stay attached with no pin to find it by."""
+    mounted_here = False
+    if "/sys/fs/bpf" not in bpf_mounts():
         Path("/sys/fs/bpf").mkdir(parents=True, exist_ok=True)
         try:
             subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], check=True, capture_output=True)
         except (OSError, subprocess.CalledProcessError) as exc:
             raise KernelError(f"cannot mount bpffs on /sys/fs/bpf: {exc}") from exc
         log.info("mounted bpffs on /sys/fs/bpf")
+        mounted_here = True
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    covering = max((m for m in bpf_mounts() if directory.resolve().is_relative_to(m)), key=len, default="")
+    if mounted_here and covering == "/sys/fs/bpf" and not in_host_mount_namespace():
+        return ("the agent runs in a mount namespace of its own where /sys/fs/bpf was not mounted "
+                "(e.g. under `ip netns exec`), so its pins vanish with it; give --bpf-dir on a bpffs "
+                "mounted in the host's namespace")
+    return ""
+
+
+def bpf_mounts() -> set[str]:
+    """Mount points of bpffs in this mount namespace."""
+    lines = Path("/proc/self/mounts").read_text().splitlines()
+    return {f[1] for line in lines if len(f := line.split()) > 2 and f[2] == "bpf"}
+
+
+def in_host_mount_namespace() -> bool:
+    """Whether this process shares PID 1's mount namespace (unknown counts as no)."""
+    try:
+        return os.readlink("/proc/self/ns/mnt") == os.readlink("/proc/1/ns/mnt")
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -105,7 +133,9 @@ class Datapath:
                 "with --system-site-packages"
             ) from exc
         self.pin_dir = pin_dir
-        ensure_bpffs(pin_dir)
+        self.pins_private = ensure_bpffs(pin_dir)  # "" or why the pins do not outlive this process
+        if self.pins_private:
+            log.warning("pins are private to this process: %s; a restart starts from nothing", self.pins_private)
         drop_stale_pins(pin_dir)
         seen: set[Path] = set()
         source = "\n".join(expand_source(BPF_SRC / name, BPF_SRC, seen) for name in SOURCES)

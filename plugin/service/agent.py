@@ -126,6 +126,9 @@ class Agent(AgentServices):
                 "datapath": self.settings.program_revision,
                 "ranges": {"ipv4": str(self.ipam.ranges.ipv4), "ipv6": str(self.ipam.ranges.ipv6)},
                 "masquerade": self.settings.masquerade,
+                # where services are balanced: the cgroup2 directory of the socket programs ("" none)
+                # and the devices of the packet path
+                "balancing": {"socket": self.settings.cgroup, "devices": list(self.settings.lb_devices)},
                 "policy": {
                     "enforcement": self.policy.mode,
                     "revision": self.policy.repository.revision,

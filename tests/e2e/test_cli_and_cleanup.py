@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from datapath.naming import proxy_table
 from tests.e2e.cni_support import Cni, Namespaces, host_ifname, running_agent
-from tests.e2e.harness import CELLGATE, Agent, Scene, run
+from tests.e2e.harness import CELLGATE, Agent, Scene, run, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -166,3 +168,60 @@ def test_agent_refuses_special_purpose_host_ranges_before_making_anything(
     assert not agent.state.exists() and not agent.bpf.exists()
     assert not agent.plugin.exists() and not agent.api.exists()
     assert agent.links() == [] and f"CG-{name}" not in run("iptables-save").stdout
+
+
+def cgroup_program_ids() -> set[int]:
+    return {p["id"] for p in json.loads(run("bpftool", "-j", "cgroup", "show", CGROUP2).stdout.strip() or "[]")}
+
+
+def held_program_ids(pid: int) -> set[int]:
+    """Ids of the BPF programs process `pid` holds a descriptor of (its fdinfo names them)."""
+    ids = set()
+    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
+        with contextlib.suppress(OSError):
+            ids |= {int(line.split()[1]) for line in info.read_text().splitlines() if line.startswith("prog_id:")}
+    return ids
+
+
+def test_an_agent_whose_pins_die_with_it_attaches_no_socket_program(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Under `ip netns exec` /sys is remounted: the bpffs the agent mounts there is its own and
+    vanishes with it, so programs it put on the host's cgroup2 root could never be found and detached
+    again (found: 8 programs per CI run left attached, one set per such agent). It balances by packet
+    only ('auto'), refuses an explicit cgroup, and leaves the root's programs as they were, also
+    after a SIGKILL."""
+    name = "cgp" + secrets.token_hex(3)
+    ns = f"{name}n"
+    agent = Agent(tmp_path_factory.mktemp(name), name, "10.235.16.0/20", "fd63:77:2::/64",
+                  docker_host="unix:///nonexistent")
+    args = [*agent.args, "--cni-bin-dir", "", "--plugin-socket", str(agent.base / "plugin.sock")]
+    run("ip", "netns", "add", ns)
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        run("ip", "-n", ns, "link", "set", "lo", "up")
+        refused = run("ip", "netns", "exec", ns, CELLGATE, "agent", *args, "--socket-lb", CGROUP2, check=False,
+                      timeout=60)
+        assert refused.returncode == 1, refused.stderr
+        assert f"--socket-lb {CGROUP2}: the socket programs could not be detached again" in refused.stderr
+        assert "ip netns exec" in refused.stderr and "--bpf-dir" in refused.stderr  # why, and what to do
+
+        with open(agent.log, "ab") as log:
+            proc = subprocess.Popen(["ip", "netns", "exec", ns, CELLGATE, "agent", *args], stdout=log, stderr=log)
+        wait_until(lambda: proc.poll() is None and agent.cli("status", check=False).returncode == 0, 60, "the agent")
+        status = agent.json("status")
+        assert status["balancing"]["socket"] == ""
+        assert "no socket-level balancing" in agent.log.read_text()
+        assert agent.json("service", "create", "--frontend", "10.96.77.1:80", "--backends", "10.235.16.9:80",
+                          "--name", "cgweb")["name"] == "cgweb"  # services still work, by packet
+        held = held_program_ids(proc.pid)  # `ip netns exec` execs the agent: the same process
+        assert len(held) >= 8  # its socket programs are loaded (and would be attached with shared pins)
+        assert not held & cgroup_program_ids()
+        proc.kill()
+        proc.wait(timeout=30)
+        proc = None
+        assert not held & cgroup_program_ids()
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait(timeout=30)
+        run("ip", "netns", "exec", ns, CELLGATE, "cleanup", *args, check=False)
+        run("ip", "netns", "del", ns, check=False)
