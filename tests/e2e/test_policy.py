@@ -137,9 +137,17 @@ def test_deny_overrides_allow(world: World, agent: Agent) -> None:
     assert any(e["verdict"] == "deny" and e["ports"] == "81" for e in entries)
 
 
+def host_path(world: World, agent: Agent, dst: str) -> str:
+    """What decides host → dst: the source address the host picks, the ipcache, the last log lines."""
+    route = run("ip", "route", "get", world.ip[dst], check=False).stdout
+    ipcache = agent.cli("bpf", "ipcache", "list", check=False).stdout
+    return f"{route}\n{ipcache}\n{agent.log.read_text()[-2000:]}"
+
+
 def test_entities_and_port_ranges(world: World, agent: Agent) -> None:
     load(agent, "entities.yaml")
-    assert world.host_tcp("backend", 81) and world.host_tcp("backend", 80)
+    assert world.host_tcp("backend", 81), host_path(world, agent, "backend")
+    assert world.host_tcp("backend", 80), host_path(world, agent, "backend")
     assert world.tcp("frontend", "backend", 80) and world.tcp("frontend", "backend", 81)
     assert not world.tcp("other", "backend", 80)
 
