@@ -23,6 +23,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from datapath import cidr, events, plan
 from datapath.errors import CellgateError, StateError
+from datapath.flows import Names
 from datapath.identity import Identities
 from datapath.policy import Repository
 from ipam.allocator import HostRanges, Ipam
@@ -33,6 +34,7 @@ from plugin.config import CLUSTER_V4, CLUSTER_V6, Config
 from plugin.docker.app import create_app as create_docker
 from plugin.docker.watcher import DockerWatcher
 from plugin.monitor import EventHub
+from plugin.observe.flowlog import FlowLog
 from plugin.proxy.supervisor import ProxySupervisor, choose_port, stop_left_over
 from plugin.server import UnixServer
 from plugin.service import Agent
@@ -141,6 +143,7 @@ class Runtime:
             except (OSError, CellgateError) as exc:
                 log.warning("cannot install the CNI plugin in %s: %s", cfg.cni_bin_dir, exc)
         self.hub = EventHub()
+        self.flows = FlowLog(cfg.flow_ring_size, lambda: Names(cfg.node_name, self.agent.service_name_at))
         self.proxy: ProxySupervisor | None = None
         if cfg.proxy:
             self.proxy = ProxySupervisor(proxy_state, cfg.bpf_dir, proxy_port, cfg.access_log, self._l7_event,
@@ -150,7 +153,8 @@ class Runtime:
         self.servers: list[UnixServer] = []
         try:
             self.servers.append(UnixServer(cfg.plugin_socket, create_docker(self.agent), "docker plugin"))
-            api = create_api(self.agent, self.hub, self.info, CniService(self.agent, NetnsOps()), self.cluster)
+            api = create_api(self.agent, self.hub, self.info, CniService(self.agent, NetnsOps()), self.cluster,
+                             self.flows)
             self.servers.append(UnixServer(cfg.api_socket, api, "API"))
         except CellgateError:
             for server in self.servers:
@@ -205,6 +209,7 @@ class Runtime:
                 number = ev.get(f"{side}_identity")
                 if number:
                     ev[f"{side}_labels"] = self.agent.labels_of(number)
+            self.flows.add_datapath(raw, ev)
             self.hub.publish(ev)
 
         while not self.stop.is_set():
@@ -220,6 +225,7 @@ class Runtime:
             number = ev.get(f"{side}_identity")
             if isinstance(number, int) and number:
                 ev[f"{side}_labels"] = self.agent.labels_of(number)
+        self.flows.add_l7(ev)
         self.hub.publish(ev)
 
     def _sweep(self) -> None:

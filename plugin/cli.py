@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 from plugin.client import ApiError, Client
 from plugin.config import Config, default_api_socket
+from plugin.observe import cli as observe_cli
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -453,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     mon.add_argument("--count", type=int, default=0, help="exit after this many events")
     mon.add_argument("--timeout", type=float, default=0.0, help="exit after this many seconds")
     mon.set_defaults(func=cmd_monitor)
+    observe_cli.add_parser(sub)
 
     pol = sub.add_parser("policy", help="policy rules").add_subparsers(dest="sub", required=True,
                                                                     metavar="SUBCOMMAND")

@@ -86,6 +86,7 @@ class Config:
     access_log: str = ""
     proxy: bool = True
     proxy_workers: int = 0  # event loops (processes) of the proxy; 0: one per CPU, at most 4
+    flow_ring_size: int = 16384  # recent flows kept for `cellgate observe` (about 300 bytes each)
     # Services (docs/services.md): the cgroup2 directory the socket balancer attaches to
     # ("auto": the cgroup2 mount; "": no socket-level balancing).
     socket_lb: str = "auto"
@@ -180,6 +181,9 @@ class Config:
                             help="devices on which packets for service VIPs from outside are balanced, with direct "
                                  "server return to other nodes' backends ('auto': in a cluster, the device of "
                                  "--node-address; 'none') [CELLGATE_LB_DEVICES]")
+        parser.add_argument("--flow-ring-size", type=int, default=int(_env("CELLGATE_FLOW_RING_SIZE", "16384")),
+                            help="recent flows the agent keeps for `cellgate observe` (about 300 bytes each; "
+                                 "totals stay exact past it) [CELLGATE_FLOW_RING_SIZE, default 16384]")
         parser.add_argument("--debug", action="store_true", default=_flag(_env("CELLGATE_DEBUG", "false")),
                             help="log wire bodies and kernel changes [CELLGATE_DEBUG]")
 
@@ -219,6 +223,7 @@ class Config:
             proxy_workers=_proxy_workers(getattr(args, "proxy_workers", 0)),
             socket_lb=_socket_lb(getattr(args, "socket_lb", "auto")),
             lb_devices=_lb_devices(getattr(args, "lb_devices", "auto")),
+            flow_ring_size=_flow_ring_size(getattr(args, "flow_ring_size", 16384)),
             **cluster,
         )
 
@@ -290,6 +295,12 @@ def _proxy_port(port: int) -> int:
     if not 0 <= port <= 65535:
         raise ValueError(f"--proxy-port {port}: must be between 1 and 65535 (0: chosen)")
     return port
+
+
+def _flow_ring_size(n: int) -> int:
+    if not 1 <= n <= 1 << 20:
+        raise ValueError(f"--flow-ring-size {n}: give 1..1048576")
+    return n
 
 
 def _proxy_workers(n: int) -> int:

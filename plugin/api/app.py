@@ -18,12 +18,14 @@ from plugin.api import context
 from plugin.api.cluster import cluster as cluster_routes
 from plugin.api.cni import cni as cni_routes
 from plugin.api.context import MAX_STREAMS, MAX_WAITS, ApiContext
+from plugin.api.flows import flows as flows_routes
 from plugin.api.monitor import monitor
 from plugin.api.policy import policy
 from plugin.api.resources import BLUEPRINTS
 from plugin.api.services import services
 from plugin.api.wire import problem
 from plugin.monitor import EventHub
+from plugin.observe.flowlog import FlowLog
 from plugin.service import Agent
 from plugin.service.cni import CniService
 from plugin.timing import add_server_timing
@@ -38,12 +40,13 @@ __all__ = ["MAX_BODY", "MAX_STREAMS", "MAX_WAITS", "create_app"]
 
 
 def create_app(agent: Agent, hub: EventHub, info: Callable[[], dict[str, Any]],
-               cni: CniService | None = None, cluster: ClusterService | None = None) -> Flask:
+               cni: CniService | None = None, cluster: ClusterService | None = None,
+               flows: FlowLog | None = None) -> Flask:
     app = Flask("cellgate.api")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
-    app.extensions[context.KEY] = ApiContext.build(agent, hub, info, cni, cluster)
+    app.extensions[context.KEY] = ApiContext.build(agent, hub, info, cni, cluster, flows)
     add_server_timing(app)
-    for blueprint in (*BLUEPRINTS, policy, monitor, cluster_routes, services):
+    for blueprint in (*BLUEPRINTS, policy, monitor, flows_routes, cluster_routes, services):
         app.register_blueprint(blueprint)
     if cni is not None:
         app.register_blueprint(cni_routes)

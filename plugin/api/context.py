@@ -16,6 +16,7 @@ from flask import current_app
 from werkzeug.exceptions import ServiceUnavailable
 
 from plugin.monitor import EventHub
+from plugin.observe.flowlog import FlowLog
 from plugin.service import Agent
 from plugin.service.cni import CniService
 
@@ -94,13 +95,16 @@ class ApiContext:
     verdicts: Tracers  # allowed new flows: every monitor but drop-only ones
     streams: Slots
     waits: Slots
+    flows: FlowLog
     cluster: ClusterService | None = None
 
     @classmethod
     def build(cls, agent: Agent, hub: EventHub, info: Callable[[], dict[str, Any]],
-              cni: CniService | None, cluster: ClusterService | None = None) -> ApiContext:
+              cni: CniService | None, cluster: ClusterService | None = None,
+              flows: FlowLog | None = None) -> ApiContext:
         return cls(agent, hub, info, cni, Tracers(agent.set_trace), Tracers(agent.set_verdicts),
-                   Slots("monitor streams", MAX_STREAMS), Slots("policy waits", MAX_WAITS), cluster)
+                   Slots("monitor and flow streams", MAX_STREAMS), Slots("policy waits", MAX_WAITS),
+                   flows if flows is not None else FlowLog(), cluster)
 
 
 KEY = "cellgate"

@@ -6,12 +6,14 @@ Bodies come from plugin.api.wire.read_body, query strings from the request's arg
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from datapath.errors import InvalidRequest
+from datapath.flows import FilterError, FlowFilter, FlowQuery, parse_time
 from datapath.labels import Label
 from datapath.policy import Rule, parse_rules
 from datapath.policy.l7 import KAFKA_KEY_NAMES, HttpRequest, KafkaRequest, normalize_path
@@ -225,3 +227,64 @@ class MonitorQuery:
         if not self.type and ev.get("type") == "trace":
             return False  # traces only when asked for
         return not self.endpoint or str(ev.get("endpoint", "")).startswith(self.endpoint)
+
+
+FLOWS_ARGS = frozenset({"last", "first", "since", "until", "follow", "allowlist", "denylist"})
+MAX_FLOWS = 1 << 20
+
+
+@dataclass(frozen=True)
+class FlowsQuery:
+    """GET /v1/flows: which flows (Hubble's allowlist/denylist of FlowFilters, as JSON) and how many:
+    the last N (default 20 unless since/until/follow is given), the first N, since/until a time."""
+
+    query: FlowQuery
+    last: int
+    first: int
+    since: float
+    until: float
+    follow: bool
+
+    @classmethod
+    def parse(cls, args: Mapping[str, str], now: float) -> FlowsQuery:
+        unknown = set(args) - FLOWS_ARGS
+        if unknown:
+            raise InvalidRequest(f"unknown flow query argument(s): {', '.join(sorted(unknown))} "
+                                 f"(known: {', '.join(sorted(FLOWS_ARGS))})")
+        try:
+            lists = {}
+            for name in ("allowlist", "denylist"):
+                raw = json.loads(args.get(name) or "[]")
+                if not isinstance(raw, list) or len(raw) > 64:
+                    raise FilterError(f"{name}: give a JSON list of at most 64 flow filters")
+                lists[name] = tuple(FlowFilter.parse(item) for item in raw)
+            since = parse_time(args["since"], now) if args.get("since") else 0.0
+            until = parse_time(args["until"], now) if args.get("until") else 0.0
+        except (FilterError, json.JSONDecodeError) as exc:
+            raise InvalidRequest(str(exc)) from None
+        follow = _bool_arg(args.get("follow", ""), "follow")
+        last, first = _count_arg(args, "last"), _count_arg(args, "first")
+        if last and first:
+            raise InvalidRequest("give last or first, not both")
+        if first and follow:
+            raise InvalidRequest("first cannot follow: it reads from the oldest flow")
+        if not (last or first or since or until or follow):
+            last = 20
+        return cls(FlowQuery(lists["allowlist"], lists["denylist"]), last, first, since, until, follow)
+
+
+def _bool_arg(text: str, name: str) -> bool:
+    if text.lower() in ("", "0", "false", "no"):
+        return False
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    raise InvalidRequest(f"{name}: {text!r} is not true or false")
+
+
+def _count_arg(args: Mapping[str, str], name: str) -> int:
+    text = args.get(name, "")
+    if not text:
+        return 0
+    if not text.isdigit() or not 0 < int(text) <= MAX_FLOWS:
+        raise InvalidRequest(f"{name}: {text!r} is not a count (1-{MAX_FLOWS})")
+    return int(text)

@@ -183,6 +183,12 @@ class Agent(AgentServices):
     def labels_of(self, number: int) -> list[str]:
         return self.policy.labels_of(number)
 
+    def service_name_at(self, address: str, port: int, proto: str) -> str:
+        """The service a flow to address:port/proto went to, by its frontend or a backend ("" none)."""
+        number = {"tcp": 6, "udp": 17}.get(proto, 0)
+        with self._lock:
+            return self.services.name_at(address, port, number) if number else ""
+
     def identity_list(self) -> list[tuple[int, list[str], int]]:
         """Every identity (number, labels, endpoints holding it), by number."""
         counts: dict[int, int] = {}

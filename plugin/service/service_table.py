@@ -49,6 +49,8 @@ class ServiceTable:
         self._backend_refs: Counter[svc.Backend] = Counter()  # balanced services per backend
         self._vips: dict[svc.IPAddress, int] = {}  # VIP -> how many balanced frontends use it
         self._total = 0  # backends of every balanced service
+        self._changes = 0  # bumped by every change of what is balanced
+        self._by_address: tuple[int, dict[tuple[str, int, int], str]] = (-1, {})
         own, peers = {}, {}
         for key, doc in self.store.load():
             try:
@@ -147,11 +149,26 @@ class ServiceTable:
         return self._backend_refs[backend] > 0
 
     def _count(self, backends: tuple[svc.Backend, ...], delta: int) -> None:
+        self._changes += 1
         self._total += delta * len(backends)
         for b in backends:
             self._backend_refs[b] += delta
             if self._backend_refs[b] <= 0:
                 del self._backend_refs[b]
+
+    def name_at(self, address: str, port: int, proto: int) -> str:
+        """The balanced service whose frontend or one of whose backends is address:port/proto ("" none),
+        for naming a flow's destination. The index is rebuilt on the first lookup after a change
+        (O(balanced backends)), so changes stay O(touched) and lookups O(1)."""
+        if self._by_address[0] != self._changes:
+            index: dict[tuple[str, int, int], str] = {}
+            for name in sorted(self._active):
+                spec = self._active[name]
+                index.setdefault((str(spec.frontend.address), spec.frontend.port, spec.frontend.proto), name)
+                for b in self.backends(spec):
+                    index.setdefault((str(b.address), b.port, spec.frontend.proto), name)
+            self._by_address = (self._changes, index)
+        return self._by_address[1].get((address, port, proto), "")
 
     def at(self, frontend: svc.Frontend) -> svc.ServiceSpec | None:
         return self._winner.get(frontend)

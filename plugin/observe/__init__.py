@@ -1,0 +1,1 @@
+"""Observability: the flow log (plugin.observe.flowlog), metrics and the service map."""
