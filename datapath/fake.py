@@ -207,6 +207,12 @@ class FakeKernel:
     def counters(self) -> dict[int, tuple[int, int]]:
         return {}
 
+    def directed_counters(self) -> dict[tuple[int, int], tuple[int, int]]:
+        return {}
+
+    def map_pressure(self) -> dict[str, float]:
+        return {}
+
     def host_addresses(self) -> list[IPAddress]:
         return list(self.addresses)
 

@@ -30,6 +30,14 @@ class Kernel(Protocol):
         """Packets and bytes per verdict code, summed over CPUs."""
         ...
 
+    def map_pressure(self) -> dict[str, float]:
+        """Map name -> how full it is (0..1), for the maps that can fill up."""
+        ...
+
+    def directed_counters(self) -> dict[tuple[int, int], tuple[int, int]]:
+        """Likewise per (verdict code, direction): 0 from the endpoint (egress), 1 towards it (ingress)."""
+        ...
+
     def host_addresses(self) -> list[IPAddress]:
         """Addresses configured on the host (they carry the host identity)."""
         ...

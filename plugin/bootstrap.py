@@ -36,7 +36,7 @@ from plugin.docker.watcher import DockerWatcher
 from plugin.monitor import EventHub
 from plugin.observe.flowlog import FlowLog
 from plugin.proxy.supervisor import ProxySupervisor, choose_port, stop_left_over
-from plugin.server import UnixServer
+from plugin.server import TcpServer, UnixServer
 from plugin.service import Agent
 from plugin.service.cni import CniService
 from plugin.service.l7filters import FilterTable
@@ -150,12 +150,18 @@ class Runtime:
                                          cfg.debug, cfg.proxy_workers)
             self.proxy.start()
         self._ifnames: dict[int, str] = {}
-        self.servers: list[UnixServer] = []
+        self.servers: list[UnixServer | TcpServer] = []
         try:
             self.servers.append(UnixServer(cfg.plugin_socket, create_docker(self.agent), "docker plugin"))
             api = create_api(self.agent, self.hub, self.info, CniService(self.agent, NetnsOps()), self.cluster,
                              self.flows)
             self.servers.append(UnixServer(cfg.api_socket, api, "API"))
+            if cfg.http_serve is not None:
+                from plugin.observe.metrics import exposition
+                from plugin.observe.web import create_web
+
+                metrics = exposition(self.agent, self.flows, lambda: getattr(kvstore, "telemetry", None))
+                self.servers.append(TcpServer(*cfg.http_serve, create_web(metrics), "metrics"))
         except CellgateError:
             for server in self.servers:
                 server.stop()

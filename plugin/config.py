@@ -87,6 +87,7 @@ class Config:
     proxy: bool = True
     proxy_workers: int = 0  # event loops (processes) of the proxy; 0: one per CPU, at most 4
     flow_ring_size: int = 16384  # recent flows kept for `cellgate observe` (about 300 bytes each)
+    http_serve: tuple[str, int] | None = None  # the opt-in HTTP listener of /metrics and /map
     # Services (docs/services.md): the cgroup2 directory the socket balancer attaches to
     # ("auto": the cgroup2 mount; "": no socket-level balancing).
     socket_lb: str = "auto"
@@ -184,6 +185,14 @@ class Config:
         parser.add_argument("--flow-ring-size", type=int, default=int(_env("CELLGATE_FLOW_RING_SIZE", "16384")),
                             help="recent flows the agent keeps for `cellgate observe` (about 300 bytes each; "
                                  "totals stay exact past it) [CELLGATE_FLOW_RING_SIZE, default 16384]")
+        parser.add_argument("--http-serve-addr", default=_env("CELLGATE_HTTP_SERVE_ADDR", ""), metavar="ADDR:PORT",
+                            help="serve Prometheus metrics (/metrics) and the service map (/map) over HTTP here, "
+                                 "e.g. 127.0.0.1:9962 (off by default; a non-loopback address needs "
+                                 "--http-serve-public) [CELLGATE_HTTP_SERVE_ADDR]")
+        parser.add_argument("--http-serve-public", action="store_true",
+                            default=_flag(_env("CELLGATE_HTTP_SERVE_PUBLIC", "false")),
+                            help="allow --http-serve-addr on a non-loopback address: anyone who reaches it "
+                                 "reads the metrics, flows and labels [CELLGATE_HTTP_SERVE_PUBLIC]")
         parser.add_argument("--debug", action="store_true", default=_flag(_env("CELLGATE_DEBUG", "false")),
                             help="log wire bodies and kernel changes [CELLGATE_DEBUG]")
 
@@ -224,6 +233,7 @@ class Config:
             socket_lb=_socket_lb(getattr(args, "socket_lb", "auto")),
             lb_devices=_lb_devices(getattr(args, "lb_devices", "auto")),
             flow_ring_size=_flow_ring_size(getattr(args, "flow_ring_size", 16384)),
+            http_serve=_http_serve(getattr(args, "http_serve_addr", ""), getattr(args, "http_serve_public", False)),
             **cluster,
         )
 
@@ -295,6 +305,24 @@ def _proxy_port(port: int) -> int:
     if not 0 <= port <= 65535:
         raise ValueError(f"--proxy-port {port}: must be between 1 and 65535 (0: chosen)")
     return port
+
+
+def _http_serve(text: str, public: bool) -> tuple[str, int] | None:
+    """ADDR:PORT ([v6]:PORT) of the HTTP listener; a non-loopback address only with `public`."""
+    if not text:
+        return None
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]") if host.startswith("[") and host.endswith("]") else host
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"--http-serve-addr {text!r}: give an IP address and a port, e.g. 127.0.0.1:9962") from None
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--http-serve-addr {text!r}: the port must be 1-65535")
+    if not address.is_loopback and not public:
+        raise ValueError(f"--http-serve-addr {text!r}: {address} is not a loopback address; anyone who reaches "
+                         "it would read metrics, flows and labels: pass --http-serve-public to mean it")
+    return str(address), int(port)
 
 
 def _flow_ring_size(n: int) -> int:

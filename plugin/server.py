@@ -149,8 +149,9 @@ class PooledWSGIServer(BaseWSGIServer):
     MAX_WAITING = 256  # connections still sending their request, per socket
     ACCEPT_BURST = 64  # connections taken per wake-up before the waiting ones are read
 
-    def __init__(self, path: Path, app: Any, workers: int, read_timeout: float = 10.0) -> None:
-        super().__init__(f"unix://{path}", 0, app)
+    def __init__(self, path: Path | tuple[str, int], app: Any, workers: int, read_timeout: float = 10.0) -> None:
+        host, port = path if isinstance(path, tuple) else (f"unix://{path}", 0)
+        super().__init__(host, port, app)
         self.read_timeout = read_timeout
         self._jobs: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -321,3 +322,27 @@ class UnixServer:
         self.server.server_close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+class TcpServer:
+    """The opt-in HTTP listener (metrics, the service map): the same pooled server on host:port.
+    Loopback unless the operator said otherwise (plugin.config checks it)."""
+
+    WORKERS = 8
+
+    def __init__(self, host: str, port: int, app: Any, name: str) -> None:
+        self.name = name
+        try:
+            self.server: BaseWSGIServer = PooledWSGIServer((host, port), app, self.WORKERS, UnixServer.READ_TIMEOUT)
+        except OSError as exc:
+            raise StateError(f"{name}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        self.address = self.server.server_address
+        self._thread = threading.Thread(target=self.server.serve_forever, name=f"serve-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("%s listening on http://%s:%d", self.name, *self.address[:2])
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -53,6 +53,6 @@ static __always_inline int cg_handle_arp(struct __sk_buff *skb, const struct cg_
 	arp.sip = target;
 	if (bpf_skb_store_bytes(skb, 0, &arp, sizeof(arp), 0) < 0)
 		return -DROP_INVALID;
-	cg_count(skb, CG_OK_ARP);
+	cg_count(skb, CG_OK_ARP, 0); /* answered to the endpoint that asked */
 	return bpf_redirect(skb->ifindex, 0);
 }

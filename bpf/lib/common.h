@@ -93,7 +93,10 @@
 #define CG_MARK_TO_PROXY   0x200  /* set with bpf_sk_assign; `ip rule fwmark 0x200/0xf00 lookup T` (naming.proxy_table) */
 #define CG_MARK_FROM_PROXY 0xa00  /* SO_MARK of the proxy's upstream sockets; the rest is the identity */
 
-#define CG_METRICS_SIZE    256
+/* cg_metrics: one counter per verdict code and direction, at code | direction << 8
+ * (direction 0 from the endpoint, Cilium's EGRESS; 1 towards it, INGRESS) */
+#define CG_METRICS_CODES   256
+#define CG_METRICS_SIZE    512
 
 /* Endpoint flags (struct cg_endpoint.flags). */
 #define CG_EP_F_IPV4       0x1

@@ -6,9 +6,10 @@
 #include "lib/maps.h"
 #include "lib/ctx.h"
 
-static __always_inline void cg_count(struct __sk_buff *skb, __u32 code)
+static __always_inline void cg_count(struct __sk_buff *skb, __u32 code, __u8 dir)
 {
-	struct cg_metric *m = cg_metrics.lookup(&code);
+	__u32 index = (code & (CG_METRICS_CODES - 1)) | ((__u32)(dir & 1) << 8);
+	struct cg_metric *m = cg_metrics.lookup(&index);
 
 	if (m) {
 		m->packets += 1;
@@ -106,7 +107,7 @@ static __always_inline void cg_notify(struct __sk_buff *skb, const struct cg_ctx
 
 static __always_inline int cg_drop(struct __sk_buff *skb, const struct cg_ctx *ctx, __u8 reason)
 {
-	cg_count(skb, reason);
+	cg_count(skb, reason, ctx->dir);
 	cg_notify(skb, ctx, CG_EVENT_DROP, reason);
 	return TC_ACT_SHOT;
 }
@@ -121,7 +122,7 @@ static __always_inline int cg_verdicts_wanted(const struct cg_ctx *ctx)
 /* A packet forwarded with verdict `code`; reported only while tracing is on. */
 static __always_inline void cg_forwarded(struct __sk_buff *skb, const struct cg_ctx *ctx, __u8 code)
 {
-	cg_count(skb, code);
+	cg_count(skb, code, ctx->dir);
 	if (ctx->cfg_flags & CG_CFG_TRACE)
 		cg_notify(skb, ctx, CG_EVENT_TRACE, code);
 }
@@ -129,6 +130,6 @@ static __always_inline void cg_forwarded(struct __sk_buff *skb, const struct cg_
 /* Consumed on purpose (housekeeping frames): counted, no event. */
 static __always_inline int cg_quiet(struct __sk_buff *skb)
 {
-	cg_count(skb, CG_OK_QUIET);
+	cg_count(skb, CG_OK_QUIET, 0);
 	return TC_ACT_SHOT;
 }

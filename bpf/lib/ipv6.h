@@ -103,7 +103,7 @@ static __always_inline int cg_handle_ns(struct __sk_buff *skb, const struct cg_e
 	if (bpf_skb_change_tail(skb, sizeof(frame), 0) < 0 ||
 	    bpf_skb_store_bytes(skb, 0, &frame, sizeof(frame), 0) < 0)
 		return -DROP_INVALID;
-	cg_count(skb, CG_OK_ND);
+	cg_count(skb, CG_OK_ND, 0); /* answered to the endpoint that asked */
 	return bpf_redirect(skb->ifindex, 0);
 }
 

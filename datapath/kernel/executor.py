@@ -131,6 +131,12 @@ class KernelExecutor:
     def counters(self) -> dict[int, tuple[int, int]]:
         return self.dp.counters() if self.dp is not None else {}
 
+    def directed_counters(self) -> dict[tuple[int, int], tuple[int, int]]:
+        return self.dp.directed_counters() if self.dp is not None else {}
+
+    def map_pressure(self) -> dict[str, float]:
+        return self.dp.map_pressure() if self.dp is not None else {}
+
     # -- maps outside plans -----------------------------------------------------------------
 
     def policy_entries(self) -> dict[PolicyKey, PolicyValue]:

@@ -253,6 +253,10 @@ MIRRORS = {
     "cg_lb_flows": (CgLbFlowKey, CgLbFlowValue),
 }
 
+# Maps whose size is a constant of bpf/lib/common.h (a test checks): a pin of another size is
+# an older layout, replaced like one of other key or value sizes.
+FIXED_ENTRIES = {"cg_metrics": 512}  # CG_METRICS_SIZE: code | direction << 8
+
 
 def addr16(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
     """An address as the maps hold it: IPv4 in the first four of 16 bytes."""

@@ -179,12 +179,30 @@ class Datapath:
     # -- maps -------------------------------------------------------------------------------
 
     def counters(self) -> dict[int, tuple[int, int]]:
+        """(packets, bytes) by verdict code, both directions together."""
         out: dict[int, tuple[int, int]] = {}
+        for (code, _), (packets, size) in self.directed_counters().items():
+            before = out.get(code, (0, 0))
+            out[code] = (before[0] + packets, before[1] + size)
+        return out
+
+    PRESSURE_MAPS = ("cg_ct", "cg_ipcache", "cg_policy", "cg_endpoints", "cg_lb_services", "cg_lb_flows", "cg_lb_sock")
+
+    def map_pressure(self) -> dict[str, float]:
+        """How full each hash map is (entries / max entries), counted by walking its keys."""
+        out = {}
+        for name in self.PRESSURE_MAPS:
+            table = self.bpf[name.encode()]
+            out[name] = sum(1 for _ in table) / max(1, int(table.max_entries))
+        return out
+
+    def directed_counters(self) -> dict[tuple[int, int], tuple[int, int]]:
+        """(packets, bytes) by (verdict code, direction: 0 from the endpoint, 1 towards it)."""
+        out: dict[tuple[int, int], tuple[int, int]] = {}
         for key, per_cpu in self.metrics.items():
             packets = sum(m.packets for m in per_cpu)
-            size = sum(m.bytes for m in per_cpu)
             if packets:
-                out[key.value] = (packets, size)
+                out[(key.value & 0xFF, key.value >> 8)] = (packets, sum(m.bytes for m in per_cpu))
         return out
 
     # -- events -----------------------------------------------------------------------------
@@ -250,9 +268,12 @@ def drop_stale_pins(pin_dir: Path) -> list[str]:
         except OSError as exc:
             log.warning("cannot inspect the pinned map %s: %s", path, exc)
             continue
-        if (shape.key_size, shape.value_size) != (ctypes.sizeof(key), ctypes.sizeof(value)):
-            log.warning("pinned map %s has %d/%d-byte keys/values, this datapath %d/%d: replacing it",
-                        name, shape.key_size, shape.value_size, ctypes.sizeof(key), ctypes.sizeof(value))
+        entries = layout.FIXED_ENTRIES.get(name, shape.max_entries)
+        if (shape.key_size, shape.value_size, shape.max_entries) != (ctypes.sizeof(key), ctypes.sizeof(value),
+                                                                     entries):
+            log.warning("pinned map %s has %d/%d-byte keys/values and %d entries, this datapath %d/%d and %d: "
+                        "replacing it", name, shape.key_size, shape.value_size, shape.max_entries,
+                        ctypes.sizeof(key), ctypes.sizeof(value), entries)
             path.unlink()
             dropped.append(name)
     return dropped

@@ -37,6 +37,9 @@ def show_status() -> Response:
     body.update(c.info())
     body["counters"] = views.counters(c.agent.counters())
     body["monitor"] = {"subscribers": c.hub.subscribers, "events": c.hub.published, "lost": c.hub.lost}
+    totals = c.flows.totals()
+    body["flows"] = {"followers": c.flows.followers, "kept": len(c.flows), "ring_size": c.flows.size,
+                     "seen": totals.seen, "lost": totals.lost}
     body["kvstore"] = c.cluster.status() if c.cluster is not None else None
     return reply(body)
 

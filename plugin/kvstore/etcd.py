@@ -14,6 +14,7 @@ import contextlib
 import logging
 import re
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -29,6 +30,7 @@ from plugin.kvstore.port import (
     Put,
     Watch,
 )
+from plugin.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -60,6 +62,17 @@ def parse_endpoint(url: str) -> str:
     return f"{m['host']}:{m['port']}"
 
 
+def _scope(key: str) -> str:
+    """'cellgate/state/identities/v1/id/300' -> 'cellgate/state/identities/v1' (the metric's scope)."""
+    parts = key.split("/")
+    return "/".join(parts[:4]) if len(parts) > 4 else ""
+
+
+def _kind(key: str) -> str:
+    parts = key.split("/")
+    return parts[2] if len(parts) > 3 else ""
+
+
 def _range_end(prefix: bytes) -> bytes:
     end = bytearray(prefix)
     for i in reversed(range(len(end))):
@@ -78,6 +91,7 @@ class EtcdStore:
         if not self._targets:
             raise KvstoreError("no kvstore endpoint given")
         self.timeout = timeout
+        self.telemetry = Telemetry()  # operation durations, for the metrics
         self._current = 0
         self._stubs: dict[str, Any] | None = None
         self._channel: Any = None
@@ -88,7 +102,20 @@ class EtcdStore:
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _run(self, make: Callable[[], Awaitable[T]]) -> T:
+    def _run(self, make: Callable[[], Awaitable[T]], action: str = "", key: str = "") -> T:
+        """One call, timed for cilium_kvstore_operations_duration_seconds by action and the key's kind."""
+        started = time.monotonic()
+        outcome = "fail"
+        try:
+            result = self._call_sync(make)
+            outcome = "success"
+            return result
+        finally:
+            if action:
+                self.telemetry.observe("kvstore_operation", time.monotonic() - started, action=action,
+                                       kind=_kind(key), outcome=outcome, scope=_scope(key))
+
+    def _call_sync(self, make: Callable[[], Awaitable[T]]) -> T:
         if self._closed:
             raise KvstoreUnavailable("kvstore client closed")
         fut = asyncio.run_coroutine_threadsafe(self._call(make), self._loop)
@@ -176,17 +203,18 @@ class EtcdStore:
     # -- the port ------------------------------------------------------------------------------
 
     def get(self, key: str) -> KeyValue | None:
-        resp = self._run(lambda: self._stub("kv").Range(self._rpc.RangeRequest(key=key.encode())))
+        resp = self._run(lambda: self._stub("kv").Range(self._rpc.RangeRequest(key=key.encode())), "Get", key)
         return self._kv(resp.kvs[0]) if resp.kvs else None
 
     def list(self, prefix: str) -> tuple[builtins.list[KeyValue], int]:
         raw = prefix.encode()
-        resp = self._run(lambda: self._stub("kv").Range(self._rpc.RangeRequest(key=raw, range_end=_range_end(raw))))
+        resp = self._run(lambda: self._stub("kv").Range(self._rpc.RangeRequest(key=raw, range_end=_range_end(raw))),
+                         "List", prefix)
         return sorted((self._kv(kv) for kv in resp.kvs), key=lambda kv: kv.key), resp.header.revision
 
     def put(self, key: str, value: bytes, lease: int = 0) -> int:
         resp = self._run(lambda: self._stub("kv").Put(self._rpc.PutRequest(key=key.encode(), value=value,
-                                                                            lease=lease)))
+                                                                            lease=lease)), "Update", key)
         return int(resp.header.revision)
 
     def create(self, key: str, value: bytes, lease: int = 0) -> bool:
@@ -196,14 +224,16 @@ class EtcdStore:
             failure: Sequence[Put | Delete] = ()) -> bool:
         req = self._rpc.TxnRequest(compare=[self._compare(c) for c in compares],
                                    success=[self._op(o) for o in success], failure=[self._op(o) for o in failure])
-        return bool(self._run(lambda: self._stub("kv").Txn(req)).succeeded)
+        first = (compares[0].key if compares else success[0].key if success else "")
+        return bool(self._run(lambda: self._stub("kv").Txn(req), "Txn", first).succeeded)
 
     def delete(self, key: str) -> bool:
-        resp = self._run(lambda: self._stub("kv").DeleteRange(self._rpc.DeleteRangeRequest(key=key.encode())))
+        resp = self._run(lambda: self._stub("kv").DeleteRange(self._rpc.DeleteRangeRequest(key=key.encode())),
+                         "Delete", key)
         return bool(resp.deleted > 0)
 
     def grant(self, ttl: int) -> int:
-        resp = self._run(lambda: self._stub("lease").LeaseGrant(self._rpc.LeaseGrantRequest(TTL=ttl)))
+        resp = self._run(lambda: self._stub("lease").LeaseGrant(self._rpc.LeaseGrantRequest(TTL=ttl)), "LeaseGrant")
         if resp.error:
             raise KvstoreError(f"etcd lease grant: {resp.error}")
         return int(resp.ID)
@@ -216,7 +246,7 @@ class EtcdStore:
             call.cancel()
             return reply
 
-        reply = self._run(once)
+        reply = self._run(once, "LeaseKeepAlive")
         if reply is None or reply.TTL <= 0:
             raise LeaseNotFound(f"lease {lease:x} not found")
         return int(reply.TTL)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from datapath import events
+from datapath import events, reasons
 from datapath.flows import FlowQuery, Names, response, to_flow, verdict_of
 
 KIND_DATAPATH, KIND_L7 = 0, 1
@@ -37,6 +37,9 @@ class Totals:
     drops: dict[tuple[int, str], int]  # (reason code, direction) -> count
     seen: int
     lost: int  # records followers could not take (slow readers)
+    verdicts: dict[tuple[str, str, str], int]  # policy decisions: (direction, match, action)
+    http: dict[tuple[str, str, str], int]  # (method, protocol, status)
+    kafka: dict[tuple[str, str, str], int]  # (topic, api_key, error_code)
 
 
 class FlowLog:
@@ -52,6 +55,9 @@ class FlowLog:
         self._flows: collections.Counter[tuple[str, str]] = collections.Counter()
         self._drops: collections.Counter[tuple[int, str]] = collections.Counter()
         self._lost = 0
+        self._verdicts: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        self._http: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        self._kafka: collections.Counter[tuple[str, str, str]] = collections.Counter()
         self._followers: list[queue.Queue[Record]] = []
         self._labels: dict[tuple[str, ...], tuple[str, ...]] = {}
 
@@ -86,6 +92,7 @@ class FlowLog:
             self._flows[(etype, verdict)] += 1
             if verdict == "DROPPED" and kind == KIND_DATAPATH:
                 self._drops[(int(ev.get("code", 0)), side)] += 1
+            self._count_l7_and_verdicts(kind, etype, verdict, side, ev)
             followers = list(self._followers)
         for q in followers:
             try:
@@ -94,11 +101,31 @@ class FlowLog:
                 with self._lock:
                     self._lost += 1
 
+    def _count_l7_and_verdicts(self, kind: int, etype: str, verdict: str, side: str, ev: Mapping[str, Any]) -> None:
+        """Hubble's verdict and L7 counters (under the lock)."""
+        if kind == KIND_L7:
+            protocol = str(ev.get("l7", "http"))
+            self._verdicts[(side, f"l7/{protocol}", verdict.lower())] += 1
+            if protocol == "kafka":
+                k = ev.get("kafka") or {}
+                topics = list(k.get("topics") or []) or [""]
+                for topic in topics:
+                    self._kafka[(str(topic), str(k.get("api_key_name", k.get("api_key", ""))),
+                                 str(k.get("error_code", 0)))] += 1
+            else:
+                h = ev.get("http") or {}
+                self._http[(str(h.get("method", "")), str(h.get("protocol", "HTTP/1.1")),
+                            str(h.get("status", h.get("grpc_status", ""))))] += 1
+        elif etype == "verdict" or (etype == "drop" and reasons.is_policy(int(ev.get("code", 0)))):
+            match = "none" if not ev.get("rule") else "l3-l4"
+            self._verdicts[(side, match, verdict.lower())] += 1
+
     # -- reading ---------------------------------------------------------------------------------
 
     def totals(self) -> Totals:
         with self._lock:
-            return Totals(dict(self._flows), dict(self._drops), self._seq, self._lost)
+            return Totals(dict(self._flows), dict(self._drops), self._seq, self._lost, dict(self._verdicts),
+                          dict(self._http), dict(self._kafka))
 
     def __len__(self) -> int:
         return len(self._ring)

@@ -29,6 +29,7 @@ from ipam.allocator import Ipam
 from ipam.pool import check_routable, host_address_problem
 from plugin.service.policy import PolicyState
 from plugin.service.service_table import ServiceTable
+from plugin.telemetry import Telemetry
 
 if TYPE_CHECKING:
     from datapath.nodes import ClusterView
@@ -59,6 +60,7 @@ class AgentBase:
         services: DocumentStore | None = None,
     ) -> None:
 
+        self.telemetry = Telemetry()
         self._net_store = networks
         self._ep_store = endpoints
         self.ipam = ipam
@@ -117,6 +119,22 @@ class AgentBase:
         change = plan.diff(desired, actual, scope)
         if change:
             self.kernel.apply(change)
+            for op, objs in (("upsert", change.add), ("upsert", tuple(new for _, new in change.change)),
+                             ("delete", change.remove)):
+                n = sum(1 for o in objs if o.kind == "ipcache")
+                if n:
+                    self.telemetry.count("ipcache_events", n, type=op)
+
+    def _regenerate(self, ep: Endpoint, scope: Iterable[plan.Key]) -> None:
+        """Program an endpoint's datapath state (Cilium's endpoint regeneration), counted and timed."""
+        started = time.monotonic()
+        try:
+            self._converge(scope)
+        except CellgateError:
+            self.telemetry.count("endpoint_regenerations", outcome="fail")
+            raise
+        self.telemetry.count("endpoint_regenerations", outcome="success")
+        self.telemetry.observe("endpoint_regeneration_seconds", time.monotonic() - started, scope="total")
 
     # -- networks ---------------------------------------------------------------------------
 
@@ -279,7 +297,7 @@ class AgentBase:
                 raise
             self.endpoints[ep.id] = ep
             try:
-                self._converge(plan.keys(plan.endpoint_objects(ep, self.settings)))
+                self._regenerate(ep, plan.keys(plan.endpoint_objects(ep, self.settings)))
             except CellgateError:
                 self._remove_endpoint(ep)
                 raise
@@ -412,7 +430,7 @@ class AgentBase:
         self._ep_store.put(ep.id, ep.to_doc())
         self.endpoints[ep.id] = ep
         try:
-            self._converge(plan.keys(before ^ after))
+            self._regenerate(ep, plan.keys(before ^ after))
         except CellgateError:
             self._ep_store.put(old.id, old.to_doc())
             self.endpoints[old.id] = old

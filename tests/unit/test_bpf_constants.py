@@ -108,3 +108,8 @@ def test_every_constant_carries_the_cg_prefix() -> None:
     names the CLI prints (DROP_*, which datapath.reasons mirrors and test_events_reasons checks)."""
     theirs = re.compile(r"^(IPPROTO_|ARPHRD_|ARPOP_|DROP_)")
     assert sorted(name for name in C if not name.startswith("CG_") and not theirs.match(name)) == []
+
+
+def test_the_metrics_map_holds_every_code_in_both_directions() -> None:
+    assert C["CG_METRICS_SIZE"] == layout.FIXED_ENTRIES["cg_metrics"] == 2 * C["CG_METRICS_CODES"] == 512
+    assert C["CG_DIR_TO_EP"] == 1 and C["CG_DIR_FROM_EP"] == 0  # the direction bit above the 8-bit code
