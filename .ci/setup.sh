@@ -9,7 +9,7 @@ PACKAGES=(
   docker.io busybox-static iputils-ping netcat-openbsd
   podman containernetworking-plugins
   mmdebstrap etcd-server etcd-client
-  curl wrk nginx-light
+  curl wrk nginx-light prometheus chromium
 )
 
 missing=()

@@ -158,6 +158,7 @@ class FakeKernel:
         self.addresses: list[IPAddress] = []
         self.config: tuple[bool, dict[str, float]] = (False, {})
         self.tunnel = ""  # the tunnel device encapsulation uses; "" = off
+        self.verdict_counts: dict[tuple[int, int], tuple[int, int]] = {}  # what the datapath counted
 
     def observe(self, keys: Iterable[Key] | None = None) -> set[KernelObject]:
         if keys is None:
@@ -208,7 +209,7 @@ class FakeKernel:
         return {}
 
     def directed_counters(self) -> dict[tuple[int, int], tuple[int, int]]:
-        return {}
+        return dict(self.verdict_counts)
 
     def map_pressure(self) -> dict[str, float]:
         return {}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, request
 
-from datapath.errors import InvalidRequest, NotFound
+from datapath.errors import CellgateError, InvalidRequest, NotFound
 from plugin.api import views
 from plugin.api.context import ctx
 from plugin.api.messages import PolicyDelete, PolicyImport, PolicyQuery, PolicyWait, TraceRequest
@@ -16,10 +18,23 @@ from plugin.api.wire import problem, read_body, reply
 policy = Blueprint("policy", __name__)
 
 
+@contextlib.contextmanager
+def _policy_change() -> Iterator[None]:
+    """cilium_policy_change_total: every import or deletion asked for, refused ones included."""
+    telemetry = ctx().agent.telemetry
+    try:
+        yield
+    except CellgateError:
+        telemetry.count("policy_changes", outcome="fail")
+        raise
+    telemetry.count("policy_changes", outcome="success")
+
+
 @policy.post("/v1/policy")
 def policy_import() -> Response:
-    req = PolicyImport.parse(read_body())
-    return reply({"revision": ctx().agent.policy_import(req.rules)})
+    with _policy_change():
+        req = PolicyImport.parse(read_body())
+        return reply({"revision": ctx().agent.policy_import(req.rules)})
 
 
 @policy.get("/v1/policy")
@@ -33,9 +48,10 @@ def policy_get() -> Response:
 
 @policy.delete("/v1/policy")
 def policy_delete() -> Response:
-    req = PolicyDelete.parse(read_body())
-    revision, count = ctx().agent.policy_delete(req.labels)
-    return reply({"revision": revision, "deleted": count})
+    with _policy_change():
+        req = PolicyDelete.parse(read_body())
+        revision, count = ctx().agent.policy_delete(req.labels)
+        return reply({"revision": revision, "deleted": count})
 
 
 @policy.get("/v1/policy/wait")

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 
 from datapath import reasons
 from plugin.observe.flowlog import FlowLog
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from plugin.service import Agent
     from plugin.telemetry import Telemetry
 
+TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
 DIRECTION = {0: "EGRESS", 1: "INGRESS"}  # cg_metrics' direction bit: from the endpoint, towards it
 HUBBLE_TYPES = {"drop": "Drop", "trace": "Trace", "verdict": "PolicyVerdict", "l7": "L7"}
 NOT_FORWARDED = {c for c, (name, _) in reasons.VERDICTS.items() if name == "CG_OK_QUIET"}  # consumed on purpose
@@ -146,4 +147,5 @@ def exposition(agent: Agent, flows: FlowLog, kvstore: Callable[[], Telemetry | N
     """The /metrics body and its content type, computed per call."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AgentCollector(agent, flows, kvstore))  # type: ignore[arg-type]
-    return lambda: (generate_latest(registry), CONTENT_TYPE_LATEST)
+    # the classic text format (0.0.4), which every Prometheus 2.x reads; our names need no escaping
+    return lambda: (generate_latest(registry), TEXT_FORMAT)

@@ -7,15 +7,13 @@ read-only views they need (never the lock, the adapters or the dicts themselves)
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 from datapath import cidr, plan
 from datapath import identity as ids
-from datapath.errors import CellgateError, InvalidRequest, NotFound
+from datapath.errors import InvalidRequest, NotFound
 from datapath.labels import Label, LabelSet
 from datapath.model import Endpoint, Network
 from datapath.policy import Rule
@@ -36,21 +34,12 @@ class Agent(AgentServices):
 
     def policy_import(self, rules: list[Rule]) -> int:
         """Import rules; CIDR prefixes get their identity's entries before their ipcache entry."""
-        with self._lock, self._policy_change():
+        with self._lock:
             return self.policy.import_rules(rules, list(self.endpoints.values()), self._converge)
 
     def policy_delete(self, labels: list[Label] | None) -> tuple[int, int]:
-        with self._lock, self._policy_change():
+        with self._lock:
             return self.policy.delete_rules(labels, list(self.endpoints.values()), self._converge)
-
-    @contextlib.contextmanager
-    def _policy_change(self) -> Iterator[None]:
-        try:
-            yield
-        except CellgateError:
-            self.telemetry.count("policy_changes", outcome="fail")
-            raise
-        self.telemetry.count("policy_changes", outcome="success")
 
     def party(self, kind: str, value: str) -> Party:
         """A side of a trace: an endpoint (ID prefix, interface, address), an identity, labels, or

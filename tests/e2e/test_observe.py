@@ -1,20 +1,46 @@
-"""`cellgate observe` and GET /v1/flows against real traffic: busybox httpd behind L4 and L7 policy
-on a real dockerd, requests from containers, flows in Hubble's JSON with Hubble's filters, a live
-follower, and totals that count every drop the kernel counted."""
+"""Flows and metrics against real traffic: busybox httpd behind L4 and L7 policy on a real dockerd,
+requests from containers; `cellgate observe` and GET /v1/flows in Hubble's JSON with Hubble's
+filters, a live follower, totals that count every drop the kernel counted; /metrics scraped by a
+real Prometheus server and read back through its HTTP API."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.harness import CELLGATE, Agent, Scene, run, wait_until
+from tests.e2e.harness import CELLGATE, Agent, Dockerd, Scene, docker_agent, run, wait_until
 from tests.e2e.test_l7 import Web, load, proxy_denied
+from tests.etcd_server import free_port
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def agent(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory, metrics_port: int) -> Iterator[Agent]:
+    """This module's agent, with the opt-in HTTP listener on loopback."""
+    with docker_agent(dockerd, tmp_path_factory, "cgo", ("--http-serve-addr", f"127.0.0.1:{metrics_port}")) as a:
+        yield a
+
+
+@pytest.fixture(scope="module")
+def scene(dockerd: Dockerd, agent: Agent, image: str) -> Iterator[Scene]:
+    s = Scene(dockerd, agent, image)
+    try:
+        yield s
+    finally:
+        s.close()
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +188,126 @@ def test_totals_count_every_drop_the_kernel_counted(traffic: Web, agent: Agent) 
         assert traffic.curl("other", "/public/x", timeout=1) == (0, "")
     wait_until(lambda: kernel_drops() - k0 == flow_drops() - f0 > 0, 10, "every drop counted in both")
     assert kernel_drops() - k0 >= 3  # at least one SYN per attempt
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+
+
+def scrape(port: int) -> dict[str, float]:
+    """`name{labels}` -> value of one /metrics scrape (the exposition format, parsed plainly)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def test_metrics_carry_ciliums_and_hubbles_names(traffic: Web, agent: Agent, metrics_port: int) -> None:
+    m = scrape(metrics_port)
+    assert m["cilium_endpoint"] == 3.0
+    assert m["cilium_policy"] == len(agent.json("policy", "get")) >= 1
+    assert m["cilium_policy_max_revision"] == agent.json("status")["policy"]["revision"]
+    assert m['cilium_drop_count_total{direction="INGRESS",reason="policy denied"}'] >= 1
+    assert m['cilium_forward_count_total{direction="EGRESS"}'] > 0
+    assert m['cilium_endpoint_regenerations_total{outcome="success"}'] >= 3
+    assert m['cilium_endpoint_regeneration_time_stats_seconds_count{scope="total"}'] >= 3
+    assert m['cilium_policy_change_total{outcome="success"}'] >= 1
+    assert m['cilium_identity{type="local"}'] >= 3 and m['cilium_identity{type="reserved"}'] >= 5
+    assert m['cilium_proxy_redirects{protocol="http"}'] >= 1
+    assert 0 < m['cilium_bpf_map_pressure{map_name="cg_policy"}'] < 1
+    assert m['hubble_flows_processed_total{subtype="",type="L7",verdict="DROPPED"}'] >= 1
+    assert m['hubble_http_requests_total{method="GET",protocol="HTTP/1.1",reporter="server",status="403"}'] >= 1
+    assert m['hubble_policy_verdicts_total{action="dropped",direction="ingress",match="l7/http"}'] >= 1
+    assert any(k.startswith("cilium_ipcache_events_total") for k in m)
+
+
+def test_a_refused_import_counts_as_a_failed_policy_change(agent: Agent, metrics_port: int) -> None:
+    before = scrape(metrics_port)
+    out = run("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket", str(agent.api), "-X", "POST",
+              "-H", "Content-Type: application/json", "-d", '{"rules": [{"endpointSelector": {}, "egres": []}]}',
+              "http://cellgate/v1/policy")
+    assert out.stdout == "400"
+    after = scrape(metrics_port)
+    fail = 'cilium_policy_change_total{outcome="fail"}'
+    assert after.get(fail, 0.0) - before.get(fail, 0.0) == 1.0
+    success = 'cilium_policy_change_total{outcome="success"}'
+    assert after[success] == before[success]
+    assert after["cilium_policy_max_revision"] == before["cilium_policy_max_revision"]  # nothing changed
+
+
+def test_the_listener_is_read_only_and_bound_to_loopback(agent: Agent, metrics_port: int) -> None:
+    listening = run("ss", "-Hltn", f"sport = :{metrics_port}").stdout
+    assert f"127.0.0.1:{metrics_port}" in listening and "0.0.0.0" not in listening and "*:" not in listening
+    req = urllib.request.Request(f"http://127.0.0.1:{metrics_port}/metrics", data=b"x", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(req, timeout=10)
+    assert caught.value.code == 405
+
+
+def test_a_non_loopback_listener_needs_the_explicit_flag(tmp_path: Path) -> None:
+    out = run(CELLGATE, "agent", "--name", "cgx" + tmp_path.name[-6:].replace("_", ""), "--state-dir",
+              str(tmp_path / "state"), "--http-serve-addr", "0.0.0.0:9962", check=False, timeout=30)
+    assert out.returncode == 2 and "not a loopback address" in out.stderr and "--http-serve-public" in out.stderr
+    assert not (tmp_path / "state").exists()
+
+
+@pytest.fixture(scope="module")
+def prometheus(metrics_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Prometheus server (Debian's) scraping the agent every second; its API's base URL."""
+    base = tmp_path_factory.mktemp("cgprom")
+    port = free_port()
+    (base / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"scrape_configs: [{{job_name: cellgate, static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]}}]\n")
+    log = open(base / "prometheus.log", "wb")  # noqa: SIM115 (the child holds it)
+    proc = subprocess.Popen(["prometheus", f"--config.file={base / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={base / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=log, stderr=log)
+    log.close()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def ready() -> bool:
+            assert proc.poll() is None, (base / "prometheus.log").read_text()[-2000:]
+            with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as resp:
+                return resp.status == 200
+        wait_until(ready, 60, "prometheus to be ready")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def prom_query(url: str, expr: str) -> list[dict[str, Any]]:
+    q = urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(f"{url}/api/v1/query?{q}", timeout=10) as resp:
+        body = json.loads(resp.read())
+    assert body["status"] == "success", body
+    return list(body["data"]["result"])
+
+
+def test_a_real_prometheus_scrapes_the_agent_and_answers_queries(traffic: Web, agent: Agent, metrics_port: int,
+                                                                  prometheus: str) -> None:
+    def target_up() -> bool:
+        with urllib.request.urlopen(f"{prometheus}/api/v1/targets", timeout=10) as resp:
+            targets = json.loads(resp.read())["data"]["activeTargets"]
+        return bool(targets) and targets[0]["health"] == "up"
+
+    wait_until(target_up, 30, "prometheus to scrape the agent")
+    assert traffic.curl("other", "/public/x", timeout=1) == (0, "")  # one more denied connection
+    expected = scrape(metrics_port)['cilium_drop_count_total{direction="INGRESS",reason="policy denied"}']
+
+    def drops_seen() -> float:
+        result = prom_query(prometheus, 'cilium_drop_count_total{reason="policy denied",direction="INGRESS"}')
+        return float(result[0]["value"][1]) if result else -1.0
+
+    wait_until(lambda: drops_seen() >= expected, 30, f"prometheus to see {expected} drops")
+    endpoints = prom_query(prometheus, "cilium_endpoint")
+    assert float(endpoints[0]["value"][1]) == 3.0 and endpoints[0]["metric"]["job"] == "cellgate"
+    forbidden = prom_query(prometheus, 'sum(hubble_http_requests_total{status="403"})')
+    assert float(forbidden[0]["value"][1]) >= 1
+    verdicts = prom_query(prometheus, "sum by (action) (hubble_policy_verdicts_total)")
+    assert {r["metric"]["action"] for r in verdicts} >= {"dropped"}
