@@ -9,7 +9,7 @@ NODES  ?= 5
 TUNNEL ?= vxlan
 
 .PHONY: cluster cluster-down demo-cluster
-.PHONY: setup run demo test test-unit test-kernel test-e2e lint typecheck clean bench bench-quick bench-micro bench-cluster bench-l7 bench-lb bench-deps install-cni image plugin
+.PHONY: setup run demo test test-unit test-kernel test-e2e lint typecheck clean bench bench-quick bench-micro bench-cluster bench-l7 bench-lb bench-flows bench-deps install-cni image plugin
 
 setup:            ## apt packages, kernel headers link, .venv with cellgate installed (idempotent)
 	@bash .ci/setup.sh
@@ -89,6 +89,9 @@ bench-l7: bench-deps  ## HTTP through the L7 proxy vs L4 only vs nginx; 1,000 co
 
 bench-lb: bench-deps  ## services: socket LB vs straight and vs kube-proxy DNAT (1k/10k), create→effective, 10k loaded (~7 min)
 	$(PY) -m bench.lb --run $(BENCH_RUN)
+
+bench-flows: bench-deps  ## flow export: CRR with a follower vs without, a 100k-flow ring's memory, --last 10000 (~2 min)
+	$(BENCH) flows --run $(BENCH_RUN)
 
 bench-micro: bench-deps  ## BPF_PROG_TEST_RUN of the real programs (< 1 min; CI runs it)
 	$(BENCH) micro --run $(BENCH_RUN)

@@ -5,6 +5,7 @@
     python -m bench datapath [--run ID] [--quick] [--rounds N] [--chunk K] [--seed S]
     python -m bench cluster  [--run ID] [--quick]
     python -m bench l7       [--run ID] [--quick]
+    python -m bench flows    [--run ID] [--quick]
     python -m bench report   [--run ID] [--latest]
 
 A run is a folder bench/results/ID/ holding one JSON file per tier or chunk; `report`
@@ -23,7 +24,7 @@ from bench.common import RESULTS, Interrupted, new_run_id, write_raw
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="cellgate benchmark suite")
-    parser.add_argument("tier", choices=("micro", "control", "datapath", "cluster", "l7", "report"))
+    parser.add_argument("tier", choices=("micro", "control", "datapath", "cluster", "l7", "flows", "report"))
     parser.add_argument("--run", default=os.environ.get("BENCH_RUN", ""), help="run ID (default: a new timestamp)")
     parser.add_argument("--quick", action="store_true", help="one short round (development)")
     parser.add_argument("--rounds", type=int, default=2, help="datapath rounds in this chunk [2]")
@@ -62,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
             out = run_l7(quick=args.quick)
             write_raw(run_id, "l7", out)
             print(l7_markdown(out))
+        elif args.tier == "flows":
+            from bench.flows import markdown as flows_markdown
+            from bench.flows import run_flows
+
+            out = run_flows(quick=args.quick)
+            write_raw(run_id, "flows", out)
+            print(flows_markdown(out))
         elif args.tier == "datapath":
             from bench.datapath import run_datapath
 

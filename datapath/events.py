@@ -7,6 +7,7 @@ agent adds the endpoint ID for the interface before anything is shown.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 import time
 from typing import Any
@@ -25,7 +26,7 @@ ETHERTYPES = {0x0800: "ipv4", 0x86DD: "ipv6", 0x0806: "arp"}
 
 
 def _mac(raw: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in raw)
+    return raw.hex(":")
 
 
 def decode(raw: bytes, boot_offset: float = 0.0) -> dict[str, Any]:
@@ -55,10 +56,10 @@ def decode(raw: bytes, boot_offset: float = 0.0) -> dict[str, Any]:
     if etype == 2:
         ev["verdict"] = "allowed" if not reasons.is_drop(reason) else "denied"
     if ethertype in (0x0800, 0x0806):
-        ev["src"] = str(ipaddress.IPv4Address(saddr[:4]))
-        ev["dst"] = str(ipaddress.IPv4Address(daddr[:4]))
+        ev["src"] = socket.inet_ntop(socket.AF_INET, saddr[:4])
+        ev["dst"] = socket.inet_ntop(socket.AF_INET, daddr[:4])
     elif ethertype == 0x86DD:
-        ev["src"] = str(ipaddress.IPv6Address(saddr))
+        ev["src"] = str(ipaddress.IPv6Address(saddr))  # compressed as ipaddress writes it
         ev["dst"] = str(ipaddress.IPv6Address(daddr))
     if ethertype == 0x0806:
         ev["arp_op"] = {1: "request", 2: "reply"}.get(arp_op, str(arp_op))

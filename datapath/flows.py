@@ -42,10 +42,16 @@ def drop_reason_desc(code: int) -> str:
     return reasons.constant(code).removeprefix("DROP_")
 
 
+_SECOND: list[tuple[int, str]] = [(-1, "")]  # the last whole second formatted (flows come in bursts)
+
+
 def rfc3339(seconds: float) -> str:
     whole = int(seconds)
-    stamp = datetime.datetime.fromtimestamp(whole, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{stamp}.{min(round((seconds - whole) * 1e9), 999_999_999):09d}Z"
+    cached = _SECOND[0]  # one read and one write of a tuple: safe between threads
+    if cached[0] != whole:
+        cached = (whole, datetime.datetime.fromtimestamp(whole, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+        _SECOND[0] = cached
+    return f"{cached[1]}.{min(round((seconds - whole) * 1e9), 999_999_999):09d}Z"
 
 
 def verdict_of(ev: Mapping[str, Any]) -> str:
@@ -534,7 +540,7 @@ def parties(flow: Mapping[str, Any]) -> tuple[str, str]:
                            int(l4.get("destination_port", 0))))
 
 
-def _stamp(flow: Mapping[str, Any]) -> str:
+def stamp(flow: Mapping[str, Any]) -> str:
     text = str(flow.get("time", ""))  # 2026-12-04T19:00:01.123456789Z
     try:
         when = datetime.datetime.fromisoformat(text[:26] + "+00:00")
@@ -551,7 +557,7 @@ def format_compact(resp: Mapping[str, Any], node: bool = False) -> str:
     if verdict == "DROPPED" and flow.get("drop_reason_desc"):
         verdict += f" ({flow['drop_reason_desc']})"
     arrow = "<-" if flow.get("is_reply") else "->"
-    return (f"{_stamp(flow)}{where}: {src} {arrow} {dst} {event_name(flow)} {flow.get('traffic_direction', '')} "
+    return (f"{stamp(flow)}{where}: {src} {arrow} {dst} {event_name(flow)} {flow.get('traffic_direction', '')} "
             f"{verdict} ({flow.get('Summary', '')})")
 
 
@@ -560,7 +566,7 @@ def format_table(responses: Iterable[Mapping[str, Any]], node: bool = False) -> 
     for resp in responses:
         flow = resp.get("flow") or {}
         src, dst = parties(flow)
-        rows.append((_stamp(flow), *((str(flow.get("node_name", "")),) if node else ()), src, dst, event_name(flow),
+        rows.append((stamp(flow), *((str(flow.get("node_name", "")),) if node else ()), src, dst, event_name(flow),
                      str(flow.get("verdict", "")), str(flow.get("Summary", ""))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("   ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "   " + r[-1]

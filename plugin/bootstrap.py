@@ -29,6 +29,7 @@ from datapath.policy import Repository
 from ipam.allocator import HostRanges, Ipam
 from ipam.store import JsonDir
 from plugin.api.app import create_app as create_api
+from plugin.api.context import Tracers
 from plugin.cni.install import install as install_cni
 from plugin.config import CLUSTER_V4, CLUSTER_V6, Config
 from plugin.docker.app import create_app as create_docker
@@ -153,15 +154,19 @@ class Runtime:
         self.servers: list[UnixServer | TcpServer] = []
         try:
             self.servers.append(UnixServer(cfg.plugin_socket, create_docker(self.agent), "docker plugin"))
+            verdicts = Tracers(self.agent.set_verdicts)  # one switch for followers and open map pages
+            if cfg.record_allowed_flows:
+                verdicts.start()  # and never stopped
             api = create_api(self.agent, self.hub, self.info, CniService(self.agent, NetnsOps()), self.cluster,
-                             self.flows)
+                             self.flows, verdicts)
             self.servers.append(UnixServer(cfg.api_socket, api, "API"))
             if cfg.http_serve is not None:
                 from plugin.observe.metrics import exposition
                 from plugin.observe.web import create_web
 
                 metrics = exposition(self.agent, self.flows, lambda: getattr(kvstore, "telemetry", None))
-                self.servers.append(TcpServer(*cfg.http_serve, create_web(metrics), "metrics"))
+                web = create_web(metrics, self.flows, lambda: verdicts.hold(MAP_VIEWER_SECONDS))
+                self.servers.append(TcpServer(*cfg.http_serve, web, "metrics and map"))
         except CellgateError:
             for server in self.servers:
                 server.stop()
@@ -377,6 +382,7 @@ def cluster_cidrs(cfg: Config) -> tuple[plan.IPNetwork, ...]:
 # which took 40 ms each on the agent's heap: half of all 1k-rule imports paid one. At 10k a
 # request's temporaries mostly die before a collection sees them. The cost is up to 10k young
 # objects (pyroute2's message cycles among them) waiting for collection: about 5 MB at most.
+MAP_VIEWER_SECONDS = 10.0  # allowed flows stay reported this long after a map page's last refresh
 GC_YOUNG_THRESHOLD = 10_000
 
 

@@ -207,10 +207,12 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     from plugin.policyfile import load
 
     try:
-        _, rules = load(args.file)
+        data, rules = load(args.file)
     except InvalidRequest as exc:
         _emit(args, {"valid": False, "error": str(exc)}, f"{args.file}: invalid: {exc}")
         return 1
+    if args.against_flows:
+        return _preview(args, data)
     _emit(args, {"valid": True, "rules": len(rules)}, f"{args.file}: valid, {len(rules)} rule(s)")
     return 0
 
@@ -220,8 +222,46 @@ def cmd_policy_import(args: argparse.Namespace) -> int:
     from plugin.policyfile import load
 
     data, _ = load(args.file)
+    if args.dry_run:
+        return _preview(args, data)
     out = _client(args).post("/v1/policy", {"rules": data})
     _emit(args, out, f"Revision: {out['revision']}")
+    return 0
+
+
+def _preview(args: argparse.Namespace, data: Any) -> int:
+    """What importing `data` would change for the flows seen lately (nothing is imported)."""
+    out = _client(args).post("/v1/policy/preview", {"rules": data, "since": args.since})
+    lines = [f"{out['flows']} flow(s) seen since {args.since} judged against the policy with {out['rules']} more "
+             f"rule(s): {len(out['newly_denied'])} group(s) newly denied, {len(out['newly_allowed'])} newly allowed, "
+             f"{out['unchanged']} flow(s) unchanged. Nothing was imported."]
+    for name, title in (("newly_denied", "Would be DENIED"), ("newly_allowed", "Would be newly ALLOWED")):
+        if out[name]:
+            lines.append(f"\n{title}:")
+            lines.append(_table([(g["from"], g["to"], g["port"], g["l7"] or "-", g["flows"]) for g in out[name]],
+                                ("FROM", "TO", "PORT", "L7", "FLOWS")))
+    _emit(args, out, "\n".join(lines))
+    return 0
+
+
+def cmd_policy_suggest(args: argparse.Namespace) -> int:
+    body = {"since": args.since}
+    if args.selector:
+        body["selector"] = args.selector
+    out = _client(args).post("/v1/policy/suggest", body)
+    if not out["rules"]:
+        print(f"cellgate: no allowed flow to a local endpoint{' matching ' + args.selector if args.selector else ''} "
+              f"in the last {args.since} ({out['flows']} flows kept); allowed flows are recorded while "
+              "`cellgate observe -f` or the map page runs, or with the agent's --record-allowed-flows",
+              file=sys.stderr)
+        return 1
+    if args.output == "json":
+        print(json.dumps(out["rules"], indent=2))
+    else:
+        import yaml
+
+        print(f"# least-privilege policy for {out['flows']} flows seen in the last {args.since}")
+        print(yaml.safe_dump(out["rules"], sort_keys=False), end="")
     return 0
 
 
@@ -460,10 +500,21 @@ def build_parser() -> argparse.ArgumentParser:
                                                                     metavar="SUBCOMMAND")
     p = pol.add_parser("import", parents=[common], help="add rules from a JSON or YAML file ('-' = stdin)")
     p.add_argument("file")
+    p.add_argument("--dry-run", action="store_true",
+                   help="import nothing: show which flows seen lately the rules would deny or newly allow")
+    p.add_argument("--since", default="10m", help="with --dry-run: the flows of this window (default 10m)")
     p.set_defaults(func=cmd_policy_import)
     p = pol.add_parser("check", parents=[common], help="validate a policy file offline (exit 1 if invalid)")
     p.add_argument("file")
+    p.add_argument("--against-flows", action="store_true",
+                   help="also ask the agent which flows seen lately the rules would deny or newly allow")
+    p.add_argument("--since", default="10m", help="with --against-flows: the flows of this window (default 10m)")
     p.set_defaults(func=cmd_policy_check)
+    p = pol.add_parser("suggest", parents=[common],
+                       help="the least-privilege policy that keeps every flow seen lately allowed (YAML; -o json)")
+    p.add_argument("--selector", default="", help="only for endpoints with these labels, e.g. app=backend")
+    p.add_argument("--since", default="10m", help="the flows of this window (default 10m)")
+    p.set_defaults(func=cmd_policy_suggest)
     p = pol.add_parser("get", parents=[common], help="rules in force, optionally only those with labels")
     p.add_argument("--labels", nargs="*", default=[], metavar="K=V")
     p.set_defaults(func=cmd_policy_get)

@@ -88,6 +88,7 @@ class Config:
     proxy_workers: int = 0  # event loops (processes) of the proxy; 0: one per CPU, at most 4
     flow_ring_size: int = 16384  # recent flows kept for `cellgate observe` (about 300 bytes each)
     http_serve: tuple[str, int] | None = None  # the opt-in HTTP listener of /metrics and /map
+    record_allowed_flows: bool = False  # verdict events of allowed new flows always, not only on demand
     # Services (docs/services.md): the cgroup2 directory the socket balancer attaches to
     # ("auto": the cgroup2 mount; "": no socket-level balancing).
     socket_lb: str = "auto"
@@ -189,6 +190,11 @@ class Config:
                             help="serve Prometheus metrics (/metrics) and the service map (/map) over HTTP here, "
                                  "e.g. 127.0.0.1:9962 (off by default; a non-loopback address needs "
                                  "--http-serve-public) [CELLGATE_HTTP_SERVE_ADDR]")
+        parser.add_argument("--record-allowed-flows", action="store_true",
+                            default=_flag(_env("CELLGATE_RECORD_ALLOWED_FLOWS", "false")),
+                            help="report every allowed new flow to the flow log, not only while someone follows "
+                                 "(`policy suggest` and `--dry-run` then see them; costs one event per new "
+                                 "connection) [CELLGATE_RECORD_ALLOWED_FLOWS]")
         parser.add_argument("--http-serve-public", action="store_true",
                             default=_flag(_env("CELLGATE_HTTP_SERVE_PUBLIC", "false")),
                             help="allow --http-serve-addr on a non-loopback address: anyone who reaches it "
@@ -233,6 +239,7 @@ class Config:
             socket_lb=_socket_lb(getattr(args, "socket_lb", "auto")),
             lb_devices=_lb_devices(getattr(args, "lb_devices", "auto")),
             flow_ring_size=_flow_ring_size(getattr(args, "flow_ring_size", 16384)),
+            record_allowed_flows=getattr(args, "record_allowed_flows", False),
             http_serve=_http_serve(getattr(args, "http_serve_addr", ""), getattr(args, "http_serve_public", False)),
             **cluster,
         )

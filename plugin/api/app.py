@@ -41,10 +41,10 @@ __all__ = ["MAX_BODY", "MAX_STREAMS", "MAX_WAITS", "create_app"]
 
 def create_app(agent: Agent, hub: EventHub, info: Callable[[], dict[str, Any]],
                cni: CniService | None = None, cluster: ClusterService | None = None,
-               flows: FlowLog | None = None) -> Flask:
+               flows: FlowLog | None = None, verdicts: context.Tracers | None = None) -> Flask:
     app = Flask("cellgate.api")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
-    app.extensions[context.KEY] = ApiContext.build(agent, hub, info, cni, cluster, flows)
+    app.extensions[context.KEY] = ApiContext.build(agent, hub, info, cni, cluster, flows, verdicts)
     add_server_timing(app)
     for blueprint in (*BLUEPRINTS, policy, monitor, flows_routes, cluster_routes, services):
         app.register_blueprint(blueprint)

@@ -37,6 +37,25 @@ class Tracers:
         self._switch = switch
         self._count = 0
         self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    def hold(self, seconds: float) -> None:
+        """Keep the events on for `seconds` from now (renewed by every call): a page that polls."""
+        with self._lock:
+            timer, self._timer = self._timer, threading.Timer(seconds, self._expire)
+            self._timer.daemon = True
+            self._timer.start()
+        if timer is None:
+            self.start()
+        else:
+            timer.cancel()
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._timer is None or self._timer.is_alive():
+                return  # renewed meanwhile
+            self._timer = None
+        self.stop()
 
     def start(self) -> None:
         with self._lock:
@@ -101,8 +120,9 @@ class ApiContext:
     @classmethod
     def build(cls, agent: Agent, hub: EventHub, info: Callable[[], dict[str, Any]],
               cni: CniService | None, cluster: ClusterService | None = None,
-              flows: FlowLog | None = None) -> ApiContext:
-        return cls(agent, hub, info, cni, Tracers(agent.set_trace), Tracers(agent.set_verdicts),
+              flows: FlowLog | None = None, verdicts: Tracers | None = None) -> ApiContext:
+        return cls(agent, hub, info, cni, Tracers(agent.set_trace),
+                   verdicts if verdicts is not None else Tracers(agent.set_verdicts),
                    Slots("monitor and flow streams", MAX_STREAMS), Slots("policy waits", MAX_WAITS),
                    flows if flows is not None else FlowLog(), cluster)
 

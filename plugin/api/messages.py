@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from datapath.errors import InvalidRequest
-from datapath.flows import FilterError, FlowFilter, FlowQuery, parse_time
+from datapath.flows import FilterError, FlowFilter, FlowQuery, LabelSelector, parse_time
 from datapath.labels import Label
 from datapath.policy import Rule, parse_rules
 from datapath.policy.l7 import KAFKA_KEY_NAMES, HttpRequest, KafkaRequest, normalize_path
@@ -42,6 +42,54 @@ class PolicyImport:
         if set(body) - {"rules"} or "rules" not in body:
             raise InvalidRequest("send {\"rules\": [...]}")
         return cls(parse_rules(body["rules"]))
+
+
+def _since(body: Mapping[str, Any], now: float) -> float:
+    text = body.get("since", "10m")
+    if not isinstance(text, str) or not text:
+        raise InvalidRequest("since: give a duration (10m) or an RFC 3339 time")
+    try:
+        return parse_time(text, now)
+    except FilterError as exc:
+        raise InvalidRequest(f"since: {exc}") from None
+
+
+@dataclass(frozen=True)
+class PolicyPreview:
+    """POST /v1/policy/preview: what importing `rules` would change for the flows seen since."""
+
+    rules: list[Rule]
+    since: float
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any], now: float) -> PolicyPreview:
+        unknown = set(body) - {"rules", "since"}
+        if unknown or "rules" not in body:
+            raise InvalidRequest('send {"rules": [...], "since": "10m"}' +
+                                 (f" (unknown: {', '.join(sorted(unknown))})" if unknown else ""))
+        return cls(parse_rules(body["rules"]), _since(body, now))
+
+
+@dataclass(frozen=True)
+class PolicySuggest:
+    """POST /v1/policy/suggest: the least-privilege ingress policy for the flows seen since."""
+
+    selector: LabelSelector | None
+    since: float
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any], now: float) -> PolicySuggest:
+        unknown = set(body) - {"selector", "since"}
+        if unknown:
+            raise InvalidRequest(f"unknown field(s): {', '.join(sorted(unknown))} (known: selector, since)")
+        text = body.get("selector", "")
+        if not isinstance(text, str):
+            raise InvalidRequest("selector: give labels such as app=backend")
+        try:
+            selector = LabelSelector.parse(text) if text else None
+        except FilterError as exc:
+            raise InvalidRequest(f"selector: {exc}") from None
+        return cls(selector, _since(body, now))
 
 
 @dataclass(frozen=True)

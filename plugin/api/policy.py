@@ -10,9 +10,19 @@ from typing import Any
 from flask import Blueprint, Response, request
 
 from datapath.errors import CellgateError, InvalidRequest, NotFound
+from datapath.flows import FlowQuery
+from datapath.policy import fromflows, parse_rules
 from plugin.api import views
 from plugin.api.context import ctx
-from plugin.api.messages import PolicyDelete, PolicyImport, PolicyQuery, PolicyWait, TraceRequest
+from plugin.api.messages import (
+    PolicyDelete,
+    PolicyImport,
+    PolicyPreview,
+    PolicyQuery,
+    PolicySuggest,
+    PolicyWait,
+    TraceRequest,
+)
 from plugin.api.wire import problem, read_body, reply
 
 policy = Blueprint("policy", __name__)
@@ -35,6 +45,27 @@ def policy_import() -> Response:
     with _policy_change():
         req = PolicyImport.parse(read_body())
         return reply({"revision": ctx().agent.policy_import(req.rules)})
+
+
+@policy.post("/v1/policy/preview")
+def policy_preview() -> Response:
+    """Which flows seen since `since` the rules would deny, and which they would newly allow."""
+    c = ctx()
+    req = PolicyPreview.parse(read_body(), time.time())
+    asked = fromflows.cases(line["flow"] for line in c.flows.history(FlowQuery(), since=req.since))
+    verdicts = c.agent.policy_preview(req.rules, list(asked))
+    return reply(fromflows.report(asked, verdicts) | {"rules": len(req.rules)})
+
+
+@policy.post("/v1/policy/suggest")
+def policy_suggest() -> Response:
+    c = ctx()
+    req = PolicySuggest.parse(read_body(), time.time())
+    flows = [line["flow"] for line in c.flows.history(FlowQuery(), since=req.since)]
+    rules = fromflows.suggest(flows, c.agent.is_local_identity,
+                              req.selector.matches if req.selector else (lambda labels: True))
+    parse_rules(rules)  # what we suggest is a policy the agent accepts
+    return reply({"rules": rules, "flows": len(flows)})
 
 
 @policy.get("/v1/policy")

@@ -18,6 +18,7 @@ from datapath.labels import Label, LabelSet
 from datapath.model import Endpoint, Network
 from datapath.policy import Rule
 from datapath.policy.compile import PolicyKey, PolicyValue
+from datapath.policy.fromflows import Case
 from datapath.policy.trace import L7Request, Party, TraceResult, parse_dport
 from ipam.pool import Pool
 from plugin.service.services import AgentServices
@@ -89,6 +90,18 @@ class Agent(AgentServices):
 
     def _labels_for(self, number: int) -> LabelSet | None:
         return self.policy.identity_labels(number)
+
+    def policy_preview(self, new: list[Rule], cases: list[Case]) -> dict[Case, tuple[bool, bool]]:
+        """Each observed case judged by the policy in force and by it with `new` imported; the
+        parties resolved by address as the datapath resolves them now. Changes nothing."""
+        with self._lock:
+            questions = [(self._address_party(c.src), self._address_party(c.dst), c.proto, c.port, c.request)
+                         for c in cases]
+            return dict(zip(cases, self.policy.preview(new, questions), strict=True))
+
+    def is_local_identity(self, number: int) -> bool:
+        with self._lock:
+            return self._is_local(number)
 
     def _is_local(self, number: int) -> bool:
         return any(e.identity == number for e in self.endpoints.values())

@@ -303,3 +303,15 @@ class PolicyState:
     def trace(self, src: Party, dst: Party, proto: int, port: int, request: L7Request | None = None) -> TraceResult:
         _, rules = self.repository.snapshot()
         return trace(rules, self.all_identities(), self.mode, src, dst, proto, port, request, self.services)
+
+    def preview(self, new: Sequence[Rule], cases: Sequence[tuple[Party, Party, int, int, L7Request | None]]) -> \
+            list[tuple[bool, bool]]:
+        """(allowed now, allowed once `new` is imported) for each case; changes nothing."""
+        _, before = self.repository.snapshot()
+        after = self.repository.plan_add(new).rules
+        conflict = l7_kind_conflicts(after)
+        if conflict:
+            raise InvalidRequest(conflict)
+        identities = self.all_identities()
+        return [(trace(before, identities, self.mode, *c, self.services).allowed,
+                 trace(after, identities, self.mode, *c, self.services).allowed) for c in cases]

@@ -311,3 +311,157 @@ def test_a_real_prometheus_scrapes_the_agent_and_answers_queries(traffic: Web, a
     assert float(forbidden[0]["value"][1]) >= 1
     verdicts = prom_query(prometheus, "sum by (action) (hubble_policy_verdicts_total)")
     assert {r["metric"]["action"] for r in verdicts} >= {"dropped"}
+
+
+# -- the service map -------------------------------------------------------------------------------
+
+
+def web_get(port: int, path: str) -> tuple[int, Any, dict[str, str]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+            body = resp.read()
+            kind = resp.headers.get("Content-Type", "")
+            return resp.status, json.loads(body) if "json" in kind else body.decode(), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}"), dict(exc.headers)
+
+
+def chromium(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Debian's chromium, headless, as root (no sandbox), with the page's console on stderr."""
+    return run("chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+               "--no-first-run", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000",
+               "--window-size=1400,1000", *args, url, timeout=120)
+
+
+def test_the_map_draws_identities_and_flows_in_a_real_browser(traffic: Web, agent: Agent, metrics_port: int,
+                                                               tmp_path_factory: pytest.TempPathFactory,
+                                                               record_property: Any) -> None:
+    code, _, _ = web_get(metrics_port, "/map/data")  # a page is open: allowed flows are reported now
+    assert code == 200
+    assert traffic.curl("frontend", "/public/x")[0] == 200
+    assert proxy_denied(*traffic.curl("frontend", "/private"))
+    assert traffic.curl("other", "/public/x", timeout=1) == (0, "")
+    code, graph, _ = web_get(metrics_port, "/map/data")
+    labels = {n["id"]: n["label"] for n in graph["nodes"]}
+    by_app = {app: next(i for i, text in labels.items() if f"app={app}" in text) for app in ("frontend", "backend",
+                                                                                           "other")}
+    edges = {(e["source"], e["target"], e["port"]): e for e in graph["edges"]}
+    web_edge = edges[(by_app["frontend"], by_app["backend"], 80)]
+    assert web_edge["l7"].get("GET /public/x", 0) >= 1 and web_edge["l7"].get("GET /private", 0) >= 1
+    assert web_edge["state"] in ("mixed", "redirected") and "DROPPED" in web_edge["verdicts"]
+    assert edges[(by_app["other"], by_app["backend"], 80)]["state"] == "dropped"
+    code, rows, _ = web_get(metrics_port, f"/map/flows?edge={urllib.parse.quote(web_edge['id'])}")
+    assert code == 200 and rows and all(traffic.ip["frontend"] in r["source"] for r in rows)
+
+    shots = tmp_path_factory.mktemp("cgmap")
+    shot = shots / "service-map.png"
+    page = chromium(f"http://127.0.0.1:{metrics_port}/map/", f"--screenshot={shot}")
+    dom = chromium(f"http://127.0.0.1:{metrics_port}/map/", "--dump-dom")
+    record_property("screenshot", str(shot))
+    print(f"service map screenshot: {shot}")
+    assert shot.stat().st_size > 20_000, page.stderr[-2000:]  # a drawn graph, not a blank page
+    console = [line for line in (page.stderr + dom.stderr).splitlines() if "CONSOLE" in line]
+    assert not console, console  # the page logged nothing: no error, no warning
+    status = dom.stdout.split('id="status"', 1)[1].split(">", 1)[0]
+    assert 'data-errors="0"' in status and 'data-updates="0"' not in status, status
+    nodes_drawn = int(status.split('data-nodes="', 1)[1].split('"', 1)[0])
+    assert nodes_drawn >= 3 and int(status.split('data-edges="', 1)[1].split('"', 1)[0]) >= 2
+    assert traffic.ip["other"] in dom.stdout and "DROPPED" in dom.stdout  # the flow table below the graph
+
+
+def test_the_map_is_read_only_and_strict(metrics_port: int) -> None:
+    code, body, headers = web_get(metrics_port, "/map/")
+    assert code == 200 and "cytoscape" in body and "<script src=" in body and "<script>" not in body
+    assert "script-src 'self'" in headers["Content-Security-Policy"]
+    assert web_get(metrics_port, "/map")[0] == 200  # redirected to /map/
+    assert web_get(metrics_port, "/map/static/../../etc/passwd")[0] == 404
+    code, body, _ = web_get(metrics_port, "/map/data?since=yesterday")
+    assert code == 400 and "give a duration" in body["error"]
+    code, body, _ = web_get(metrics_port, "/map/data?limit=5")
+    assert code == 400 and "unknown argument" in body["error"]
+
+
+# -- policy previewed and suggested from real flows ---------------------------------------------------
+
+
+class Following:
+    """`cellgate observe -f` running: the datapath reports allowed new flows meanwhile."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.proc = subprocess.Popen([CELLGATE, "observe", "--socket", str(agent.api), "-f", "-o", "json"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def __enter__(self) -> Following:
+        wait_until(lambda: self.agent.json("status")["flows"]["followers"] >= 1, 10, "the follower")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def now_rfc3339() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.UTC).isoformat()
+
+
+def reset(agent: Agent, *policies: str) -> None:
+    agent.cli("policy", "delete", "--all", check=False)
+    if policies:
+        load(agent, *policies)
+
+
+def test_a_dry_run_predicts_what_the_import_then_does(traffic: Web, agent: Agent) -> None:
+    from tests.e2e.test_l7 import POLICIES
+
+    reset(agent)
+    try:
+        since = now_rfc3339()
+        with Following(agent):
+            assert traffic.curl("frontend", "/public/x")[0] == 200
+            assert traffic.curl("other", "/public/x")[0] == 200  # open: no policy yet
+            assert traffic.curl("backend", "/public/x", timeout=1)[0] in (0, 200)  # the backend to itself
+        revision = agent.json("status")["policy"]["revision"]
+        out = agent.json("policy", "import", "--dry-run", "--since", since, str(POLICIES / "l4.yaml"))
+        assert agent.json("status")["policy"]["revision"] == revision and agent.json("policy", "get")["rules"] == []
+        denied = {(g["from"], g["port"]) for g in out["newly_denied"]}
+        assert any("app=other" in src and port == "80/TCP" for src, port in denied), out
+        assert not any("app=frontend" in src for src, _ in denied), out  # l4.yaml allows frontend -> backend:80
+        assert out["newly_allowed"] == [] and out["unchanged"] >= 1
+        text = agent.cli("policy", "check", "--against-flows", "--since", since, str(POLICIES / "l4.yaml")).stdout
+        assert "Would be DENIED" in text and "app=other" in text and "Nothing was imported" in text
+        # the prediction, proved: import it and replay the same traffic
+        load(agent, "l4.yaml")
+        assert traffic.curl("frontend", "/public/x")[0] == 200
+        assert traffic.curl("other", "/public/x", timeout=1) == (0, "")
+    finally:
+        reset(agent, "l7-http.yaml")
+
+
+def test_a_suggested_policy_keeps_what_was_seen_and_denies_the_rest(traffic: Web, agent: Agent,
+                                                                      tmp_path: Path) -> None:
+    reset(agent, "l7-http.yaml")  # the proxy sees frontend's requests: the suggestion can name paths
+    try:
+        since = now_rfc3339()
+        with Following(agent):
+            assert traffic.curl("frontend", "/public/x")[0] == 200
+            assert traffic.curl("frontend", "/public/a/b")[0] == 200
+        out = agent.cli("policy", "suggest", "--selector", "app=backend", "--since", since)
+        suggested = tmp_path / "suggested.yaml"
+        suggested.write_text(out.stdout)
+        assert "^/public/x$" in out.stdout and "^/public/a/b$" in out.stdout and "app: frontend" in out.stdout
+        assert "app: other" not in out.stdout
+        assert agent.cli("policy", "check", str(suggested)).returncode == 0
+        reset(agent)
+        imported = json.loads(agent.cli("policy", "import", str(suggested), "-o", "json").stdout)
+        agent.cli("policy", "wait", str(imported["revision"]))
+        assert traffic.curl("frontend", "/public/x") == (200, "served:public/x\n")  # replayed: allowed
+        assert traffic.curl("frontend", "/public/a/b") == (200, "served:public/a/b\n")
+        assert proxy_denied(*traffic.curl("frontend", "/public/index.html"))  # a new kind of request
+        assert traffic.curl("other", "/public/x", timeout=1) == (0, "")  # a new peer
+        nothing = agent.cli("policy", "suggest", "--selector", "app=nobody", "--since", since, check=False)
+        assert nothing.returncode == 1 and "no allowed flow" in nothing.stderr
+    finally:
+        reset(agent, "l7-http.yaml")
