@@ -80,6 +80,7 @@ class Names:
 
     node: str
     service_of: Callable[[str, int, str], str] = lambda addr, port, proto: ""  # backend → service name
+    endpoints: Mapping[str, str] = field(default_factory=dict)  # address → local endpoint ID
 
 
 def to_flow(ev: Mapping[str, Any], names: Names, uuid: str = "") -> dict[str, Any]:
@@ -123,11 +124,16 @@ def to_flow(ev: Mapping[str, Any], names: Names, uuid: str = "") -> dict[str, An
     l4 = _l4(ev, proto, sport, dport)
     if l4:
         flow["l4"] = l4
+    for party, address in ((src, saddr), (dst, daddr)):
+        local = names.endpoints.get(address)
+        if local:  # a local endpoint: named by the first 12 characters of its ID
+            party["pod_name"] = local[:12]
     endpoint = str(ev.get("endpoint") or "")
-    if endpoint:  # the local endpoint the event was seen at
+    if endpoint and "pod_name" not in src and "pod_name" not in dst:  # the endpoint the event was seen at
         (src if ev.get("direction") == "from-endpoint" else dst)["pod_name"] = endpoint[:12]
     flow["source"], flow["destination"] = src, dst
     flow["node_name"] = names.node
+    # A policy denial is reported twice, as Cilium does: its policy verdict (5) and its drop (1).
     flow["event_type"] = {"type": EVENT_TYPE.get(kind, 0)}
     if daddr and dport and proto in ("tcp", "udp"):
         service = names.service_of(daddr, dport, proto)

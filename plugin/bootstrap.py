@@ -144,7 +144,9 @@ class Runtime:
             except (OSError, CellgateError) as exc:
                 log.warning("cannot install the CNI plugin in %s: %s", cfg.cni_bin_dir, exc)
         self.hub = EventHub()
-        self.flows = FlowLog(cfg.flow_ring_size, lambda: Names(cfg.node_name, self.agent.service_name_at))
+        node = cfg.node_name or socket.gethostname()  # flows name their node on a single host too
+        self.flows = FlowLog(cfg.flow_ring_size, lambda: Names(node, self.agent.service_name_at,
+                                                                self.agent.endpoint_addresses()))
         self.proxy: ProxySupervisor | None = None
         if cfg.proxy:
             self.proxy = ProxySupervisor(proxy_state, cfg.bpf_dir, proxy_port, cfg.access_log, self._l7_event,

@@ -105,9 +105,18 @@ static __always_inline void cg_notify(struct __sk_buff *skb, const struct cg_ctx
 	cg_events.ringbuf_output(&ev, sizeof(ev), 0);
 }
 
+/* The direction a drop is counted in: a policy decision's by the side whose policy decided
+ * (ingress of the receiver, egress of the sender), wherever the packet was; others by the hook. */
+static __always_inline __u8 cg_drop_dir(const struct cg_ctx *ctx, __u8 reason)
+{
+	if (reason == DROP_POLICY || reason == DROP_POLICY_DENY || reason == DROP_FRAG || reason == DROP_PROXY_REQUIRED)
+		return ctx->side ? CG_DIR_FROM_EP : CG_DIR_TO_EP;
+	return ctx->dir;
+}
+
 static __always_inline int cg_drop(struct __sk_buff *skb, const struct cg_ctx *ctx, __u8 reason)
 {
-	cg_count(skb, reason, ctx->dir);
+	cg_count(skb, reason, cg_drop_dir(ctx, reason));
 	cg_notify(skb, ctx, CG_EVENT_DROP, reason);
 	return TC_ACT_SHOT;
 }

@@ -151,8 +151,8 @@ static __always_inline int cg_policy_flow(struct __sk_buff *skb, struct cg_ctx *
 		ret = cg_ct_create(f, skb, ctx, rule, sides, l7_egress, l7_ingress);
 		if (ret < 0)
 			return ret;
-		if (!f->frag && cg_verdicts_wanted(ctx))
-			cg_notify(skb, ctx, CG_EVENT_VERDICT, CG_OK_POLICY);
+		if (!f->frag && cg_verdicts_wanted(ctx))  /* allowed, and whether to the proxy */
+			cg_notify(skb, ctx, CG_EVENT_VERDICT, proxy ? CG_OK_PROXY : CG_OK_POLICY);
 	}
 	return 0;
 }

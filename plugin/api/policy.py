@@ -64,7 +64,8 @@ def policy_suggest() -> Response:
     flows = [line["flow"] for line in c.flows.history(FlowQuery(), since=req.since)]
     rules = fromflows.suggest(flows, c.agent.is_local_identity,
                               req.selector.matches if req.selector else (lambda labels: True))
-    parse_rules(rules)  # what we suggest is a policy the agent accepts
+    if rules:
+        parse_rules(rules)  # what we suggest is a policy the agent accepts
     return reply({"rules": rules, "flows": len(flows)})
 
 

@@ -13,12 +13,13 @@ import json
 import queue
 import secrets
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from datapath import events, reasons
+from datapath import events
 from datapath.flows import FlowQuery, Names, response, to_flow, verdict_of
 
 KIND_DATAPATH, KIND_L7 = 0, 1
@@ -90,7 +91,7 @@ class FlowLog:
                               self._intern(ev.get("src_labels")), self._intern(ev.get("dst_labels")))
             self._ring.append(record)
             self._flows[(etype, verdict)] += 1
-            if verdict == "DROPPED" and kind == KIND_DATAPATH:
+            if etype == "drop":  # the drop itself (a denial's policy verdict is counted apart)
                 self._drops[(int(ev.get("code", 0)), side)] += 1
             self._count_l7_and_verdicts(kind, etype, verdict, side, ev)
             followers = list(self._followers)
@@ -116,7 +117,7 @@ class FlowLog:
                 h = ev.get("http") or {}
                 self._http[(str(h.get("method", "")), str(h.get("protocol", "HTTP/1.1")),
                             str(h.get("status", h.get("grpc_status", ""))))] += 1
-        elif etype == "verdict" or (etype == "drop" and reasons.is_policy(int(ev.get("code", 0)))):
+        elif etype == "verdict":
             match = "none" if not ev.get("rule") else "l3-l4"
             self._verdicts[(side, match, verdict.lower())] += 1
 
@@ -190,6 +191,7 @@ class FlowLog:
             seen = records[-1][0] if records else 0
             if last or since:
                 yield from self._select(records, query, last, 0, since, until)
+            names, named = self._names(), time.monotonic()
             while not stop.is_set():
                 try:
                     record = q.get(timeout=heartbeat)
@@ -200,7 +202,9 @@ class FlowLog:
                     continue
                 if until and record[1] > until:
                     return
-                flow = self.flow(record, self._names())
+                if time.monotonic() - named > 1.0:  # what the agent knows, at most a second old
+                    names, named = self._names(), time.monotonic()
+                flow = self.flow(record, names)
                 if query.accepts(flow):
                     yield response(flow)
         finally:

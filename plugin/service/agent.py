@@ -196,6 +196,11 @@ class Agent(AgentServices):
     def labels_of(self, number: int) -> list[str]:
         return self.policy.labels_of(number)
 
+    def endpoint_addresses(self) -> dict[str, str]:
+        """Every local endpoint's addresses → its ID (for naming the parties of flows)."""
+        with self._lock:
+            return {str(a.ip): ep.id for ep in self.endpoints.values() for a in ep.addresses}
+
     def service_name_at(self, address: str, port: int, proto: str) -> str:
         """The service a flow to address:port/proto went to, by its frontend or a backend ("" none)."""
         number = {"tcp": 6, "udp": 17}.get(proto, 0)

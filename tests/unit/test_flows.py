@@ -80,6 +80,15 @@ def test_drops_carry_hubbles_reason_names(code: int, desc: str) -> None:
     assert flow["source"]["pod_name"] == "e" * 12  # from-endpoint: the source is the local endpoint
 
 
+def test_a_policy_denial_is_a_policy_verdict_and_a_drop() -> None:
+    """The datapath reports a denied packet twice, as Cilium: its verdict and its drop."""
+    verdict, drop = (to_flow(datapath_event(type=t, reason=133)[1], NAMES) for t in (2, 1))
+    assert verdict["event_type"] == {"type": 5} and drop["event_type"] == {"type": 1}
+    assert verdict["verdict"] == drop["verdict"] == "DROPPED" and drop["drop_reason_desc"] == "POLICY_DENIED"
+    assert FlowFilter.parse({"event_type": ["policy-verdict"]}).matches(verdict)
+    assert not FlowFilter.parse({"event_type": ["policy-verdict"]}).matches(drop)
+
+
 @pytest.mark.parametrize(("code", "verdict"), [(13, "REDIRECTED"), (14, "TRANSLATED"), (15, "TRANSLATED"),
                                                (7, "FORWARDED")])
 def test_proxy_and_service_verdicts(code: int, verdict: str) -> None:

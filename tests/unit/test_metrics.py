@@ -43,9 +43,10 @@ def test_agent_state_and_kernel_counters(agent: Agent, kernel: FakeKernel) -> No
 
 def test_flow_totals_become_hubbles_counters(agent: Agent) -> None:
     flows = FlowLog(size=2, names=lambda: NAMES)
-    for i in range(4):
-        raw, ev = datapath_event(type=1, reason=133, sport=i, side=0)
-        flows.add_datapath(raw, ev)
+    for i in range(4):  # a denied packet: its policy verdict and its drop
+        for kind in (2, 1):
+            raw, ev = datapath_event(type=kind, reason=133, sport=i, side=0)
+            flows.add_datapath(raw, ev)
     flows.add_l7(l7_event(status=403, verdict="denied"))
     flows.add_l7(l7_event(status=200))
     m = samples(agent, flows)

@@ -15,10 +15,9 @@
   const colours = { forwarded: "#2e7d32", redirected: "#1565c0", mixed: "#ef6c00", dropped: "#c62828" };
   const cy = cytoscape({
     container: document.getElementById("graph"),
-    wheelSensitivity: 0.3,
     style: [
       { selector: "node", style: { "label": "data(label)", "background-color": "#90a4ae", "shape": "round-rectangle",
-          "width": "label", "height": 26, "padding": "8px", "text-valign": "center", "font-size": 11,
+          "width": (ele) => Math.max(60, 6.5 * String(ele.data("label")).length), "height": 26, "padding": "8px", "text-valign": "center", "font-size": 11,
           "border-width": 2, "border-color": "#546e7a" } },
       { selector: "node[kind = 'service']", style: { "shape": "hexagon", "background-color": "#b39ddb" } },
       { selector: "node[dropped > 0]", style: { "border-color": "#c62828", "border-width": 3 } },
