@@ -79,7 +79,7 @@ class Names:
     """What the agent knows beyond the event: this node, and the service of a backend."""
 
     node: str
-    service_of: Callable[[str, int, str], str] = lambda addr, port, proto: ""  # backend → service name
+    services: Mapping[tuple[str, int, int], str] = field(default_factory=dict)  # frontend or backend → name
     endpoints: Mapping[str, str] = field(default_factory=dict)  # address → local endpoint ID
 
 
@@ -90,8 +90,8 @@ def to_flow(ev: Mapping[str, Any], names: Names, uuid: str = "") -> dict[str, An
     flow: dict[str, Any] = {"time": rfc3339(float(ev["time"])), "verdict": verdict}
     if uuid:
         flow["uuid"] = uuid
-    src: dict[str, Any] = {"identity": int(ev.get("src_identity") or 0), "labels": list(ev.get("src_labels") or [])}
-    dst: dict[str, Any] = {"identity": int(ev.get("dst_identity") or 0), "labels": list(ev.get("dst_labels") or [])}
+    src: dict[str, Any] = {"identity": int(ev.get("src_identity") or 0), "labels": ev.get("src_labels") or []}
+    dst: dict[str, Any] = {"identity": int(ev.get("dst_identity") or 0), "labels": ev.get("dst_labels") or []}
     if kind == "l7":
         saddr, sport = _split(str(ev.get("src", "")))
         daddr, dport = _split(str(ev.get("dst", "")))
@@ -135,8 +135,8 @@ def to_flow(ev: Mapping[str, Any], names: Names, uuid: str = "") -> dict[str, An
     flow["node_name"] = names.node
     # A policy denial is reported twice, as Cilium does: its policy verdict (5) and its drop (1).
     flow["event_type"] = {"type": EVENT_TYPE.get(kind, 0)}
-    if daddr and dport and proto in ("tcp", "udp"):
-        service = names.service_of(daddr, dport, proto)
+    if names.services and daddr and dport and proto in ("tcp", "udp"):
+        service = names.services.get((daddr, dport, 6 if proto == "tcp" else 17))
         if service:
             flow["destination_service"] = {"name": service}
     return flow

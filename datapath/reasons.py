@@ -13,6 +13,7 @@ VERDICTS: dict[int, tuple[str, str]] = {
     5: ("CG_OK_ND", "neighbour solicitation answered"),
     6: ("CG_OK_QUIET", "link housekeeping consumed"),
     7: ("CG_OK_POLICY", "allowed by policy"),
+    8: ("CG_OK_EVENT_LOST", "event lost: the event ring was full"),
     12: ("CG_OK_TUNNEL", "sent through the tunnel to another node"),
     13: ("CG_OK_PROXY", "redirected to the L7 proxy"),
     14: ("CG_OK_LB", "service translated to a local backend"),

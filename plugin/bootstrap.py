@@ -145,7 +145,7 @@ class Runtime:
                 log.warning("cannot install the CNI plugin in %s: %s", cfg.cni_bin_dir, exc)
         self.hub = EventHub()
         node = cfg.node_name or socket.gethostname()  # flows name their node on a single host too
-        self.flows = FlowLog(cfg.flow_ring_size, lambda: Names(node, self.agent.service_name_at,
+        self.flows = FlowLog(cfg.flow_ring_size, lambda: Names(node, self.agent.service_names(),
                                                                 self.agent.endpoint_addresses()))
         self.proxy: ProxySupervisor | None = None
         if cfg.proxy:

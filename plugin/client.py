@@ -92,6 +92,11 @@ class Client:
 
     def stream(self, url: str, idle_timeout: float = 10.0) -> Iterator[dict[str, Any]]:
         """Objects of an NDJSON stream; heartbeats (blank lines) keep `idle_timeout` from firing."""
+        for line in self.stream_lines(url, idle_timeout):
+            yield json.loads(line)
+
+    def stream_lines(self, url: str, idle_timeout: float = 10.0) -> Iterator[bytes]:
+        """The lines of an NDJSON stream as sent (heartbeats left out), for passing them on unparsed."""
         resp = self._request("GET", url, timeout=idle_timeout)
         if resp.status >= 400:
             payload = json.loads(resp.read() or b"{}")
@@ -102,6 +107,6 @@ class Client:
                 if not line:
                     return
                 if line.strip():
-                    yield json.loads(line)
+                    yield line
         finally:
             resp.close()

@@ -36,7 +36,7 @@
 #define CG_MAX_ENDPOINTS 65536
 #endif
 #ifndef CG_EVENT_PAGES
-#define CG_EVENT_PAGES 64
+#define CG_EVENT_PAGES 256  /* 1 MiB: about 10,000 events of slack for the reader */
 #endif
 #ifndef CG_POLICY_MAX
 #define CG_POLICY_MAX 1048576
@@ -58,6 +58,7 @@
 #define CG_OK_ND           5   /* neighbour solicitation answered by the datapath */
 #define CG_OK_QUIET        6   /* link housekeeping consumed without a reply (GARP, DAD, MLD, RS) */
 #define CG_OK_POLICY       7   /* a new flow allowed by policy (verdict events) */
+#define CG_OK_EVENT_LOST   8   /* not a packet's fate: an event the ring buffer had no room for */
 #define CG_OK_TUNNEL       12  /* sent into the VXLAN tunnel towards another node */
 #define CG_OK_PROXY        13  /* handed to the L7 proxy's socket (bpf_sk_assign) */
 #define CG_OK_LB           14  /* a service VIP translated to a backend on this node (packet level) */

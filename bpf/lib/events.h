@@ -102,7 +102,8 @@ static __always_inline void cg_notify(struct __sk_buff *skb, const struct cg_ctx
 	ev.ct_state = ctx->ct_state;
 	ev.side = ctx->side;
 	cg_event_describe(skb, &ev);
-	cg_events.ringbuf_output(&ev, sizeof(ev), 0);
+	if (cg_events.ringbuf_output(&ev, sizeof(ev), 0) < 0)
+		cg_count(skb, CG_OK_EVENT_LOST, ctx->dir); /* counted, so a lost event is never silent */
 }
 
 /* The direction a drop is counted in: a policy decision's by the side whose policy decided

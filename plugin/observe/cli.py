@@ -136,6 +136,14 @@ def cmd_observe(args: argparse.Namespace) -> int:
     clients = [Client(s) for s in [args.socket or default_api_socket(), *args.node]]
     node = args.print_node_name or len(clients) > 1
     try:
+        if args.output == "json" and len(clients) == 1:  # one agent: its lines as they come, unparsed
+            out = sys.stdout.buffer
+            for raw in clients[0].stream_lines(url, idle_timeout=30):
+                out.write(raw)
+                if args.follow:
+                    out.flush()
+            out.flush()
+            return 0
         if args.output == "table":
             print(format_table(list(_merged(clients, url, False)), node))
             return 0

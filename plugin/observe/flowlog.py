@@ -52,7 +52,8 @@ class FlowLog:
         self._ring: collections.deque[Record] = collections.deque(maxlen=size)
         self._lock = threading.Lock()
         self._seq = 0
-        self._base = secrets.randbits(80)  # this agent run's UUID prefix: record n is <base><n>
+        base = str(uuid.UUID(int=secrets.randbits(80) << 48))  # this agent run's UUID prefix: record n is <base><n>
+        self._uuid_prefix = base[:-12]
         self._flows: collections.Counter[tuple[str, str]] = collections.Counter()
         self._drops: collections.Counter[tuple[int, str]] = collections.Counter()
         self._lost = 0
@@ -145,7 +146,7 @@ class FlowLog:
         return ev
 
     def flow(self, record: Record, names: Names) -> dict[str, Any]:
-        return to_flow(self.event(record), names, str(uuid.UUID(int=(self._base << 48) | (record[0] & (1 << 48) - 1))))
+        return to_flow(self.event(record), names, f"{self._uuid_prefix}{record[0] & 0xFFFFFFFFFFFF:012x}")
 
     def history(self, query: FlowQuery, last: int = 0, first: int = 0, since: float = 0.0,
                 until: float = 0.0) -> list[dict[str, Any]]:

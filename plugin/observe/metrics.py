@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
 DIRECTION = {0: "EGRESS", 1: "INGRESS"}  # cg_metrics' direction bit: from the endpoint, towards it
 HUBBLE_TYPES = {"drop": "Drop", "trace": "Trace", "verdict": "PolicyVerdict", "l7": "L7"}
-NOT_FORWARDED = {c for c, (name, _) in reasons.VERDICTS.items() if name == "CG_OK_QUIET"}  # consumed on purpose
+# consumed on purpose, and events the ring had no room for: neither dropped nor forwarded packets
+NOT_FORWARDED = {c for c, (name, _) in reasons.VERDICTS.items() if name in ("CG_OK_QUIET", "CG_OK_EVENT_LOST")}
+EVENT_LOST = next(c for c, (name, _) in reasons.VERDICTS.items() if name == "CG_OK_EVENT_LOST")
 
 
 class AgentCollector:
@@ -123,8 +125,10 @@ class AgentCollector:
         for (topic, api_key, error_code), n in sorted(totals.kafka.items()):
             kafka.add_metric([topic, api_key, error_code, "server"], n)
         yield kafka
-        lost = CounterMetricFamily("hubble_lost_events", "Flows a slow follower could not take", labels=["source"])
-        lost.add_metric(["observer_events_queue"], totals.lost)
+        lost = CounterMetricFamily("hubble_lost_events", "Events lost on the way, by where", labels=["source"])
+        ring = sum(p for (code, _), (p, _) in self.agent.directed_counters().items() if code == EVENT_LOST)
+        lost.add_metric(["perf_event_ring_buffer"], ring)  # the kernel's ring was full
+        lost.add_metric(["observer_events_queue"], totals.lost)  # a slow follower
         yield lost
 
 

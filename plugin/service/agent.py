@@ -201,11 +201,10 @@ class Agent(AgentServices):
         with self._lock:
             return {str(a.ip): ep.id for ep in self.endpoints.values() for a in ep.addresses}
 
-    def service_name_at(self, address: str, port: int, proto: str) -> str:
-        """The service a flow to address:port/proto went to, by its frontend or a backend ("" none)."""
-        number = {"tcp": 6, "udp": 17}.get(proto, 0)
+    def service_names(self) -> dict[tuple[str, int, int], str]:
+        """(address, port, protocol) of every service frontend and backend → the service's name."""
         with self._lock:
-            return self.services.name_at(address, port, number) if number else ""
+            return self.services.names_by_address()
 
     def identity_list(self) -> list[tuple[int, list[str], int]]:
         """Every identity (number, labels, endpoints holding it), by number."""

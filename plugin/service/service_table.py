@@ -156,10 +156,10 @@ class ServiceTable:
             if self._backend_refs[b] <= 0:
                 del self._backend_refs[b]
 
-    def name_at(self, address: str, port: int, proto: int) -> str:
-        """The balanced service whose frontend or one of whose backends is address:port/proto ("" none),
-        for naming a flow's destination. The index is rebuilt on the first lookup after a change
-        (O(balanced backends)), so changes stay O(touched) and lookups O(1)."""
+    def names_by_address(self) -> dict[tuple[str, int, int], str]:
+        """(address, port, protocol number) of every frontend and backend → its service, for naming
+        flows' destinations. Rebuilt on the first call after a change (O(balanced backends)), so
+        changes stay O(touched); the caller must not change it."""
         if self._by_address[0] != self._changes:
             index: dict[tuple[str, int, int], str] = {}
             for name in sorted(self._active):
@@ -168,7 +168,7 @@ class ServiceTable:
                 for b in self.backends(spec):
                     index.setdefault((str(b.address), b.port, spec.frontend.proto), name)
             self._by_address = (self._changes, index)
-        return self._by_address[1].get((address, port, proto), "")
+        return self._by_address[1]
 
     def at(self, frontend: svc.Frontend) -> svc.ServiceSpec | None:
         return self._winner.get(frontend)

@@ -52,7 +52,7 @@ def l7_event(t: float = 1_800_000_001.0, status: int = 200, path: str = "/public
             "http": {"method": method, "path": path, "host": "db", "protocol": "HTTP/1.1", "status": status}}
 
 
-NAMES = Names("node-a", lambda addr, port, proto: "cgdb" if (addr, port, proto) == ("10.1.0.3", 80, "tcp") else "")
+NAMES = Names("node-a", {("10.1.0.3", 80, 6): "cgdb"})
 
 
 def test_a_verdict_event_becomes_a_hubble_flow() -> None:
