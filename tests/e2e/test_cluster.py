@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.harness import Dockerd
-from tests.simcluster import Cluster, SimEndpoint, SimNode, wait_until
+from tests.simcluster import CELLGATE, Cluster, SimEndpoint, SimNode, wait_until
 
 SERVER = r"""
 import socket, sys, threading
@@ -174,6 +174,39 @@ def test_policy_by_identity_across_nodes(vx: tuple[Cluster, Scene, dict[str, Sim
         assert not scene.connect(be2, fe1.ipv4, 80)
         assert scene.connect(ot3, fe1.ipv4, 80)
         assert scene.connect(fe1, be2.ipv4, 80)  # fe1's egress is not affected; be2's reply is a reply
+    finally:
+        clear_policy(c)
+
+
+def test_flows_of_every_node_merged_by_one_observe(vx: tuple[Cluster, Scene, dict[str, SimEndpoint]],
+                                                   tmp_path: Path) -> None:
+    """Each agent serves its own flows; `observe --node` reads the others and merges them by time, each
+    flow naming the node that saw it, with the cluster-wide identities' labels on both sides."""
+    c, scene, eps = vx
+    be2, ot3 = eps["be2"], eps["ot3"]
+    rules = [{"labels": [{"key": "name", "value": "cg-l4"}], "endpointSelector": {"matchLabels": {"app": "backend"}},
+              "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "frontend"}}],
+                           "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]}]}]
+    try:
+        for n in c.nodes:
+            policy(c, n, rules, tmp_path)
+        assert not scene.connect(ot3, be2.ipv4, 80)  # dropped on node 2, the receiver
+        n1, n2, n3 = c.node(1), c.node(2), c.node(3)
+        cmd = [CELLGATE, "observe", "--socket", n1.api_socket, "--node", n2.api_socket, "--node", n3.api_socket,
+               "--last", "500", "-o", "json", "--verdict", "DROPPED", "--from-label", "app=other"]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=60)
+        merged = [json.loads(line) for line in out.stdout.splitlines()]
+        assert merged and [m["time"] for m in merged] == sorted(m["time"] for m in merged)
+        assert {m["node_name"] for m in merged} == {n2.name}  # only the receiver's policy dropped it
+        drop = merged[-1]["flow"]
+        assert drop["IP"] == {"source": ot3.ipv4, "destination": be2.ipv4, "ipVersion": "IPv4"}
+        assert "cni:app=other" in drop["source"]["labels"] and "cni:app=backend" in drop["destination"]["labels"]
+        # node 1 alone has none of them; the merge is what shows them
+        alone = subprocess.run(cmd[:4] + cmd[8:], capture_output=True, text=True, check=True, timeout=60)
+        assert alone.stdout.strip() == ""
+        table = subprocess.run([*cmd[:8], "-o", "table", "--verdict", "DROPPED"], capture_output=True, text=True,
+                               check=True, timeout=60).stdout.splitlines()
+        assert table[0].split()[:2] == ["TIMESTAMP", "NODE"] and any(n2.name in row for row in table[1:])
     finally:
         clear_policy(c)
 

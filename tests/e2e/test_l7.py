@@ -244,3 +244,28 @@ def test_egress_rules_and_the_receivers_l4_policy_still_apply(web: Web, agent: A
     status, body = web.curl("frontend", "/public/x")
     assert status != 200 and body != "served:public/x\n", (status, body)  # allowed at L7, dropped at L4
     assert web.curl("other", "/public/x") == (200, "served:public/x\n")
+
+
+def test_trace_equals_the_proxy_with_l7_rules_on_both_sides(web: Web, agent: Agent, tmp_path: Path) -> None:
+    """The sender's egress L7 rules (GET /public/.* or /api/v1/.*) and the receiver's ingress L7 rules
+    (GET anything but /api/v1/...: GET /public/.* or /private) both judge each request: the trace
+    names both sides' verdicts and its final word is the proxy's, request by request."""
+    rules = egress_http("frontend")
+    rules[0]["egress"][0]["toPorts"][0]["rules"]["http"].append({"method": "GET", "path": "/api/v1/.*"})
+    rules[1]["ingress"][0]["toPorts"][0]["rules"] = {"http": [{"method": "GET", "path": "/public/.*"},
+                                                             {"method": "GET", "path": "/private"}]}
+    import_rules(agent, rules, tmp_path)
+    cases = [("GET", "/public/x"), ("GET", "/public/a/b"), ("GET", "/private"), ("GET", "/api/v1/items"),
+             ("POST", "/public/x"), ("GET", "/api/v2/x"), ("HEAD", "/public/x"), ("GET", "/public/index.html")]
+    mismatches, sides = [], set()
+    for method, path in cases:
+        traced = web.trace("frontend", path, method)
+        status, body = web.curl("frontend", path, method)
+        assert status, f"no answer for {method} {path}"
+        allowed = traced["verdict"] == "ALLOWED"
+        if allowed == proxy_denied(status, body):
+            mismatches.append((method, path, traced["l7"], status))
+        sides.add((traced["l7"]["egress"]["allowed"], traced["l7"]["ingress"]["allowed"]))
+    assert not mismatches, mismatches
+    # each side decided on its own somewhere: egress denies /private, ingress denies /api/v1/items
+    assert {(True, True), (False, True), (True, False)} <= sides, sides
