@@ -107,7 +107,7 @@ static __always_inline int cg_from_netdev_ipv4(struct __sk_buff *skb, struct cg_
 		rev.port = ports[1];
 		rev.expires = be.expires;
 		cg_lb_flows.update(&rk, &rev);
-		cg_forwarded(skb, ctx, CG_OK_LB);
+		cg_translated(skb, ctx, CG_OK_LB, is_new);
 		return TC_ACT_OK;
 	}
 	/* Direct server return needs a node of ours at the backend's end to translate its replies:
@@ -125,10 +125,10 @@ static __always_inline int cg_from_netdev_ipv4(struct __sk_buff *skb, struct cg_
 		ret = cg_set_tunnel(skb, ctx->src_identity, node->tunnel_endpoint);
 		if (ret < 0)
 			return ret;
-		cg_forwarded(skb, ctx, CG_OK_LB_DSR);
+		cg_translated(skb, ctx, CG_OK_LB_DSR, is_new);
 		return bpf_redirect(ctx->tunnel_ifindex, 0);
 	}
-	cg_forwarded(skb, ctx, CG_OK_LB_DSR);
+	cg_translated(skb, ctx, CG_OK_LB_DSR, is_new);
 	return TC_ACT_OK;                                    /* native routing: the route via the peer */
 }
 

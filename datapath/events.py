@@ -19,6 +19,7 @@ EVENT = struct.Struct("<QBBBBIIIHHHHI6s6s16s16sIBB2x")
 EVENT_SIZE = EVENT.size  # 88
 
 TYPE_NAMES = {1: "drop", 2: "verdict", 3: "trace"}
+TRANSLATED = {14, 15}  # CG_OK_LB, CG_OK_LB_DSR: a service's packet-level translation (a new flow)
 CT_STATES = {0: "new", 1: "established", 2: "reply", 3: "related"}
 DIRECTIONS = {0: "from-endpoint", 1: "to-endpoint"}
 PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 0: "hopopts"}
@@ -54,7 +55,7 @@ def decode(raw: bytes, boot_offset: float = 0.0) -> dict[str, Any]:
         ev["rule"] = rule
         ev["side"] = "egress" if side else "ingress"
     if etype == 2:
-        ev["verdict"] = "allowed" if not reasons.is_drop(reason) else "denied"
+        ev["verdict"] = "denied" if reasons.is_drop(reason) else "translated" if reason in TRANSLATED else "allowed"
     if ethertype in (0x0800, 0x0806):
         ev["src"] = socket.inet_ntop(socket.AF_INET, saddr[:4])
         ev["dst"] = socket.inet_ntop(socket.AF_INET, daddr[:4])
@@ -125,7 +126,9 @@ def format_line(ev: dict[str, Any]) -> str:
         return format_l7(ev, stamp)
     endpoint = (ev.get("endpoint") or f"if{ev['ifindex']}")[:12]
     kind = ev["type"]
-    if kind == "verdict":
+    if kind == "verdict" and ev.get("verdict") == "translated":
+        what = ev["reason"]
+    elif kind == "verdict":
         what = f"{ev['verdict']} by {ev['side']}" + (f" rule {ev['rule']}" if ev.get("rule") else " default")
     elif kind == "trace":
         what = f"{ev['reason']} ({ev.get('ct_state', '?')})"

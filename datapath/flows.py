@@ -3,7 +3,7 @@ it), and Hubble's flow filters (`FlowFilter`: fields ANDed, values of a field OR
 filters ORed, a denylist excluding).
 
 Pure: event dicts in (datapath.events.decode plus the agent's enrichment, or the proxy's L7
-events), flow dicts and booleans out. Imports datapath.reasons only.
+events), flow dicts and booleans out. Imports datapath.events and datapath.reasons only.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from datapath import reasons
+from datapath import events, reasons
 
 # Hubble's DropReason names where a cellgate code means the same as Cilium's; the others keep
 # cellgate's constant (datapath.reasons) without the DROP_ prefix.
@@ -33,7 +33,7 @@ FLOW_TYPES = ("L3_L4", "L7")
 DIRECTIONS = ("INGRESS", "EGRESS")
 PROTOCOLS = ("tcp", "udp", "icmp", "icmpv4", "icmpv6", "http", "kafka")
 REDIRECTED = {13}  # CG_OK_PROXY
-TRANSLATED = {14, 15}  # CG_OK_LB, CG_OK_LB_DSR
+TRANSLATED = events.TRANSLATED
 
 
 def drop_reason_desc(code: int) -> str:

@@ -59,7 +59,8 @@ say "cellgate agent"
 if $CG status >/dev/null 2>&1; then
   echo "using the running agent"
 else
-  $CG agent >"$RUN/agent.log" 2>&1 &
+  METRICS_PORT=$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  $CG agent --http-serve-addr "127.0.0.1:$METRICS_PORT" >"$RUN/agent.log" 2>&1 &
   started_agent=$!
   wait_for 30 $CG status || { cat "$RUN/agent.log"; exit 1; }
   grep -E "built|ready" "$RUN/agent.log" | sed 's/^/  /'
@@ -147,6 +148,18 @@ wget -q -O - "http://$VIP/"
 show docker rm -f cgdemo-s2
 wait_for 10 has_backends 1
 show $CG service get cgdemo-web
+
+say "Flows, as Hubble shows them: every drop, the L7 requests, and allowed flows while someone follows"
+show $CG observe --last 6 --verdict DROPPED
+show $CG observe --type l7 --last 4 -o table
+printf '$ %s observe --last 1 --type l7 -o json   (one Hubble GetFlowsResponse per line)\n' "$CG"
+$CG observe --last 1 --type l7 -o json | .venv/bin/python -m json.tool | head -30
+if [ -n "${METRICS_PORT:-}" ]; then
+  say "Prometheus metrics with Cilium's names (opt-in listener: --http-serve-addr 127.0.0.1:$METRICS_PORT)"
+  printf '$ curl -s http://127.0.0.1:%s/metrics | grep ...\n' "$METRICS_PORT"
+  curl -s "http://127.0.0.1:$METRICS_PORT/metrics" | grep -E '^(cilium_drop_count_total|cilium_endpoint |cilium_policy |hubble_http_requests_total)'
+  echo "(the live service map is at http://127.0.0.1:$METRICS_PORT/map/ while the agent runs)"
+fi
 
 say "What cellgate knows"
 show $CG endpoint list

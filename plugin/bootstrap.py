@@ -183,6 +183,8 @@ class Runtime:
             "state_dir": str(self.cfg.state_dir),
             "bpf_dir": str(self.cfg.bpf_dir),
             "compile_ms": round(self.datapath.compile_seconds * 1000, 1),
+            "proxy": ({"port": self.proxy.port, "pid": self.proxy.pid, "listening": self.proxy.listening()}
+                      if self.proxy is not None else None),
             "start_ms": round(self.ready_seconds * 1000, 1),
             "docker": {"host": self.cfg.docker_host, "following": self.watcher.connected,
                        "last_sync": self.watcher.last_sync},

@@ -137,6 +137,14 @@ static __always_inline void cg_forwarded(struct __sk_buff *skb, const struct cg_
 		cg_notify(skb, ctx, CG_EVENT_TRACE, code);
 }
 
+/* A packet translated by a service: forwarded, and its new flow reported while verdicts are wanted. */
+static __always_inline void cg_translated(struct __sk_buff *skb, const struct cg_ctx *ctx, __u8 code, int is_new)
+{
+	cg_forwarded(skb, ctx, code);
+	if (is_new && cg_verdicts_wanted(ctx))
+		cg_notify(skb, ctx, CG_EVENT_VERDICT, code);
+}
+
 /* Consumed on purpose (housekeeping frames): counted, no event. */
 static __always_inline int cg_quiet(struct __sk_buff *skb)
 {

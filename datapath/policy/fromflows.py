@@ -47,7 +47,7 @@ def decided(flow: Mapping[str, Any]) -> bool:
     if kind == 129:
         return True
     if kind == 5:
-        return True
+        return flow.get("verdict") != "TRANSLATED"  # a service translated it: no policy decision
     return kind == 1 and int(flow.get("drop_reason", 0)) in POLICY_DROPS
 
 

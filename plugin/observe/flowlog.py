@@ -118,7 +118,7 @@ class FlowLog:
                 h = ev.get("http") or {}
                 self._http[(str(h.get("method", "")), str(h.get("protocol", "HTTP/1.1")),
                             str(h.get("status", h.get("grpc_status", ""))))] += 1
-        elif etype == "verdict":
+        elif etype == "verdict" and verdict != "TRANSLATED":  # a service's translation is no policy verdict
             match = "none" if not ev.get("rule") else "l3-l4"
             self._verdicts[(side, match, verdict.lower())] += 1
 

@@ -66,6 +66,19 @@ class ProxySupervisor:
         self._events: socket.socket | None = None
         self._threads: list[threading.Thread] = []
 
+    def listening(self) -> bool:
+        """Whether a socket listens on the proxy's port in this network namespace (read from
+        /proc/net/tcp*, so asking opens no connection to the proxy)."""
+        wanted = f":{self.port:04X}"
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                rows = [line.split() for line in Path(table).read_text().splitlines()[1:]]
+            except OSError:
+                continue
+            if any(len(f) > 3 and f[1].endswith(wanted) and f[3] == "0A" for f in rows):  # 0A: LISTEN
+                return True
+        return False
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:

@@ -44,6 +44,8 @@ class Web:
             wait_until(lambda key=key: agent.json("endpoint", "get", self.endpoint[key])["labels"], 20,
                        f"labels of {key}")
         wait_until(lambda: self.curl("frontend", "/public/x")[0] == 200, 20, "the backend to serve")
+        # L7 rules send flows to the proxy at once: it must listen (a fresh agent starts it beside itself)
+        wait_until(lambda: agent.json("status")["proxy"]["listening"], 30, "the L7 proxy to listen")
 
     def pid(self, key: str) -> int:
         return int(self.scene.d.inspect(self.names[key])["State"]["Pid"])

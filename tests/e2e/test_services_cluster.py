@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.e2e.test_cluster import visible_everywhere
-from tests.simcluster import UNDERLAY, Cluster, SimEndpoint, SimNode, sh, wait_until
+from tests.simcluster import CELLGATE, UNDERLAY, Cluster, SimEndpoint, SimNode, sh, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -236,6 +236,28 @@ def test_external_client_gets_direct_server_return(lbc: tuple[Cluster, Scene, di
         assert macs.get(port) == {mac(c, node_of[body])}, (port, body, macs.get(port))
     counters = {x["name"]: x["packets"] for x in c.cli(c.node(1), "status")["counters"]}
     assert counters.get("CG_OK_LB_DSR", 0) > 0 and counters.get("CG_OK_LB", 0) > 0
+
+
+def test_packet_level_translations_are_flows(lbc: tuple[Cluster, Scene, dict[str, SimEndpoint]], web: str) -> None:
+    """While someone follows, each new flow node 1 translates for an outside client is a TRANSLATED
+    flow (Hubble's verdict 7) to the backend it chose, named by the service."""
+    c, scene, eps = lbc
+    node = c.node(1)
+    follower = subprocess.Popen([CELLGATE, "observe", "--socket", node.api_socket, "-f", "-o", "json",
+                                 "--verdict", "TRANSLATED"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                text=True)
+    try:
+        wait_until(lambda: c.cli(node, "status")["flows"]["followers"] >= 1, 10, "the follower")
+        code, body = scene.get(scene.client_ns, f"http://{web}/", local_port=42000)
+        assert code == 0 and body in ("w1", "w2", "w3")
+        assert follower.stdout is not None
+        flow = json.loads(follower.stdout.readline())["flow"]
+    finally:
+        follower.kill()
+        follower.wait()
+    assert flow["verdict"] == "TRANSLATED" and flow["event_type"] == {"type": 5}
+    assert flow["IP"]["destination"] == eps[body].ipv4 and flow["l4"]["TCP"]["source_port"] == 42000
+    assert flow["node_name"] == node.name and flow["destination_service"]["name"]
 
 
 def test_udp_service_replies_from_the_vip(lbc: tuple[Cluster, Scene, dict[str, SimEndpoint]], web: str) -> None:
