@@ -153,7 +153,7 @@ say "Flows, as Hubble shows them: every drop, the L7 requests, and allowed flows
 show $CG observe --last 6 --verdict DROPPED
 show $CG observe --type l7 --last 4 -o table
 printf '$ %s observe --last 1 --type l7 -o json   (one Hubble GetFlowsResponse per line)\n' "$CG"
-$CG observe --last 1 --type l7 -o json | .venv/bin/python -m json.tool | head -30
+$CG observe --last 1 --type l7 -o json | .venv/bin/python -m json.tool
 if [ -n "${METRICS_PORT:-}" ]; then
   say "Prometheus metrics with Cilium's names (opt-in listener: --http-serve-addr 127.0.0.1:$METRICS_PORT)"
   printf '$ curl -s http://127.0.0.1:%s/metrics | grep ...\n' "$METRICS_PORT"
