@@ -73,6 +73,13 @@ class Scene:
             p.wait()
 
 
+# The backend accepts TCP/80 from the frontend only.
+BACKEND_TCP80_FROM_FRONTEND: list[dict[str, object]] = [
+    {"labels": [{"key": "name", "value": "cg-l4"}], "endpointSelector": {"matchLabels": {"app": "backend"}},
+     "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "frontend"}}],
+                  "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]}]}]
+
+
 def policy(c: Cluster, node: SimNode, rules: list[dict[str, object]], tmp: Path) -> None:
     path = tmp / "policy.json"
     path.write_text(json.dumps(rules))
@@ -147,9 +154,7 @@ def test_cross_node_traffic_over_vxlan(vx: tuple[Cluster, Scene, dict[str, SimEn
 def test_policy_by_identity_across_nodes(vx: tuple[Cluster, Scene, dict[str, SimEndpoint]], tmp_path: Path) -> None:
     c, scene, eps = vx
     fe1, be2, ot3, fe3 = eps["fe1"], eps["be2"], eps["ot3"], eps["fe3"]
-    rules = [{"labels": [{"key": "name", "value": "cg-l4"}], "endpointSelector": {"matchLabels": {"app": "backend"}},
-              "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "frontend"}}],
-                           "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]}]}]
+    rules = BACKEND_TCP80_FROM_FRONTEND
     try:
         for n in c.nodes:
             policy(c, n, rules, tmp_path)
@@ -184,9 +189,7 @@ def test_flows_of_every_node_merged_by_one_observe(vx: tuple[Cluster, Scene, dic
     flow naming the node that saw it, with the cluster-wide identities' labels on both sides."""
     c, scene, eps = vx
     be2, ot3 = eps["be2"], eps["ot3"]
-    rules = [{"labels": [{"key": "name", "value": "cg-l4"}], "endpointSelector": {"matchLabels": {"app": "backend"}},
-              "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "frontend"}}],
-                           "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]}]}]
+    rules = BACKEND_TCP80_FROM_FRONTEND
     try:
         for n in c.nodes:
             policy(c, n, rules, tmp_path)
