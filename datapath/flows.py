@@ -382,6 +382,17 @@ def _protocol_matches(wanted: Sequence[str], flow: Mapping[str, Any]) -> bool:
     return any(w in have for w in wanted)
 
 
+# filter fields with a closed set of values: (name in messages, normalisation, the values)
+ENUMERATED: dict[str, tuple[str, Callable[[str], str], Sequence[str]]] = {
+    "protocol": ("protocol", str.lower, PROTOCOLS),
+    "verdict": ("verdict", str.upper, VERDICTS),
+    "event_type": ("type", lambda text: text, tuple(EVENT_TYPE_NAMES)),
+    "traffic_direction": ("traffic_direction", str.upper, DIRECTIONS),
+    "ip_version": ("ip_version", lambda text: {"4": "IPv4", "6": "IPv6", "ipv4": "IPv4", "ipv6": "IPv6"}.get(
+        text.lower(), text), ("IPv4", "IPv6")),
+}
+
+
 def _value(name: str, item: Any) -> Any:
     if name in ("source_identity", "destination_identity"):
         if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item < 1 << 32:
@@ -401,25 +412,11 @@ def _value(name: str, item: Any) -> Any:
     elif name in ("source_port", "destination_port"):
         if not item.isdigit() or not 0 < int(item) < 65536:
             raise FilterError(f"{name}: {item!r} is not a port (1-65535)")
-    elif name == "protocol":
-        item = item.lower()
-        if item not in PROTOCOLS:
-            raise FilterError(f"protocol: {item!r} (known: {', '.join(PROTOCOLS)})")
-    elif name == "verdict":
-        item = item.upper()
-        if item not in VERDICTS:
-            raise FilterError(f"verdict: {item!r} (known: {', '.join(VERDICTS)})")
-    elif name == "event_type":
-        if item not in EVENT_TYPE_NAMES:
-            raise FilterError(f"type: {item!r} (known: {', '.join(EVENT_TYPE_NAMES)})")
-    elif name == "traffic_direction":
-        item = item.upper()
-        if item not in DIRECTIONS:
-            raise FilterError(f"traffic_direction: {item!r} (known: INGRESS, EGRESS)")
-    elif name == "ip_version":
-        item = {"4": "IPv4", "6": "IPv6", "ipv4": "IPv4", "ipv6": "IPv6"}.get(item.lower(), item)
-        if item not in ("IPv4", "IPv6"):
-            raise FilterError(f"ip_version: {item!r} (known: IPv4, IPv6)")
+    elif name in ENUMERATED:
+        shown, normal, known = ENUMERATED[name]
+        item = normal(item)
+        if item not in known:
+            raise FilterError(f"{shown}: {item!r} (known: {', '.join(known)})")
     elif name in ("source_label", "destination_label"):
         LabelSelector.parse(item)
     elif name == "http_status_code":

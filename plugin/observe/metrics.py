@@ -37,11 +37,12 @@ class AgentCollector:
         self.kvstore = kvstore
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._datapath()
+        counters = self.agent.directed_counters()  # one read of the per-CPU map per scrape
+        yield from self._datapath(counters)
         yield from self._agent()
-        yield from self._hubble()
+        yield from self._hubble(counters)
 
-    def _datapath(self) -> Iterator[Metric]:
+    def _datapath(self, counters: dict[tuple[int, int], tuple[int, int]]) -> Iterator[Metric]:
         drops = CounterMetricFamily("cilium_drop_count", "Packets dropped by the datapath",
                                     labels=["reason", "direction"])
         drop_bytes = CounterMetricFamily("cilium_drop_bytes", "Bytes dropped by the datapath",
@@ -51,7 +52,7 @@ class AgentCollector:
         forward_bytes = CounterMetricFamily("cilium_forward_bytes", "Bytes forwarded by the datapath",
                                             labels=["direction"])
         forwarded: dict[str, list[int]] = {d: [0, 0] for d in DIRECTION.values()}
-        for (code, direction), (packets, size) in sorted(self.agent.directed_counters().items()):
+        for (code, direction), (packets, size) in sorted(counters.items()):
             side = DIRECTION.get(direction, "UNKNOWN")
             if reasons.is_drop(code):
                 drops.add_metric([reasons.name(code), side], packets)
@@ -103,7 +104,7 @@ class AgentCollector:
         yield _histogram("cilium_kvstore_operations_duration_seconds", "kvstore operations, by action and outcome",
                          ["action", "kind", "outcome", "scope"], kv.histograms("kvstore_operation") if kv else iter(()))
 
-    def _hubble(self) -> Iterator[Metric]:
+    def _hubble(self, counters: dict[tuple[int, int], tuple[int, int]]) -> Iterator[Metric]:
         totals = self.flows.totals()
         processed = CounterMetricFamily("hubble_flows_processed", "Flows processed, by type and verdict",
                                         labels=["type", "subtype", "verdict"])
@@ -126,7 +127,7 @@ class AgentCollector:
             kafka.add_metric([topic, api_key, error_code, "server"], n)
         yield kafka
         lost = CounterMetricFamily("hubble_lost_events", "Events lost on the way, by where", labels=["source"])
-        ring = sum(p for (code, _), (p, _) in self.agent.directed_counters().items() if code == EVENT_LOST)
+        ring = sum(p for (code, _), (p, _) in counters.items() if code == EVENT_LOST)
         lost.add_metric(["perf_event_ring_buffer"], ring)  # the kernel's ring was full
         lost.add_metric(["observer_events_queue"], totals.lost)  # a slow follower
         yield lost

@@ -81,11 +81,8 @@ def agent(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 @pytest.fixture
 def scene(dockerd: Dockerd, agent: Agent, image: str) -> Iterator[Scene]:
-    s = Scene(dockerd, agent, image)
-    try:
+    with Scene(dockerd, agent, image) as s:
         yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture

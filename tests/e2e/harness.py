@@ -179,6 +179,12 @@ class Scene:
         self.containers: list[str] = []
         self.networks: list[str] = []
 
+    def __enter__(self) -> Scene:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def network(self, *opts: str, name: str = "") -> str:
         name = name or f"cgn{self.tag}{len(self.networks)}"
         self.d("network", "create", "-d", self.agent.name, "--ipam-driver", self.agent.name, *opts, name)

@@ -20,9 +20,14 @@ pytestmark = pytest.mark.e2e
 CGROUP2 = "/sys/fs/cgroup/unified"
 
 
+def cgroup_program_ids() -> set[int]:
+    """Ids of the programs attached to the cgroup2 root."""
+    return {p["id"] for p in json.loads(run("bpftool", "-j", "cgroup", "show", CGROUP2).stdout.strip() or "[]")}
+
+
 def attached_socket_programs(agent: Agent) -> dict[str, int]:
     """Pinned socket program → its id, for those of the agent attached to the cgroup2 root."""
-    attached = {p["id"] for p in json.loads(run("bpftool", "-j", "cgroup", "show", CGROUP2).stdout.strip() or "[]")}
+    attached = cgroup_program_ids()
     pins = {}
     for pin in sorted((agent.bpf / "progs").glob("*")):
         prog = json.loads(run("bpftool", "-j", "prog", "show", "pinned", str(pin)).stdout)
@@ -169,9 +174,6 @@ def test_agent_refuses_special_purpose_host_ranges_before_making_anything(
     assert not agent.plugin.exists() and not agent.api.exists()
     assert agent.links() == [] and f"CG-{name}" not in run("iptables-save").stdout
 
-
-def cgroup_program_ids() -> set[int]:
-    return {p["id"] for p in json.loads(run("bpftool", "-j", "cgroup", "show", CGROUP2).stdout.strip() or "[]")}
 
 
 def held_program_ids(pid: int) -> set[int]:

@@ -36,11 +36,8 @@ def agent(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory, metrics_po
 
 @pytest.fixture(scope="module")
 def scene(dockerd: Dockerd, agent: Agent, image: str) -> Iterator[Scene]:
-    s = Scene(dockerd, agent, image)
-    try:
+    with Scene(dockerd, agent, image) as s:  # module-wide: the traffic fixture's containers live as long
         yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture(scope="module")
