@@ -2,6 +2,7 @@
 
   lo              loopback in one netns                                   (ceiling)
   vethpair        a veth pair straight between two netns                  (ceiling)
+  vethpair_again  the same pair measured a second time in the round: the noise band
   routed          two netns routed through the root netns, no BPF        (baseline)
   docker_bridge   two containers on the private dockerd's default bridge
   ipt_1k/ipt_10k  the same bridge, 1k / 10k non-matching iptables rules before the ACCEPT
@@ -38,7 +39,7 @@ from bench.common import Cleanup, log, machine, new_tag, run, timed, wait_until
 
 MODES = ("rr", "crr", "stream")
 PORT_RANGE = "net.ipv4.ip_local_port_range=1024 65000"
-CONFIGS = ("lo", "vethpair", "routed", "docker_bridge", "ipt_1k", "ipt_10k", "ipt_10k_est",
+CONFIGS = ("lo", "vethpair", "vethpair_again", "routed", "docker_bridge", "ipt_1k", "ipt_10k", "ipt_10k_est",
            "cg_open", "cg_policy", "cg_policy_100k", "docker_bridge_ns", "cg_policy_ns")
 NS_PORT = 5202  # the *_ns servers: same containers' netns, processes outside the containers
 FILLER_POLICY, FILLER_IDENTITIES = 100_000, 10_000
@@ -135,6 +136,8 @@ class Rig:
             run("ip", "-n", ns, "link", "set", "eth0", "up")
         rig.rr_server(self.cleanup, self.rr, f"{t}-vb")
         self.configs["vethpair"] = Config("vethpair", self._ns_client(f"{t}-va", a(2)))
+        # the ceiling again at another place in the round: how far two runs of one path differ
+        self.configs["vethpair_again"] = Config("vethpair_again", self._ns_client(f"{t}-va", a(2)))
 
         self._forwarding()
         for side, host, inner, other in (("ra", 65, 66, 68), ("rb", 69, 70, 64)):

@@ -9,12 +9,16 @@ program looks up is keyed by ifindex 1, and the redirect it returns is never car
 Packets (from endpoint A, which sits on ifindex 1):
   established  TCP ACK A->B:80 whose flow is in conntrack (sender egress + receiver ingress)
   reply        TCP ACK A->B whose reverse flow is in conntrack
-  new          TCP SYN A->B:80 with a 1 ns SYN lifetime, so every repetition is a new flow
+  new          TCP SYN A->B:80 whose SYN lifetime ends before it starts (2^64 - 1 ns from now
+               wraps to a deadline 1 ns ago), so every repetition is a new flow
+  new-monitored  the same while a monitor shows verdicts: each new flow also writes an event
   denied       TCP SYN A->C:80 that no rule allows (dropped, with a verdict event)
   non-ip       an Ethernet frame of ethertype 0x88b5 (dropped, with a drop event)
 Policy and conntrack maps hold 1, 1k or 100k filler entries besides those the packets
 need, the ipcache as many up to 10k (one per filler identity; it holds 64k at most).
-The many-flow variant sends 10k established flows, one per call.
+The many-flow variant sends 10k established flows, one per call. Every case but new-monitored
+runs with the configuration the agent writes while no monitor listens (CG_CFG_QUIET: no
+events for allowed new flows; denials always report).
 
 A program that forwards rewrites the MACs and decrements the TTL of the very skb that
 test_run repeats, so the MACs are chosen to make the rewrite a fixed point and each
@@ -47,7 +51,8 @@ MAC1, MAC2 = "02:cb:00:00:00:01", "02:cb:00:00:00:02"
 FAKE_IFINDEX = {"B": 0x7FFF0002, "C": 0x7FFF0003}  # never looked up: redirects are not carried out
 EMPTY_PROGRAM = b"int cg_empty(struct __sk_buff *skb) { return 0; }"
 EXPECT = {"established": TC_ACT_REDIRECT, "reply": TC_ACT_REDIRECT, "new": TC_ACT_REDIRECT,
-          "denied": TC_ACT_SHOT, "non-ip": TC_ACT_SHOT}
+          "new-monitored": TC_ACT_REDIRECT, "denied": TC_ACT_SHOT, "non-ip": TC_ACT_SHOT}
+EXPIRED = 2**64 - 1  # a lifetime that wraps the deadline to just before now
 
 
 # -- packets ---------------------------------------------------------------------------------
@@ -96,7 +101,7 @@ class Maps:
         """The real compiler's entries for: B accepts TCP/80 from A; A may send TCP/80 to B."""
         from datapath.labels import from_runtime
         from datapath.policy import parse_rules
-        from datapath.policy.compile import compile_all
+        from datapath.policy.compile import ExactVerdicts, compile_all
 
         rules = parse_rules([
             {"endpointSelector": {"matchLabels": {"app": "b"}},
@@ -109,8 +114,10 @@ class Maps:
         labels = {ID_A: from_runtime({"app": "a"}, "container"), ID_B: from_runtime({"app": "b"}, "container"),
                   ID_C: from_runtime({"app": "c"}, "container")}
         entries = compile_all(labels, rules, labels)
-        for key, value in entries.items():
-            self.dp.policy[self.layout.policy_key(key)] = self.layout.policy_value(value)
+        exact, _ = ExactVerdicts().change(entries, ())  # as the agent's executor derives them
+        for table, items in ((self.dp.policy, entries), (self.dp.policy_exact, exact)):
+            for key, value in items.items():
+                table[self.layout.policy_key(key)] = self.layout.policy_value(value)
         return len(entries)
 
     def ct_entry(self, src: str, dst: str, sport: int, dport: int, replied: bool = True) -> None:
@@ -125,10 +132,11 @@ class Maps:
         value.flags = 1 if replied else 0
         self.dp.ct[key] = value
 
-    def syn_lifetime(self, ns: int) -> None:
+    def config(self, syn_lifetime_ns: int = 0, monitored: bool = False) -> None:
         cfg = self.layout.CgConfig()
-        cfg.syn_timeout_ns = ns
+        cfg.syn_timeout_ns = syn_lifetime_ns
         cfg.policy_rev = 1  # as after the agent's first policy write: established flows cache verdicts
+        cfg.flags = 0 if monitored else self.layout.CG_CFG_QUIET
         self.dp.config[ctypes.c_uint32(0)] = cfg
 
     def grow(self, total: int) -> None:
@@ -158,7 +166,9 @@ class Maps:
             ctypes.memmove(c.daddr, ipaddress.IPv4Address("198.19.255.254").packed, 4)
             c.sport, c.dport, c.proto, c.family = socket.htons(1024 + i // 65536), socket.htons(80), 6, 4
             cv[j].expires, cv[j].flags = expires, 1
-        for table, keys, values in ((self.dp.policy, pk, pv), (self.dp.ipcache, ik, iv), (self.dp.ct, ck, cv)):
+        # the fillers are exact entries with no wildcard beside them: each is its own verdict
+        for table, keys, values in ((self.dp.policy, pk, pv), (self.dp.policy_exact, pk, pv),
+                                    (self.dp.ipcache, ik, iv), (self.dp.ct, ck, cv)):
             if len(keys):
                 batch_update(table, keys, values)
 
@@ -226,6 +236,7 @@ def run_micro(samples: int = 15, calls: int = 250, sizes: tuple[int, ...] = SIZE
             "established": tcp_packet(ADDR["A"], ADDR["B"], 40000, 80, 0x10),
             "reply": tcp_packet(ADDR["A"], ADDR["B"], 40001, 80, 0x10),
             "new": tcp_packet(ADDR["A"], ADDR["B"], 40002, 80, 0x02),
+            "new-monitored": tcp_packet(ADDR["A"], ADDR["B"], 40002, 80, 0x02),
             "denied": tcp_packet(ADDR["A"], ADDR["C"], 40003, 80, 0x02),
             "non-ip": non_ip_packet(),
         }
@@ -238,7 +249,7 @@ def run_micro(samples: int = 15, calls: int = 250, sizes: tuple[int, ...] = SIZE
         for size in sizes:
             maps.grow(size)
             for case, packet in packets.items():
-                maps.syn_lifetime(1 if case == "new" else 0)
+                maps.config(EXPIRED if case.startswith("new") else 0, monitored=case == "new-monitored")
                 got = prog.run(packet, 1).retval
                 if got != EXPECT[case]:
                     raise RuntimeError(f"{case}: the program returned {got}, expected {EXPECT[case]}")
@@ -246,7 +257,7 @@ def run_micro(samples: int = 15, calls: int = 250, sizes: tuple[int, ...] = SIZE
                     base = per_run_ns(empty, packet, calls)
                     value = per_run_ns(prog, packet, calls)
                     out["samples"].append({"size": size, "case": case, "k": k, "empty_ns": base, "ns": value})
-            maps.syn_lifetime(0)
+            maps.config()
             for k in range(max(3, samples // 3)):  # many flows, one run per call: each call its own flow
                 base = per_packet_ns(empty, many)
                 value = per_packet_ns(prog, many)

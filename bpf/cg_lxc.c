@@ -28,7 +28,7 @@ static __always_inline int cg_from_container_dispatch(struct __sk_buff *skb, con
 {
 	struct ethhdr eth;
 
-	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) < 0)
+	if (cg_load(skb, 0, &eth, sizeof(eth)) < 0)
 		return -DROP_INVALID;
 	if (!cg_mac_eq(eth.h_source, ep->mac))
 		return -DROP_INVALID_SMAC;

@@ -155,3 +155,19 @@ static __always_inline __u16 cg_csum_fold(__s64 sum)
 	s = (s & 0xffff) + (s >> 16);
 	return (__u16)~s;
 }
+
+/* Copy `len` bytes at `off` out of the packet: straight from the linear head when they lie in
+ * it (a few loads), else through bpf_skb_load_bytes (a helper call, which also reads paged data).
+ * 0, or < 0 when the packet is shorter. */
+static __always_inline int cg_load(struct __sk_buff *skb, __u32 off, void *to, const __u32 len)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+
+	if (off <= 256 && data + off + len <= end) {
+		__builtin_memcpy(to, data + off, len);
+		return 0;
+	}
+	return bpf_skb_load_bytes(skb, off, to, len);
+}
+

@@ -19,6 +19,14 @@
 #define CG_CLOSE_TIMEOUT (10 * CG_SEC)
 #define CG_OTHER_TIMEOUT (60 * CG_SEC)
 
+/* Conntrack's clock: CLOCK_MONOTONIC at tick resolution, a fraction of bpf_ktime_get_ns()'s
+ * cost per packet (Cilium keeps conntrack in jiffies for the same reason). Deadlines are
+ * seconds; a tick late is nothing. */
+static __always_inline __u64 cg_ct_now(void)
+{
+	return bpf_ktime_get_coarse_ns();
+}
+
 static __always_inline void cg_ct_key(struct cg_ct_key *k, const struct cg_flow *f, int reverse)
 {
 	__builtin_memset(k, 0, sizeof(*k));
@@ -78,13 +86,14 @@ static __always_inline void cg_ct_touch(struct cg_ct_value *ct, const struct cg_
 	__sync_fetch_and_add(&ct->bytes, skb->len);
 }
 
-/* The flow's state; `entry` is set for REPLY, RELATED and ESTABLISHED. */
+/* The flow's state; `entry` is set for REPLY, RELATED and ESTABLISHED, and for NEW when the
+ * flow's own tuple still has an expired entry, which cg_ct_create then reuses in place. */
 static __always_inline int cg_ct_lookup(const struct cg_flow *f, struct cg_ct_value **entry,
 					struct __sk_buff *skb)
 {
 	struct cg_ct_key key;
 	struct cg_ct_value *ct;
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = cg_ct_now();
 
 	*entry = NULL;
 	if (f->frag)
@@ -100,24 +109,28 @@ static __always_inline int cg_ct_lookup(const struct cg_flow *f, struct cg_ct_va
 	}
 	cg_ct_key(&key, f, 0);
 	ct = cg_ct.lookup(&key);
-	if (ct && ct->expires > now) {
-		*entry = ct;
-		if (f->related)
-			return CG_CT_RELATED;
-		cg_ct_touch(ct, f, skb, 0, now);
-		return CG_CT_ESTABLISHED;
-	}
-	return CG_CT_NEW;
+	if (!ct)
+		return CG_CT_NEW;
+	*entry = ct;
+	if (ct->expires <= now)
+		return CG_CT_NEW;
+	if (f->related)
+		return CG_CT_RELATED;
+	cg_ct_touch(ct, f, skb, 0, now);
+	return CG_CT_ESTABLISHED;
 }
 
 /* A new flow's entry: its parties (ctx), the deciding rule, the sides whose verdict is cached,
- * and, for a flow through the proxy (ctx->proxy), both sides' L7 filters. */
+ * and, for a flow through the proxy (ctx->proxy), both sides' L7 filters. `stale` is the
+ * tuple's expired entry (cg_ct_lookup), overwritten in place: a map update costs more
+ * than the whole rest of a new flow's conntrack work. */
 static __always_inline int cg_ct_create(const struct cg_flow *f, struct __sk_buff *skb, const struct cg_ctx *ctx,
-					__u32 rule, __u8 policy_sides, __u16 l7_egress, __u16 l7_ingress)
+					__u32 rule, __u8 policy_sides, __u16 l7_egress, __u16 l7_ingress,
+					struct cg_ct_value *stale)
 {
 	struct cg_ct_key key;
 	struct cg_ct_value ct = {};
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = cg_ct_now();
 
 	if (f->frag || f->related)
 		return 0;                 /* nothing to track: no ports, or an error about no flow */
@@ -137,6 +150,10 @@ static __always_inline int cg_ct_create(const struct cg_flow *f, struct __sk_buf
 	if (f->tcp_flags & CG_TCP_F_RST)
 		ct.flags |= CG_CT_F_RST;
 	ct.expires = now + cg_ct_lifetime(&ct, f->ct_proto);
+	if (stale) {
+		*stale = ct;
+		return 0;
+	}
 	if (cg_ct.update(&key, &ct) < 0)
 		return -DROP_CT_CREATE;
 	return 0;

@@ -132,7 +132,7 @@ static __always_inline void cg_dsr_learn4(struct __sk_buff *skb, const struct ip
 
 /* From a local endpoint: a reply of a backend to a client whose packets were balanced to it
  * (here or, with DSR, on another node) leaves from the service address. Only while packet
- * balancing is on (CG_CFG_LB_FLOWS). */
+ * balancing is on (CG_CFG_LB_FLOWS). 1 if it rewrote the packet, 0 if not, else -DROP_*. */
 static __always_inline int cg_lb_reply4(struct __sk_buff *skb, const struct cg_ctx *ctx, const struct iphdr *ip,
 					const struct cg_flow *f)
 {
@@ -140,6 +140,7 @@ static __always_inline int cg_lb_reply4(struct __sk_buff *skb, const struct cg_c
 	struct cg_lb_flow_key k;
 	__be32 vip;
 	__u32 l4;
+	int ret;
 
 	if (!(ctx->cfg_flags & CG_CFG_LB_FLOWS) || f->frag || f->related ||
 	    (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP))
@@ -151,5 +152,6 @@ static __always_inline int cg_lb_reply4(struct __sk_buff *skb, const struct cg_c
 	rev->expires = bpf_ktime_get_ns() + CG_LB_FLOW_NS;
 	__builtin_memcpy(&vip, rev->addr, 4);
 	l4 = ETH_HLEN + ip->ihl * 4;
-	return cg_nat4(skb, ip->protocol, l4, CG_IP4_SADDR, ip->saddr, vip, l4, f->sport, rev->port);
+	ret = cg_nat4(skb, ip->protocol, l4, CG_IP4_SADDR, ip->saddr, vip, l4, f->sport, rev->port);
+	return ret < 0 ? ret : 1;
 }

@@ -82,7 +82,7 @@ struct cg_ct_key {
 };
 
 struct cg_ct_value {
-	__u64 expires;      /* bpf_ktime_get_ns() deadline */
+	__u64 expires;      /* CLOCK_MONOTONIC deadline, tick resolution (lib/conntrack.h cg_ct_now) */
 	__u64 packets;
 	__u64 bytes;
 	__u32 src_identity; /* initiator */
@@ -154,6 +154,12 @@ BPF_TABLE_PINNED("hash", struct cg_ip_key, struct cg_endpoint, cg_ips,
 /* Policy entries of every local identity. */
 BPF_TABLE_PINNED("lpm_trie", struct cg_policy_key, struct cg_policy_value, cg_policy,
 		 CG_POLICY_MAX, CG_PIN_DIR "/cg_policy", BPF_F_NO_PREALLOC);
+
+/* The verdict of every entry for one peer, protocol and port (prefixlen 96 in cg_policy), with
+ * the wildcard peer's deny folded in: one hash probe decides most packets, cg_policy the rest.
+ * The agent derives it from cg_policy (datapath/policy/compile.py ExactVerdicts). */
+BPF_TABLE_PINNED("hash", struct cg_policy_key, struct cg_policy_value, cg_policy_exact,
+		 CG_POLICY_MAX, CG_PIN_DIR "/cg_policy_exact", BPF_F_NO_PREALLOC);
 
 /* Identities of addresses that are not local endpoints (host addresses, later CIDRs). */
 BPF_TABLE_PINNED("lpm_trie", struct cg_ipcache_key, struct cg_ipcache_value, cg_ipcache,

@@ -3,6 +3,7 @@
  *
  * decide() looks up the peer's own identity and the wildcard identity 0 in the LPM
  * policy map; a deny from either wins, then an allow from either; no entry is a deny.
+ * An exact-match hash in front holds that verdict for single-port entries of one peer.
  * datapath/policy/compile.py decide() is the same algorithm, which `policy trace` uses.
  */
 #pragma once
@@ -14,29 +15,51 @@
 #include "lib/ctx.h"
 #include "lib/identity.h"
 
+/* The full-length key of a packet: the trie finds its longest match, the exact hash itself. */
+static __always_inline void cg_policy_key_of(struct cg_policy_key *key, __u32 subject, __u32 peer, __u8 egress,
+					     __u8 proto, __be16 port)
+{
+	__builtin_memset(key, 0, sizeof(*key));
+	key->prefixlen = 96;
+	key->subject = subject;
+	key->peer = peer;
+	key->egress = egress;
+	key->proto = proto;
+	key->dport = port;
+}
+
 static __always_inline struct cg_policy_value *cg_policy_lpm(__u32 subject, __u32 peer, __u8 egress,
 							     __u8 proto, __be16 port)
 {
-	struct cg_policy_key key = {};
+	struct cg_policy_key key;
 
-	key.prefixlen = 96;
-	key.subject = subject;
-	key.peer = peer;
-	key.egress = egress;
-	key.proto = proto;
-	key.dport = port;
+	cg_policy_key_of(&key, subject, peer, egress, proto, port);
 	return cg_policy.lookup(&key);
 }
 
-/* 0 if allowed, else -DROP_POLICY or -DROP_POLICY_DENY; *rule names the deciding rule. */
+/* 0 if allowed, else -DROP_POLICY or -DROP_POLICY_DENY; *rule names the deciding rule.
+ * An exact entry for this peer, protocol and port holds the verdict already (cg_policy_exact);
+ * without one, both peers' longest matches in the trie decide. */
 static __always_inline int cg_policy_decide(__u32 subject, __u8 egress, __u32 peer, const struct cg_flow *f,
 					    __u32 *rule, __u16 *l7)
 {
 	struct cg_policy_value *specific = NULL, *wildcard;
 	__be16 port = f->frag ? 0 : f->policy_port;
 
-	if (peer != CG_ID_ANY)
+	if (peer != CG_ID_ANY) {
+		struct cg_policy_key key;
+
+		cg_policy_key_of(&key, subject, peer, egress, f->proto, port);
+		specific = cg_policy_exact.lookup(&key);
+		if (specific) {
+			*rule = specific->rule;
+			if (specific->deny)
+				return -DROP_POLICY_DENY;
+			*l7 = specific->l7;
+			return 0;
+		}
 		specific = cg_policy_lpm(subject, peer, egress, f->proto, port);
+	}
 	wildcard = cg_policy_lpm(subject, CG_ID_ANY, egress, f->proto, port);
 	if (specific && specific->deny) {
 		*rule = specific->rule;
@@ -148,7 +171,7 @@ static __always_inline int cg_policy_flow(struct __sk_buff *skb, struct cg_ctx *
 	}
 	if (state == CG_CT_NEW) {
 		ctx->proxy = proxy;
-		ret = cg_ct_create(f, skb, ctx, rule, sides, l7_egress, l7_ingress);
+		ret = cg_ct_create(f, skb, ctx, rule, sides, l7_egress, l7_ingress, ct);
 		if (ret < 0)
 			return ret;
 		if (!f->frag && cg_verdicts_wanted(ctx))  /* allowed, and whether to the proxy */

@@ -31,6 +31,15 @@ static __always_inline int cg_sandbox_owns(const struct cg_endpoint *ep, __u8 fa
 	return other && other->sandbox == ep->sandbox;
 }
 
+/* Move a rewritten packet into the peer's network namespace without a second trip through a
+ * host veth. */
+static __always_inline int cg_redirect_local(struct __sk_buff *skb, const struct cg_ctx *ctx,
+					     const struct cg_endpoint *dst)
+{
+	cg_forwarded(skb, ctx, CG_OK_LOCAL);
+	return bpf_redirect_peer(dst->ifindex, 0);
+}
+
 /* Rewrite the MACs as the gateway would and move the packet into the peer's
  * network namespace without a second trip through a host veth. */
 static __always_inline int cg_deliver_local(struct __sk_buff *skb, const struct cg_ctx *ctx,
@@ -45,6 +54,5 @@ static __always_inline int cg_deliver_local(struct __sk_buff *skb, const struct 
 	cg_mac_copy(macs.smac, dst->host_mac);
 	if (bpf_skb_store_bytes(skb, 0, &macs, sizeof(macs), 0) < 0)
 		return -DROP_INVALID;
-	cg_forwarded(skb, ctx, CG_OK_LOCAL);
-	return bpf_redirect_peer(dst->ifindex, 0);
+	return cg_redirect_local(skb, ctx, dst);
 }

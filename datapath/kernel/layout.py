@@ -243,6 +243,7 @@ MIRRORS = {
     "cg_ips": (CgIpKey, CgEndpoint),
     "cg_metrics": (ctypes.c_uint32, CgMetric),
     "cg_policy": (CgPolicyKey, CgPolicyValue),
+    "cg_policy_exact": (CgPolicyKey, CgPolicyValue),
     "cg_ipcache": (CgIpcacheKey, CgIpcacheValue),
     "cg_ct": (CgCtKey, CgCtValue),
     "cg_config": (ctypes.c_uint32, CgConfig),

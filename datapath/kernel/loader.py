@@ -35,8 +35,8 @@ SOCK_PROGRAMS = {
     "cg_sock_connect6": "CGROUP_INET6_CONNECT", "cg_sock_sendmsg6": "CGROUP_UDP6_SENDMSG",
     "cg_sock_recvmsg6": "CGROUP_UDP6_RECVMSG", "cg_sock_peer6": "CGROUP_INET6_GETPEERNAME",
 }
-PINNED_MAPS = ("cg_endpoints", "cg_ips", "cg_metrics", "cg_events", "cg_policy", "cg_ipcache", "cg_ct",
-               "cg_config", "cg_lb_services", "cg_lb_revnat", "cg_lb_sock", "cg_lb_netns", "cg_lb_flows")
+PINNED_MAPS = ("cg_endpoints", "cg_ips", "cg_metrics", "cg_events", "cg_policy", "cg_policy_exact", "cg_ipcache",
+               "cg_ct", "cg_config", "cg_lb_services", "cg_lb_revnat", "cg_lb_sock", "cg_lb_netns", "cg_lb_flows")
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 
 
@@ -160,6 +160,7 @@ class Datapath:
         self.ips = self.bpf[b"cg_ips"]
         self.metrics = self.bpf[b"cg_metrics"]
         self.policy = self.bpf[b"cg_policy"]
+        self.policy_exact = self.bpf[b"cg_policy_exact"]
         self.ipcache = self.bpf[b"cg_ipcache"]
         self.ct = self.bpf[b"cg_ct"]
         self.config = self.bpf[b"cg_config"]
@@ -186,7 +187,8 @@ class Datapath:
             out[code] = (before[0] + packets, before[1] + size)
         return out
 
-    PRESSURE_MAPS = ("cg_ct", "cg_ipcache", "cg_policy", "cg_endpoints", "cg_lb_services", "cg_lb_flows", "cg_lb_sock")
+    PRESSURE_MAPS = ("cg_ct", "cg_ipcache", "cg_policy", "cg_policy_exact", "cg_endpoints", "cg_lb_services",
+                     "cg_lb_flows", "cg_lb_sock")
 
     def map_pressure(self) -> dict[str, float]:
         """How full each hash map is (entries / max entries), counted by walking its keys."""

@@ -14,7 +14,7 @@ from datapath.errors import KernelError
 from datapath.kernel import layout
 from datapath.kernel.context import KernelContext, Replacing
 from datapath.plan import AddressEntry, EndpointEntry, IpcacheEntry, Key
-from datapath.policy.compile import PolicyKey, PolicyValue
+from datapath.policy.compile import ExactVerdicts, PolicyKey, PolicyValue
 
 BATCH = 4096
 
@@ -209,41 +209,79 @@ class Config:
 
 
 class PolicyMap:
-    """cg_policy, written in batches; every change bumps the policy revision after the writes."""
+    """cg_policy, written in batches, and cg_policy_exact, the verdicts of its exact entries
+    (ExactVerdicts) that packets look up first; every change bumps the policy revision after the
+    writes.
+
+    Nothing opens up on the way: an exact verdict about to change or go is removed before the
+    trie changes (a packet meanwhile falls back to the trie, which is right at every step), and
+    new verdicts are written once the trie holds what they were derived from."""
 
     def __init__(self, ctx: KernelContext, config: Config) -> None:
         self.ctx = ctx
         self.config = config
+        self.exact: ExactVerdicts | None = None  # built from the maps on first use
 
     def entries(self) -> dict[PolicyKey, PolicyValue]:
+        dp = self.ctx.need_dp()
+        out = self._read(dp.policy)
+        exact = ExactVerdicts()
+        exact.change(out, ())
+        held = self._read(dp.policy_exact)
+        missing = {k: v for k, v in exact.verdicts.items() if held.get(k) != v}
+        # What a crash or an older agent left: exact verdicts no trie entry backs, or stale ones.
+        stale = [k for k in held if k not in exact.verdicts or k in missing]
+        try:
+            self._write(dp.policy_exact, {}, stale)
+            self._write(dp.policy_exact, missing, ())
+        except Exception as exc:  # BCC raises bare Exception on syscall errors
+            raise KernelError(f"policy map update failed: {exc}") from exc
+        self.exact = exact
+        return out
+
+    @staticmethod
+    def _read(table: Any) -> dict[PolicyKey, PolicyValue]:
         out: dict[PolicyKey, PolicyValue] = {}
-        for key, value in self.ctx.need_dp().policy.items():
+        for key, value in table.items():
             raw_key = layout.CgPolicyKey.from_buffer_copy(bytes(key))
             out[layout.policy_key_value(raw_key)] = layout.policy_value_value(
                 layout.CgPolicyValue.from_buffer_copy(bytes(value)))
         return out
 
+    @staticmethod
+    def _write(table: Any, upserts: dict[PolicyKey, PolicyValue], deletes: Iterable[PolicyKey]) -> None:
+        items = list(upserts.items())
+        gone = list(deletes)
+        for start in range(0, len(items), BATCH):
+            chunk = items[start:start + BATCH]
+            table.items_update_batch(layout.policy_keys([k for k, _ in chunk]),
+                                     layout.policy_values([v for _, v in chunk]))
+        for start in range(0, len(gone), BATCH):
+            doomed = gone[start:start + BATCH]
+            try:  # all-or-nothing per key: a key that is already gone fails the batch
+                table.items_delete_batch(layout.policy_keys(doomed))
+            except Exception:  # BCC raises bare Exception; one by one instead
+                for key in doomed:
+                    table.pop(layout.policy_key(key), None)
+
     def update(self, upserts: dict[PolicyKey, PolicyValue], deletes: Iterable[PolicyKey]) -> None:
         """Write and remove policy entries, in batches; upserts first, so nothing opens up."""
         dp = self.ctx.need_dp()
-        items = list(upserts.items())
         gone = list(deletes)
+        if self.exact is None:
+            self.entries()
+        assert self.exact is not None
+        before = dict(self.exact.verdicts)
+        writes, removes = self.exact.change(upserts, gone)
         try:
-            for start in range(0, len(items), BATCH):
-                chunk = items[start:start + BATCH]
-                dp.policy.items_update_batch(layout.policy_keys([k for k, _ in chunk]),
-                                             layout.policy_values([v for _, v in chunk]))
-            for start in range(0, len(gone), BATCH):
-                doomed = gone[start:start + BATCH]
-                try:  # all-or-nothing per key: a key that is already gone fails the batch
-                    dp.policy.items_delete_batch(layout.policy_keys(doomed))
-                except Exception:  # BCC raises bare Exception; one by one instead
-                    for key in doomed:
-                        dp.policy.pop(layout.policy_key(key), None)
+            self._write(dp.policy_exact, {}, removes + [k for k in writes if k in before])
+            self._write(dp.policy, upserts, gone)
+            self._write(dp.policy_exact, writes, ())
         except Exception as exc:  # BCC raises bare Exception on syscall errors
+            self.exact = None  # what the maps hold is read again on next use
             raise KernelError(f"policy map update failed: {exc}") from exc
         finally:
-            if items or gone:
+            if upserts or gone:
                 self.config.write(bump=True)  # after the writes: cached verdicts decide again
 
 

@@ -499,3 +499,91 @@ def decide(entries: Mapping[PolicyKey, PolicyValue], subject: int, egress: bool,
         if hit:
             return Decision(True, *hit)
     return Decision(False, None, None)
+
+
+# -- exact-match verdicts (the kernel's cg_policy_exact) ----------------------------------------
+
+
+def is_exact(key: PolicyKey) -> bool:
+    """An entry for one peer, one protocol and one port: the kernel also keeps its verdict in an
+    exact-match hash that a packet looks up before the LPM trie."""
+    return key.peer != ids.ANY and not key.any_proto and key.port_bits == 16
+
+
+def _covers_port(wild: PolicyKey, key: PolicyKey) -> bool:
+    if wild.any_proto:
+        return True
+    if wild.proto != key.proto:
+        return False
+    return wild.port_bits == 0 or wild.port >> (16 - wild.port_bits) == key.port >> (16 - wild.port_bits)
+
+
+class ExactVerdicts:
+    """The verdict `decide` gives for each exact entry's own packets, kept in step with the entries.
+
+    For an exact key the peer's entry is the longest match, so its verdict is that entry unless it
+    allows and the wildcard peer's longest match denies: then the wildcard's deny. The kernel looks
+    this verdict up first (one hash probe instead of two trie lookups per side) and falls back to
+    the trie on a miss. A wildcard change touches every exact verdict of its subject and direction;
+    the index finds those without a walk over all entries."""
+
+    def __init__(self) -> None:
+        self.entries: dict[PolicyKey, PolicyValue] = {}
+        self.verdicts: dict[PolicyKey, PolicyValue] = {}
+        self._wild: dict[tuple[int, bool], dict[PolicyKey, PolicyValue]] = {}
+        self._exact: dict[tuple[int, bool], set[PolicyKey]] = {}
+
+    def verdict(self, key: PolicyKey) -> PolicyValue:
+        own = self.entries[key]
+        if own.deny:
+            return own
+        best: tuple[PolicyKey, PolicyValue] | None = None
+        for wild, value in self._wild.get((key.subject, key.egress), {}).items():
+            if _covers_port(wild, key) and (best is None or wild.prefixlen > best[0].prefixlen):
+                best = (wild, value)
+        if best is not None and best[1].deny:
+            return PolicyValue(True, best[1].rule, best[1].l7)
+        return own
+
+    def change(self, upserts: Mapping[PolicyKey, PolicyValue],
+               deletes: Iterable[PolicyKey]) -> tuple[dict[PolicyKey, PolicyValue], list[PolicyKey]]:
+        """Apply a change of the entries; the exact verdicts to write and to remove."""
+        touched: set[PolicyKey] = set()
+        groups: set[tuple[int, bool]] = set()
+        for key in deletes:
+            if self.entries.pop(key, None) is None:
+                continue
+            self._index(key, None, touched, groups)
+        for key, value in upserts.items():
+            self.entries[key] = value
+            self._index(key, value, touched, groups)
+        for group in groups:
+            touched |= self._exact.get(group, set())
+        writes: dict[PolicyKey, PolicyValue] = {}
+        removes: list[PolicyKey] = []
+        for key in touched:
+            if key in self.entries:
+                value = self.verdict(key)
+                if self.verdicts.get(key) != value:
+                    writes[key] = self.verdicts[key] = value
+            elif self.verdicts.pop(key, None) is not None:
+                removes.append(key)
+        return writes, removes
+
+    def _index(self, key: PolicyKey, value: PolicyValue | None, touched: set[PolicyKey],
+               groups: set[tuple[int, bool]]) -> None:
+        group = (key.subject, key.egress)
+        if is_exact(key):
+            touched.add(key)
+            exact = self._exact.setdefault(group, set())
+            if value is not None:
+                exact.add(key)
+            else:
+                exact.discard(key)
+        elif key.peer == ids.ANY:
+            groups.add(group)
+            wild = self._wild.setdefault(group, {})
+            if value is not None:
+                wild[key] = value
+            else:
+                wild.pop(key, None)
