@@ -27,7 +27,7 @@ from datapath.flows import Names
 from datapath.identity import Identities
 from datapath.policy import Repository
 from ipam.allocator import HostRanges, Ipam
-from ipam.store import JsonDir
+from ipam.store import Journal, JsonDir
 from plugin.api.app import create_app as create_api
 from plugin.api.context import Tracers
 from plugin.cni.install import install as install_cni
@@ -98,9 +98,13 @@ class Runtime:
         ranges = HostRanges(cfg.ipv4_range, cfg.ipv6_range, cfg.ipv4_prefix, cfg.ipv6_prefix)
         kvstore = open_kvstore(cfg)  # a clash with a live node is refused here, before anything exists
         self._lock_handle = lock_state(cfg.state_dir)
+        # Every document write goes through one journal (one fsync each); what a crash left in it
+        # reaches the files before anything reads them.
+        self.journal = Journal(cfg.state_dir)
+        self.journal.replay()
         self.datapath = Datapath(cfg.bpf_dir)
         self.kernel = KernelExecutor(cfg.name, self.datapath)
-        self.ipam = Ipam(JsonDir(cfg.state_dir / "ipam"), ranges)
+        self.ipam = Ipam(self._docs("ipam"), ranges)
         settings = plan.Settings(cfg.name, cfg.masquerade, self.datapath.revision)
         if kvstore is not None:  # cluster traffic is never masqueraded
             settings = dataclasses.replace(settings, cluster_cidrs=cluster_cidrs(cfg))
@@ -109,14 +113,14 @@ class Runtime:
         settings = dataclasses.replace(settings, proxy=cfg.proxy, lb_devices=lb_devices(cfg),
                                        cgroup=socket_lb_cgroup(cfg, self.datapath.pins_private))
         self.kernel.config.lb_flows = bool(settings.lb_devices) or kvstore is not None
-        identities: Identities = (ClusterIdentities(JsonDir(cfg.state_dir / "identities"), IdentityCache())
-                                  if kvstore is not None else Identities(JsonDir(cfg.state_dir / "identities")))
-        policy = PolicyState(identities, Repository(JsonDir(cfg.state_dir / "policy")), self.kernel, cfg.enforcement,
-                             cidr.CidrIdentities(JsonDir(cfg.state_dir / "cidr-identities")),
+        identities: Identities = (ClusterIdentities(self._docs("identities"), IdentityCache())
+                                  if kvstore is not None else Identities(self._docs("identities")))
+        policy = PolicyState(identities, Repository(self._docs("policy")), self.kernel, cfg.enforcement,
+                             cidr.CidrIdentities(self._docs("cidr-identities")),
                              FilterTable(cfg.state_dir / "proxy" / "filters.json"))
         self.agent = Agent(
-            JsonDir(cfg.state_dir / "networks"), JsonDir(cfg.state_dir / "endpoints"),
-            self.ipam, self.kernel, settings, policy=policy, services=JsonDir(cfg.state_dir / "services"),
+            self._docs("networks"), self._docs("endpoints"),
+            self.ipam, self.kernel, settings, policy=policy, services=self._docs("services"),
         )
         self.kernel.set_config(False, self.agent.timeouts, verdicts=False)  # until a monitor asks
         self.kernel.config.set_proxy_port(proxy_port)  # 0 without a proxy: L7 flows drop
@@ -175,6 +179,10 @@ class Runtime:
             raise
         self.ready_seconds = time.monotonic() - self.started
 
+    def _docs(self, name: str) -> JsonDir:
+        """One of the state directory's document directories, written through the journal."""
+        return JsonDir(self.cfg.state_dir / name, self.journal)
+
     def info(self) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
@@ -183,6 +191,7 @@ class Runtime:
             "state_dir": str(self.cfg.state_dir),
             "bpf_dir": str(self.cfg.bpf_dir),
             "compile_ms": round(self.datapath.compile_seconds * 1000, 1),
+            "datapath_reused": self.datapath.reused,  # the pinned programs of this revision, no compile
             "proxy": ({"port": self.proxy.port, "pid": self.proxy.pid, "listening": self.proxy.listening()}
                       if self.proxy is not None else None),
             "start_ms": round(self.ready_seconds * 1000, 1),
@@ -279,6 +288,7 @@ class Runtime:
             self.proxy.stop()
         self.kernel.close()
         self.datapath.close()
+        self.journal.close()
         return 0
 
 

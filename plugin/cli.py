@@ -52,7 +52,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     drops = sum(c["packets"] for c in st["counters"] if c["drop"])
     lines = [
         f"Instance:     {st['instance']} (pid {st['pid']}, up {st['uptime']:.0f}s)",
-        f"Datapath:     {st['datapath']} (compiled in {st['compile_ms']:.0f} ms, ready in {st['start_ms']:.0f} ms)",
+        f"Datapath:     {st['datapath']} ("
+        + ("its pinned programs reused" if st.get("datapath_reused") else f"compiled in {st['compile_ms']:.0f} ms")
+        + f", ready in {st['start_ms']:.0f} ms)",
         f"Sockets:      docker {st['plugin_socket']}, api {st['api_socket']}",
         f"Ranges:       {st['ranges']['ipv4']}  {st['ranges']['ipv6']}",
         f"Networks:     {st['networks']}",

@@ -1,5 +1,7 @@
 """The bpf(2) syscall through ctypes, for what BCC does not wrap: the sizes of a pinned map
-(the loader's layout check) and BPF_PROG_TEST_RUN (the micro benchmark).
+(the loader's layout check), BPF_PROG_TEST_RUN (the micro benchmark), the maps of a program,
+and element and batch operations on pinned maps (datapath.kernel.tables, which serves an
+agent that reuses its pinned programs without BCC).
 
 Standard library only. x86-64 and arm64 syscall numbers; root (CAP_BPF + CAP_NET_ADMIN).
 """
@@ -164,7 +166,10 @@ class _QueryAttr(ctypes.Structure):
 
 class _ProgInfo(ctypes.Structure):  # the head of struct bpf_prog_info
     _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8),
-                ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32)]
+                ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
+                ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
+                ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32),
+                ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64)]
 
 
 def prog_attach(cgroup_fd: int, prog_fd: int, attach_type: int, flags: int = BPF_F_ALLOW_MULTI) -> None:
@@ -196,3 +201,87 @@ def obj_pin(fd: int, path: str) -> None:
     raw = os.fsencode(path) + b"\0"
     name = ctypes.create_string_buffer(raw, len(raw))
     _bpf(BPF_OBJ_PIN, _ObjGetAttr(pathname=ctypes.addressof(name), bpf_fd=fd), f"BPF_OBJ_PIN {path}")
+
+
+def prog_map_ids(prog_fd: int) -> list[int]:
+    """The ids of the maps a loaded program uses."""
+    ids = (ctypes.c_uint32 * 64)()
+    info = _ProgInfo(nr_map_ids=len(ids), map_ids=ctypes.addressof(ids))
+    attr = _InfoAttr(bpf_fd=prog_fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "BPF_OBJ_GET_INFO_BY_FD")
+    return list(ids[: min(info.nr_map_ids, len(ids))])
+
+
+def map_info(fd: int) -> tuple[int, MapShape]:
+    """(id, shape) of an open map."""
+    info = _MapInfo()
+    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "BPF_OBJ_GET_INFO_BY_FD")
+    return int(info.id), MapShape(info.type, info.key_size, info.value_size, info.max_entries)
+
+
+# -- map elements ----------------------------------------------------------------------------
+
+BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM, BPF_MAP_GET_NEXT_KEY = 2, 3, 4
+BPF_MAP_UPDATE_BATCH, BPF_MAP_DELETE_BATCH = 26, 27
+ENOENT = 2
+
+
+class _BatchAttr(ctypes.Structure):
+    _fields_ = [("in_batch", ctypes.c_uint64), ("out_batch", ctypes.c_uint64), ("keys", ctypes.c_uint64),
+                ("values", ctypes.c_uint64), ("count", ctypes.c_uint32), ("map_fd", ctypes.c_uint32),
+                ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+def _elem(cmd: int, fd: int, key: int, value: int, flags: int = 0) -> int:
+    """One element call; 0, or -errno (ENOENT and the like are the caller's to judge)."""
+    attr = _ElemAttr(map_fd=fd, key=key, value=value, flags=flags)
+    ret = int(_libc.syscall(_SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr)))
+    return -ctypes.get_errno() if ret < 0 else 0
+
+
+def map_lookup(fd: int, key: int, value: int) -> bool:
+    """Copy the value at the key's address to `value`; False if there is none."""
+    err = _elem(BPF_MAP_LOOKUP_ELEM, fd, key, value)
+    if err == -ENOENT:
+        return False
+    if err:
+        raise OSError(-err, f"BPF_MAP_LOOKUP_ELEM: {os.strerror(-err)}")
+    return True
+
+
+def map_update(fd: int, key: int, value: int) -> None:
+    err = _elem(BPF_MAP_UPDATE_ELEM, fd, key, value)
+    if err:
+        raise OSError(-err, f"BPF_MAP_UPDATE_ELEM: {os.strerror(-err)}")
+
+
+def map_delete(fd: int, key: int) -> bool:
+    """False if the key was not there."""
+    err = _elem(BPF_MAP_DELETE_ELEM, fd, key, 0)
+    if err == -ENOENT:
+        return False
+    if err:
+        raise OSError(-err, f"BPF_MAP_DELETE_ELEM: {os.strerror(-err)}")
+    return True
+
+
+def map_next_key(fd: int, key: int, next_key: int) -> bool:
+    """The key after the one at `key` (0: the first) into `next_key`; False at the end."""
+    err = _elem(BPF_MAP_GET_NEXT_KEY, fd, key, next_key)
+    if err == -ENOENT:
+        return False
+    if err:
+        raise OSError(-err, f"BPF_MAP_GET_NEXT_KEY: {os.strerror(-err)}")
+    return True
+
+
+def map_batch(cmd: int, fd: int, keys: int, values: int, count: int) -> int:
+    """BPF_MAP_UPDATE_BATCH / BPF_MAP_DELETE_BATCH of `count` elements; how many were done."""
+    attr = _BatchAttr(keys=keys, values=values, count=count, map_fd=fd)
+    ret = int(_libc.syscall(_SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr)))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"batch command {cmd} after {attr.count} of {count}: {os.strerror(err)}")
+    return int(attr.count)
+

@@ -122,16 +122,18 @@ class Program:
 
 
 class Datapath:
-    """The compiled programs and the maps they share, for the lifetime of the agent."""
+    """The compiled programs and the maps they share, for the lifetime of the agent.
 
-    def __init__(self, pin_dir: Path, max_endpoints: int = 65536) -> None:
-        try:
-            from bcc import BPF, BPFAttachType
-        except ImportError as exc:
-            raise KernelError(
-                "the BCC Python binding is missing: install python3-bpfcc and use a venv made "
-                "with --system-site-packages"
-            ) from exc
+    The first start compiles bpf/ with BCC and pins every program under <pin_dir>/cache/<revision>.
+    The revision hashes the sources, the build flags and the ids of the pinned maps: programs are
+    bound to the maps they were loaded with, so a map replaced or removed behind our back makes a
+    new revision, which compiles and replaces every attachment of the old one (whose programs would
+    keep using maps the agent no longer writes). A later start of the same revision opens those
+    pins and the pinned maps instead of compiling (`reused`), after checking that each program uses
+    only maps pinned now.
+    """
+
+    def __init__(self, pin_dir: Path, max_endpoints: int = 65536, reuse: bool = True) -> None:
         self.pin_dir = pin_dir
         self.pins_private = ensure_bpffs(pin_dir)  # "" or why the pins do not outlive this process
         if self.pins_private:
@@ -140,38 +142,134 @@ class Datapath:
         seen: set[Path] = set()
         source = "\n".join(expand_source(BPF_SRC / name, BPF_SRC, seen) for name in SOURCES)
         cflags = [f'-DCG_PIN_DIR="{pin_dir}"', f"-DCG_MAX_ENDPOINTS={max_endpoints}"]
-        self.revision = hashlib.sha256((source + "\0" + " ".join(cflags)).encode()).hexdigest()[:16]
+        self.build = hashlib.sha256((source + "\0" + " ".join(cflags)).encode()).hexdigest()
+        self.bpf: Any = None
+        self._ring: Any = None
+        self._sink: Callable[[bytes], None] = lambda _raw: None
         started = time.monotonic()
+        ids = pinned_map_ids(pin_dir)
+        self.revision = self._revision(ids) if ids is not None else ""
+        self.reused = bool(reuse and self.revision and not self.pins_private and self._open_cached())
+        if not self.reused:
+            self._compile(source, cflags)
+        self.compile_seconds = 0.0 if self.reused else time.monotonic() - started
+        self.endpoints = self.tables["cg_endpoints"]
+        self.ips = self.tables["cg_ips"]
+        self.metrics = self.tables["cg_metrics"]
+        self.policy = self.tables["cg_policy"]
+        self.policy_exact = self.tables["cg_policy_exact"]
+        self.ipcache = self.tables["cg_ipcache"]
+        self.ct = self.tables["cg_ct"]
+        self.config = self.tables["cg_config"]
+        self.lb_services = self.tables["cg_lb_services"]
+        self.lb_revnat = self.tables["cg_lb_revnat"]
+        self.lb_sock = self.tables["cg_lb_sock"]
+        self.lb_netns = self.tables["cg_lb_netns"]
+        self.lb_flows = self.tables["cg_lb_flows"]
+        if self.reused:
+            log.info("datapath %s reused from its pinned programs in %.0f ms", self.revision[:12],
+                     (time.monotonic() - started) * 1000)
+        else:
+            log.info("datapath %s built in %.0f ms", self.revision[:12], self.compile_seconds * 1000)
+
+    def _compile(self, source: str, cflags: list[str]) -> None:
+        try:
+            from bcc import BPF, BPFAttachType
+        except ImportError as exc:
+            raise KernelError(
+                "the BCC Python binding is missing: install python3-bpfcc and use a venv made "
+                "with --system-site-packages"
+            ) from exc
         try:
             self.bpf = BPF(text=source.encode(), cflags=cflags)
             self.programs = {
                 name: Program(name, self.bpf.load_func(name.encode(), BPF.SCHED_CLS).fd) for name in PROGRAMS
             }
             self.sock_programs = {
-                name: (self.bpf.load_func(name.encode(), BPF.CGROUP_SOCK_ADDR,
-                                          attach_type=getattr(BPFAttachType, kind)), getattr(BPFAttachType, kind))
+                name: (Program(name, self.bpf.load_func(name.encode(), BPF.CGROUP_SOCK_ADDR,
+                                                        attach_type=getattr(BPFAttachType, kind)).fd), kind)
                 for name, kind in SOCK_PROGRAMS.items()
             }
         except Exception as exc:  # BCC raises bare Exception for compile and verifier errors
             raise KernelError(f"cannot build the datapath: {exc}") from exc
-        self.compile_seconds = time.monotonic() - started
         release_compiler_memory()
-        self.endpoints = self.bpf[b"cg_endpoints"]
-        self.ips = self.bpf[b"cg_ips"]
-        self.metrics = self.bpf[b"cg_metrics"]
-        self.policy = self.bpf[b"cg_policy"]
-        self.policy_exact = self.bpf[b"cg_policy_exact"]
-        self.ipcache = self.bpf[b"cg_ipcache"]
-        self.ct = self.bpf[b"cg_ct"]
-        self.config = self.bpf[b"cg_config"]
-        self.lb_services = self.bpf[b"cg_lb_services"]
-        self.lb_revnat = self.bpf[b"cg_lb_revnat"]
-        self.lb_sock = self.bpf[b"cg_lb_sock"]
-        self.lb_netns = self.bpf[b"cg_lb_netns"]
-        self.lb_flows = self.bpf[b"cg_lb_flows"]
-        self._ring: Any = None
-        self._sink: Callable[[bytes], None] = lambda _raw: None
-        log.info("datapath %s built in %.0f ms", self.revision[:12], self.compile_seconds * 1000)
+        self.tables = {name: self.bpf[name.encode()] for name in PINNED_MAPS if name != "cg_events"}
+        ids = pinned_map_ids(self.pin_dir)  # every map exists now
+        if ids is None:
+            raise KernelError(f"the datapath's maps are not all pinned in {self.pin_dir}")
+        self.revision = self._revision(ids)
+        if not self.pins_private:
+            try:
+                self._cache_programs()
+            except OSError as exc:  # the next start compiles again; nothing else depends on it
+                log.warning("cannot keep the programs for the next start in %s: %s", self._cache_dir(), exc)
+
+    # -- the program cache ------------------------------------------------------------------
+
+    def _revision(self, map_ids: dict[str, int]) -> str:
+        bound = ",".join(f"{name}={map_ids[name]}" for name in sorted(map_ids))
+        return hashlib.sha256((self.build + "\0" + bound).encode()).hexdigest()[:16]
+
+    def _cache_dir(self, revision: str = "") -> Path:
+        return self.pin_dir / "cache" / (revision or self.revision)
+
+    def _cache_programs(self) -> None:
+        """Pin every program of this revision and drop the caches of other revisions. A crash on the
+        way leaves a cache without some program, which the next start does not take (bpffs cannot
+        rename a directory into place). A complete cache of this revision stays: its programs are
+        the ones attached (the plan names attachments by revision, so it keeps them)."""
+        from datapath.kernel import bpfsys
+
+        final = self._cache_dir()
+        if not all((final / name).exists() for name in (*PROGRAMS, *SOCK_PROGRAMS)):
+            remove_cache(final)
+            final.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for name, prog in [*self.programs.items(), *((n, p) for n, (p, _) in self.sock_programs.items())]:
+                bpfsys.obj_pin(prog.fd, str(final / name))
+        for other in final.parent.iterdir():
+            if other != final:
+                remove_cache(other)
+
+    def _open_cached(self) -> bool:
+        """Open this revision's pinned programs and the pinned maps; False (and nothing kept open)
+        when they are missing or the programs use other maps than those pinned now."""
+        from datapath.kernel import bpfsys, layout
+        from datapath.kernel.tables import PinnedTable
+
+        cache = self._cache_dir()
+        if not all((cache / name).exists() for name in (*PROGRAMS, *SOCK_PROGRAMS)):
+            return False
+        opened: list[Any] = []
+        try:
+            tables = {}
+            for name in PINNED_MAPS:
+                if name != "cg_events":
+                    key, leaf = layout.MIRRORS[name]
+                    tables[name] = PinnedTable(str(self.pin_dir / name), key, leaf)
+                    opened.append(tables[name])
+            map_ids = {bpfsys.map_info(t.fd)[0] for t in tables.values()}
+            events = bpfsys.open_pinned(str(self.pin_dir / "cg_events"))
+            try:
+                map_ids.add(bpfsys.map_info(events)[0])
+            finally:
+                os.close(events)
+            programs = {}
+            for name in (*PROGRAMS, *SOCK_PROGRAMS):
+                programs[name] = Program(name, bpfsys.open_pinned(str(cache / name)))
+                opened.append(programs[name])
+                stray = set(bpfsys.prog_map_ids(programs[name].fd)) - map_ids
+                if stray:
+                    raise OSError(f"{name} uses maps {sorted(stray)} that are no longer pinned")
+        except OSError as exc:
+            log.warning("not reusing the pinned programs of %s: %s; compiling", self.revision[:12], exc)
+            for obj in opened:
+                _close(obj)
+            remove_cache(cache)
+            return False
+        self.tables = tables
+        self.programs = {name: programs[name] for name in PROGRAMS}
+        self.sock_programs = {name: (programs[name], kind) for name, kind in SOCK_PROGRAMS.items()}
+        return True
 
     def filter_name(self, program: str) -> str:
         """Name of the tc filter running `program` at this revision."""
@@ -194,7 +292,7 @@ class Datapath:
         """How full each hash map is (entries / max entries), counted by walking its keys."""
         out = {}
         for name in self.PRESSURE_MAPS:
-            table = self.bpf[name.encode()]
+            table = self.tables[name]
             out[name] = sum(1 for _ in table) / max(1, int(table.max_entries))
         return out
 
@@ -212,6 +310,13 @@ class Datapath:
     def poll_events(self, sink: Callable[[bytes], None], timeout_ms: int) -> None:
         """Call `sink` with each raw event record; returns after at most `timeout_ms`."""
         self._sink = sink  # the ring buffer callback is registered once; it calls the latest sink
+        if self.bpf is None:
+            if self._ring is None:
+                from datapath.kernel.tables import RingReader
+
+                self._ring = RingReader(str(self.pin_dir / "cg_events"))
+            self._ring.poll(self._deliver, timeout_ms)
+            return
         if self._ring is None:
 
             def callback(_ctx: Any, data: Any, size: int) -> int:
@@ -222,9 +327,54 @@ class Datapath:
             self._ring = callback  # keep the ctypes callback alive
         self.bpf.ring_buffer_poll(timeout_ms)
 
+    def _deliver(self, raw: bytes) -> None:
+        self._sink(raw)
+
     def close(self) -> None:
         """Release our handles; pinned maps and attached programs stay in the kernel."""
-        self.bpf.cleanup()
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            return
+        for obj in [*self.tables.values(), *self.programs.values(), *(p for p, _ in self.sock_programs.values())]:
+            _close(obj)
+        if self._ring is not None:
+            self._ring.close()
+
+
+def pinned_map_ids(pin_dir: Path) -> dict[str, int] | None:
+    """The id of every map pinned in `pin_dir`, or None if one is missing."""
+    from datapath.kernel import bpfsys
+
+    out = {}
+    for name in PINNED_MAPS:
+        try:
+            fd = bpfsys.open_pinned(str(pin_dir / name))
+        except OSError:
+            return None
+        try:
+            out[name] = bpfsys.map_info(fd)[0]
+        finally:
+            os.close(fd)
+    return out
+
+
+def _close(obj: Any) -> None:
+    if isinstance(obj, Program):
+        with contextlib.suppress(OSError):
+            os.close(obj.fd)
+    else:
+        obj.close()
+
+
+def remove_cache(directory: Path) -> None:
+    """Unpin one revision's cached programs (attached ones stay attached: tc holds them)."""
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        with contextlib.suppress(OSError):
+            entry.unlink()
+    with contextlib.suppress(OSError):
+        directory.rmdir()
 
 
 _COMPILER_LIBS = re.compile(r"/lib(LLVM|clang)[^/]*\.so")
@@ -289,6 +439,13 @@ def remove_pins(pin_dir: Path) -> list[str]:
         if entry.name in PINNED_MAPS:
             entry.unlink()
             removed.append(entry.name)
+    cache = pin_dir / "cache"
+    if cache.is_dir():
+        for revision in cache.iterdir():
+            remove_cache(revision)
+            removed.append(f"cache/{revision.name}")
+        with contextlib.suppress(OSError):
+            cache.rmdir()
     with contextlib.suppress(OSError):
         pin_dir.rmdir()
     return removed

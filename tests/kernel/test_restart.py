@@ -12,6 +12,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -60,11 +61,12 @@ def policy(rsi: Instance) -> Iterator[Policy]:
 @contextlib.contextmanager
 def restarted_agent(inst: Instance, revision: str = "") -> Iterator[tuple[Any, Any]]:
     """A second Datapath + KernelExecutor for the same instance and pin dir, as after a restart
-    (with `revision`: as an upgraded agent, claiming new programs over the same maps)."""
+    (with `revision`: as an upgraded agent, claiming freshly compiled programs over the same maps;
+    without, it reuses the pinned programs of the running revision)."""
     from datapath.kernel.executor import KernelExecutor
     from datapath.kernel.loader import Datapath
 
-    dp = Datapath(inst.pin_dir)
+    dp = Datapath(inst.pin_dir, reuse=not revision)
     if revision:
         dp.revision = revision
     kernel = KernelExecutor(inst.name, dp)
@@ -149,9 +151,9 @@ def test_new_program_revision_is_swapped_in_without_a_gap(rsi: Instance, pair: t
     a, b = pair
     networks, endpoints = [rsi.network], [a.ep, b.ep]
 
-    with probing(a, b) as probe, tc_monitor() as tc, restarted_agent(rsi) as (dp, kernel):
+    with probing(a, b) as probe, tc_monitor() as tc, restarted_agent(rsi, "upgrade") as (dp, kernel):
         # Same code, freshly loaded programs under a new name: what an upgraded agent brings.
-        old_revision = dp.revision
+        old_revision = rsi.dp.revision
         dp.revision = hashlib.sha256(b"cellgate-upgrade:" + old_revision.encode()).hexdigest()[:16]
         desired = plan.desired_state(networks, endpoints, plan.Settings(rsi.name, False, dp.revision))
         change = plan.diff(desired, kernel.observe())
@@ -199,10 +201,11 @@ def test_restart_keeps_a_denied_path_denied_and_an_allowed_path_open(rsi: Instan
         a, b = make(identity=a_id), make(identity=b_id)
         since = rsi.events.mark()
         # 0.8 s for the allowed probe: a dropped SYN is only retransmitted after 1 s, so it fails.
+        # An attempt every 2 ms: a restart that reuses the pinned programs takes a few ms only.
         with (
             TcpServer(b.ns, [b.ip4], [80, 81]),
-            TcpProbe(a.ns, b.ip4, 80, timeout=0.2) as denied,
-            TcpProbe(a.ns, b.ip4, 81, timeout=0.8) as allowed,
+            TcpProbe(a.ns, b.ip4, 80, interval=0.002, timeout=0.2) as denied,
+            TcpProbe(a.ns, b.ip4, 81, interval=0.002, timeout=0.8) as allowed,
         ):
             for probe in (denied, allowed):
                 probe.wait(lambda r: len(r) >= 5, what="probes before the restart")
@@ -239,3 +242,43 @@ def test_restart_keeps_a_denied_path_denied_and_an_allowed_path_open(rsi: Instan
         (DROP_POLICY_DENY, deny_rule, a_id)
     }
     assert not [e for e in seen if e["code"] in (DROP_POLICY, DROP_POLICY_DENY) and e.get("dport") == 81]
+
+
+def test_a_restart_reuses_the_running_programs_without_compiling(rsi: Instance, pair: tuple[Guest, Guest]) -> None:
+    a, _ = pair
+    with restarted_agent(rsi) as (dp, _kernel):
+        assert dp.reused and dp.compile_seconds == 0.0 and dp.bpf is None, "a restart of the same revision compiled"
+        assert dp.revision == rsi.dp.revision
+        # the very programs that the first start loaded and attached, opened from their pins
+        assert attached_prog_ids(a.ep.host_ifname, "ingress") == [prog_id(dp.programs["cg_from_container"].fd)]
+        assert attached_prog_ids(a.ep.host_ifname, "egress") == [prog_id(dp.programs["cg_to_container"].fd)]
+
+
+def test_a_map_replaced_behind_the_agent_makes_a_new_revision_that_compiles() -> None:
+    """Programs stay bound to the maps they were loaded with: after a pin is removed, reusing them
+    (or leaving them attached) would write where the agent no longer reads."""
+    from datapath.kernel import bpfsys
+    from datapath.kernel.loader import Datapath, pinned_map_ids, remove_pins
+
+    pin_dir = Path("/sys/fs/bpf") / f"cgk{secrets.token_hex(4)}"
+    try:
+        first = Datapath(pin_dir)
+        assert not first.reused
+        revision = first.revision
+        first.close()
+        (pin_dir / "cg_ct").unlink()
+        second = Datapath(pin_dir)
+        try:
+            assert not second.reused and second.revision != revision
+            ids = pinned_map_ids(pin_dir)
+            assert ids is not None
+            assert ids["cg_ct"] in bpfsys.prog_map_ids(second.programs["cg_from_container"].fd)
+            assert [p.name for p in (pin_dir / "cache").iterdir()] == [second.revision]  # the old one is gone
+        finally:
+            second.close()
+        third = Datapath(pin_dir)
+        assert third.reused and third.revision == second.revision
+        third.close()
+    finally:
+        remove_pins(pin_dir)
+    assert not pin_dir.exists()

@@ -120,3 +120,98 @@ def test_memory_store_copies_documents_and_fails_once() -> None:
     assert store.docs["k"] == {"list": [1]}
     store.put("k", {"list": []})
     assert list(store.load()) == [("k", {"list": []})]
+
+
+# -- the journal: one fsync per write, replayed after a crash --------------------------------
+
+
+def test_journal_writes_are_files_at_once_and_one_record_each(tmp_path: Path) -> None:
+    from ipam.store import Journal
+
+    journal = Journal(tmp_path)
+    docs = JsonDir(tmp_path / "endpoints", journal)
+    docs.put("a", {"n": 1})
+    docs.put("b", {"n": 2})
+    docs.delete("a")
+    docs.delete("never")  # nothing there: no record
+    assert dict(docs.load()) == {"b": {"n": 2}}
+    raw = (tmp_path / "journal").read_bytes()
+    assert raw.count(b"endpoints/") == 3
+    journal.close()  # a checkpoint: the files are synced, the log emptied
+    assert (tmp_path / "journal").read_bytes() == b""
+
+
+def test_journal_replay_restores_what_the_files_lost(tmp_path: Path) -> None:
+    """A power cut after the log's fsync and before the file reached the disk: the next start
+    rebuilds the file from the log."""
+    from ipam.store import Journal
+
+    journal = Journal(tmp_path)
+    docs = JsonDir(tmp_path / "ipam", journal)
+    docs.put("pool", {"v": 1})
+    docs.put("pool", {"v": 2})
+    docs.put("gone", {"v": 0})
+    docs.delete("gone")
+    (tmp_path / "ipam" / "pool.json").write_bytes(b'{"v": 1}')  # the older content on disk
+    (tmp_path / "ipam" / "gone.json").write_bytes(b"{}")  # the remove was lost too
+    os.close(journal._fd)  # the crash: no close, no checkpoint
+    assert Journal(tmp_path).replay() == 4
+    assert dict(JsonDir(tmp_path / "ipam").load()) == {"pool": {"v": 2}}
+    assert (tmp_path / "journal").read_bytes() == b""
+    assert Journal(tmp_path).replay() == 0  # replaying twice changes nothing
+
+
+def test_journal_drops_a_torn_last_record(tmp_path: Path) -> None:
+    from ipam.store import Journal
+
+    journal = Journal(tmp_path)
+    JsonDir(tmp_path / "d", journal).put("x", {"ok": True})
+    os.close(journal._fd)
+    with (tmp_path / "journal").open("ab") as fh:  # a crash in the middle of the next append
+        fh.write(b"\x40\x00\x00\x00\x01\x02")
+    assert Journal(tmp_path).replay() == 1
+    assert dict(JsonDir(tmp_path / "d").load()) == {"x": {"ok": True}}
+
+
+def test_a_write_that_fails_after_its_record_is_taken_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller sees the write fail, so the next start must not bring it back."""
+    from ipam import store
+
+    journal = store.Journal(tmp_path)
+    docs = JsonDir(tmp_path / "d", journal)
+    docs.put("x", {"v": 1})
+
+    def no_space(path: Path, data: bytes | None) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "_replace", no_space)
+    with pytest.raises(StateError, match="No space left"):
+        docs.put("x", {"v": 2})
+    monkeypatch.undo()
+    os.close(journal._fd)
+    store.Journal(tmp_path).replay()
+    assert dict(JsonDir(tmp_path / "d").load()) == {"x": {"v": 1}}
+
+
+def test_journal_records_cannot_name_files_outside_the_state_dir(tmp_path: Path) -> None:
+    import struct
+    import zlib
+
+    from ipam.store import Journal
+
+    payload = b"P../outside.json\0{}"
+    (tmp_path / "journal").write_bytes(struct.pack("<II", len(payload), zlib.crc32(payload)) + payload)
+    with pytest.raises(StateError, match="not ours"):
+        Journal(tmp_path).replay()
+    assert not (tmp_path.parent / "outside.json").exists()
+
+
+def test_a_full_journal_is_checkpointed(tmp_path: Path) -> None:
+    from ipam.store import Journal
+
+    journal = Journal(tmp_path, checkpoint_bytes=200)
+    docs = JsonDir(tmp_path / "d", journal)
+    for i in range(20):
+        docs.put(f"k{i}", {"i": i, "pad": "x" * 20})
+    assert (tmp_path / "journal").stat().st_size <= 200 + 100
+    assert len(dict(docs.load())) == 20
