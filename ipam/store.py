@@ -93,6 +93,17 @@ def _fsync(path: Path) -> None:
 _RECORD = struct.Struct("<II")  # payload length, CRC-32 of the payload
 
 
+def _syncfs(fd: int) -> int:
+    """syncfs(2) of the filesystem holding `fd`: 0, or -1 where there is none."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.syncfs(fd))
+    except (OSError, AttributeError):
+        return -1
+
+
 class Journal:
     """Write-ahead log of document writes under one directory: a write is one record appended and
     fsynced, then the document file replaced without an fsync of its own (half the fsyncs of
@@ -112,6 +123,7 @@ class Journal:
         self._fd = -1
         self._size = 0
         self._dirty: set[Path] = set()
+        self._checkpointing = False
 
     def _name(self, path: Path) -> str:
         return str(path.relative_to(self.directory))
@@ -180,7 +192,14 @@ class Journal:
                 self._take_back(start)
                 raise StateError(f"cannot persist {path.name}: {exc.strerror or exc}") from exc
             self._dirty.add(path)
-            if self._size > self.checkpoint_bytes:
+            if self._size > self.checkpoint_bytes and not self._checkpointing:
+                self._checkpointing = True  # off the caller's path: its write is durable already
+                threading.Thread(target=self._background_checkpoint, name="journal-checkpoint", daemon=True).start()
+
+    def _background_checkpoint(self) -> None:
+        with self._lock:
+            self._checkpointing = False
+            if self._fd >= 0 and self._size > self.checkpoint_bytes:
                 self._checkpoint()
 
     def _take_back(self, start: int) -> None:
@@ -193,11 +212,12 @@ class Journal:
 
     def _checkpoint(self) -> None:
         try:
-            for path in self._dirty:
-                with contextlib.suppress(FileNotFoundError):
-                    _fsync(path)
-            for parent in {p.parent for p in self._dirty}:
-                _fsync(parent)
+            if _syncfs(self._fd) != 0:  # one call for every file and directory, else one by one
+                for path in self._dirty:
+                    with contextlib.suppress(FileNotFoundError):
+                        _fsync(path)
+                for parent in {p.parent for p in self._dirty}:
+                    _fsync(parent)
             os.ftruncate(self._fd, 0)
             os.fsync(self._fd)
         except OSError as exc:  # the log stays as it is: nothing is lost, the next one tries again

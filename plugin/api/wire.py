@@ -6,15 +6,15 @@ Our own format: a body is a JSON object (empty = {}), NaN and Infinity are refus
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
+import orjson
 from flask import Response, request
 
 from datapath.errors import InvalidRequest
 
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
+_CONSTANT = re.compile(rb"-?\bInfinity\b|\bNaN\b")
 
 
 def read_body() -> dict[str, Any]:
@@ -23,11 +23,13 @@ def read_body() -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
-    except RecursionError:
-        raise InvalidRequest("the request body is nested too deeply to be decoded") from None
-    except ValueError as exc:
-        raise InvalidRequest(f"malformed JSON: {exc}") from None
+        body = orjson.loads(raw)  # strict JSON: NaN and Infinity are refused, as is nesting past 1024
+    except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc):
+            raise InvalidRequest("the request body is nested too deeply to be decoded") from None
+        constant = _CONSTANT.search(raw)
+        named = f"{constant.group().decode()} is not valid JSON; " if constant else ""
+        raise InvalidRequest(f"malformed JSON: {named}{exc}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
     return body

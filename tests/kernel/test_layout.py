@@ -22,7 +22,7 @@ from datapath.kernel import layout
 from datapath.kernel.bpfsys import pinned_map_shape
 from datapath.kernel.loader import BPF_SRC, Datapath, drop_stale_pins, expand_source, remove_pins
 
-from .conftest import BPF_ROOT, Instance
+from .conftest import BPF_ROOT
 
 pytestmark = pytest.mark.kernel
 
@@ -48,10 +48,23 @@ def shape(ctype: Any) -> list[tuple[str, int, int]] | int:
     return [(name, getattr(ctype, name).offset, getattr(ctype, name).size) for name, *_ in ctype._fields_]
 
 
+@pytest.fixture(scope="module")
+def bcc_datapath() -> Iterator[Any]:
+    """A datapath compiled in this process, so that BCC's own view of the maps is at hand (an agent
+    compiles in a child process and never holds it)."""
+    pin_dir = Path("/sys/fs/bpf") / f"cgk{secrets.token_hex(4)}"
+    dp = Datapath(pin_dir, max_endpoints=16, reuse=False, in_child=False)
+    try:
+        yield dp
+    finally:
+        dp.close()
+        remove_pins(pin_dir)
+
+
 @pytest.mark.parametrize("map_name", sorted(layout.MIRRORS))
-def test_mirror_matches_the_types_bcc_derives(dpi: Instance, map_name: str) -> None:
+def test_mirror_matches_the_types_bcc_derives(bcc_datapath: Any, map_name: str) -> None:
     key_mirror, leaf_mirror = layout.MIRRORS[map_name]
-    table = dpi.dp.bpf[map_name.encode()]
+    table = bcc_datapath.bpf[map_name.encode()]
     leaf = getattr(table, "sLeaf", table.Leaf)  # per-CPU tables: Leaf is an array of sLeaf
 
     assert ctypes.sizeof(table.Key) == ctypes.sizeof(key_mirror)
