@@ -9,7 +9,7 @@ NODES  ?= 5
 TUNNEL ?= vxlan
 
 .PHONY: cluster cluster-down demo-cluster
-.PHONY: setup run demo test test-unit test-kernel test-e2e lint typecheck clean bench bench-quick bench-micro bench-cluster bench-l7 bench-lb bench-flows bench-deps install-cni image plugin
+.PHONY: setup run demo test test-unit test-kernel test-e2e lint typecheck clean bench bench-quick bench-micro bench-cluster bench-l7 bench-lb bench-flows bench-soak bench-deps install-cni image plugin
 
 setup:            ## apt packages, kernel headers link, .venv with cellgate installed (idempotent)
 	@bash .ci/setup.sh
@@ -92,6 +92,11 @@ bench-lb: bench-deps  ## services: socket LB vs straight and vs kube-proxy DNAT 
 
 bench-flows: bench-deps  ## flow export: CRR with a follower vs without, a 100k-flow ring's memory, --last 10000 (~2 min)
 	$(BENCH) flows --run $(BENCH_RUN)
+
+SOAK_MINUTES ?= 30
+bench-soak: bench-deps  ## 3-node soak: CNI churn 5/s, policy changes, cross-node probes; resources flat (SOAK_MINUTES=30)
+	@$(BENCH) soak --run $(BENCH_RUN) --minutes $(SOAK_MINUTES); status=$$?; \
+	$(BENCH) report --run $(BENCH_RUN) >/dev/null; exit $$status
 
 bench-micro: bench-deps  ## BPF_PROG_TEST_RUN of the real programs (< 1 min; CI runs it)
 	$(BENCH) micro --run $(BENCH_RUN)

@@ -6,6 +6,7 @@
     python -m bench cluster  [--run ID] [--quick]
     python -m bench l7       [--run ID] [--quick]
     python -m bench flows    [--run ID] [--quick]
+    python -m bench soak     [--run ID] [--minutes N] [--seed S]
     python -m bench report   [--run ID] [--latest]
 
 A run is a folder bench/results/ID/ holding one JSON file per tier or chunk; `report`
@@ -24,12 +25,15 @@ from bench.common import RESULTS, Interrupted, new_run_id, write_raw
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="cellgate benchmark suite")
-    parser.add_argument("tier", choices=("micro", "control", "datapath", "cluster", "l7", "flows", "report"))
+    parser.add_argument("tier", choices=("micro", "control", "datapath", "cluster", "l7", "flows", "soak", "report"))
     parser.add_argument("--run", default=os.environ.get("BENCH_RUN", ""), help="run ID (default: a new timestamp)")
     parser.add_argument("--quick", action="store_true", help="one short round (development)")
     parser.add_argument("--rounds", type=int, default=2, help="datapath rounds in this chunk [2]")
     parser.add_argument("--chunk", type=int, default=0, help="datapath chunk number within the run [0]")
-    parser.add_argument("--seed", type=int, default=0, help="shuffle seed [derived from the chunk]")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="shuffle seed [derived from the chunk]; soak: rule-set seed [random]"
+    )
+    parser.add_argument("--minutes", type=float, default=30.0, help="soak: how long [30]")
     parser.add_argument("--latest", action="store_true", help="report: also copy to results/latest.md/.png")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -70,6 +74,15 @@ def main(argv: list[str] | None = None) -> int:
             out = run_flows(quick=args.quick)
             write_raw(run_id, "flows", out)
             print(flows_markdown(out))
+        elif args.tier == "soak":
+            from bench.soak import markdown as soak_markdown
+            from bench.soak import run_soak
+
+            out = run_soak(minutes=args.minutes, seed=args.seed)
+            write_raw(run_id, "soak", out)
+            print(soak_markdown(out))
+            if not out["passed"]:
+                return 1
         elif args.tier == "datapath":
             from bench.datapath import run_datapath
 

@@ -108,7 +108,8 @@ class Journal:
     """Write-ahead log of document writes under one directory: a write is one record appended and
     fsynced, then the document file replaced without an fsync of its own (half the fsyncs of
     write_atomic, which also syncs the directory). Past `checkpoint_bytes` the files written
-    since the last checkpoint and their directories are synced and the log is emptied.
+    since the last checkpoint are synced (syncfs of the state dir's filesystem; nothing is kept
+    per file, so the journal's memory does not grow with the documents) and the log is emptied.
 
     `replay` (at start, before any directory is read) applies what the log holds, oldest first,
     durably, and empties it; a torn last record (a crash while appending) was never acknowledged
@@ -122,7 +123,6 @@ class Journal:
         self._lock = threading.Lock()
         self._fd = -1
         self._size = 0
-        self._dirty: set[Path] = set()
         self._checkpointing = False
 
     def _name(self, path: Path) -> str:
@@ -191,7 +191,6 @@ class Journal:
             except OSError as exc:
                 self._take_back(start)
                 raise StateError(f"cannot persist {path.name}: {exc.strerror or exc}") from exc
-            self._dirty.add(path)
             if self._size > self.checkpoint_bytes and not self._checkpointing:
                 self._checkpointing = True  # off the caller's path: its write is durable already
                 threading.Thread(target=self._background_checkpoint, name="journal-checkpoint", daemon=True).start()
@@ -212,19 +211,14 @@ class Journal:
 
     def _checkpoint(self) -> None:
         try:
-            if _syncfs(self._fd) != 0:  # one call for every file and directory, else one by one
-                for path in self._dirty:
-                    with contextlib.suppress(FileNotFoundError):
-                        _fsync(path)
-                for parent in {p.parent for p in self._dirty}:
-                    _fsync(parent)
+            if _syncfs(self._fd) != 0:  # every file and directory of the state dir's filesystem
+                os.sync()
             os.ftruncate(self._fd, 0)
             os.fsync(self._fd)
         except OSError as exc:  # the log stays as it is: nothing is lost, the next one tries again
             log.warning("state journal: checkpoint failed: %s", exc)
             return
         self._size = 0
-        self._dirty.clear()
 
     def close(self) -> None:
         with self._lock:
