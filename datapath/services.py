@@ -186,9 +186,10 @@ def parse_request(body: Mapping[str, Any], where: str = "service") -> ServiceSpe
     name = body.get("name") or default_name(frontend)
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise InvalidRequest(f"{where}: name {name!r} must be 1-63 lower-case letters, digits, '.' or '-'")
-    raw_backends = body.get("backends") or []
-    selector_text = body.get("selector") or ""
-    target_port = body.get("target_port") or 0
+    # null (or "", as the CLI may send) is none; any other falsy value ({}, 0, []) is a value to judge
+    raw_backends = [] if body.get("backends") in (None, "") else body["backends"]
+    selector_text = "" if body.get("selector") is None else body["selector"]
+    target_port = 0 if body.get("target_port") is None else body["target_port"]
     if isinstance(raw_backends, str):
         raw_backends = [b for b in raw_backends.split(",") if b.strip()]
     if not isinstance(raw_backends, list) or not all(isinstance(b, str) for b in raw_backends):

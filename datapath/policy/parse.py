@@ -104,7 +104,7 @@ def _parse_crd(doc: dict[str, Any], index: int) -> list[Rule]:
     else:
         if namespace is None or namespace == "":
             namespace = DEFAULT_NAMESPACE
-        if not isinstance(namespace, str) or not _NAMESPACE_NAME.match(namespace):
+        if not isinstance(namespace, str) or not _NAMESPACE_NAME.fullmatch(namespace):  # `$` takes "x\n"
             raise InvalidRequest(f"{where}: metadata.namespace: {namespace!r} is not a namespace name "
                                  "(lower-case letters, digits and '-', at most 63)")
         scope = Scope(CNP, namespace)
@@ -408,7 +408,9 @@ def _port(raw: Any, where: str, l7: L7Rules | None = None) -> list[PortRange]:
     if not isinstance(raw, dict):
         raise InvalidRequest(f"{where}: must be an object")
     _only(raw, ("port", "endPort", "protocol"), where)
-    proto_name = str(raw.get("protocol") or "ANY").upper()
+    if raw.get("protocol") is not None and not isinstance(raw["protocol"], str):
+        raise InvalidRequest(f"{where}.protocol: must be one of TCP, UDP, SCTP, ICMP, ICMPv6, ANY")
+    proto_name = (raw.get("protocol") or "ANY").upper()
     if proto_name not in PROTOCOLS:
         raise InvalidRequest(f"{where}.protocol: must be one of TCP, UDP, SCTP, ICMP, ICMPv6, ANY")
     proto = PROTOCOLS[proto_name]

@@ -101,7 +101,8 @@ def parse_selector(raw: Any, where: str) -> Selector:
         raise InvalidRequest(f"{where}: a selector must be an object")
     _only(raw, ("matchLabels", "matchExpressions"), where)
     reqs: list[Requirement] = []
-    labels = raw.get("matchLabels") or {}
+    labels = raw.get("matchLabels")
+    labels = {} if labels is None else labels  # not `or`: [] and "" are no object
     if not isinstance(labels, dict):
         raise InvalidRequest(f"{where}.matchLabels: must be an object of key: value")
     for key, value in labels.items():
@@ -109,7 +110,8 @@ def parse_selector(raw: Any, where: str) -> Selector:
             raise InvalidRequest(f"{where}.matchLabels.{key}: value must be a string")
         label = _selector_key(str(key), f"{where}.matchLabels")
         reqs.append(Requirement(label.source, label.key, "In", (str(value),)))
-    exprs = raw.get("matchExpressions") or []
+    exprs = raw.get("matchExpressions")
+    exprs = [] if exprs is None else exprs
     if not isinstance(exprs, list):
         raise InvalidRequest(f"{where}.matchExpressions: must be a list")
     for i, expr in enumerate(exprs):
@@ -122,7 +124,8 @@ def parse_selector(raw: Any, where: str) -> Selector:
         op = expr.get("operator")
         if op not in OPERATORS:
             raise InvalidRequest(f"{w}.operator: must be one of {', '.join(OPERATORS)}")
-        values = expr.get("values") or []
+        values = expr.get("values")
+        values = [] if values is None else values
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             raise InvalidRequest(f"{w}.values: must be a list of strings")
         if op in ("In", "NotIn") and not values:
@@ -135,6 +138,9 @@ def parse_selector(raw: Any, where: str) -> Selector:
 
 
 def _selector_key(text: str, where: str) -> Label:
+    """A selector's key, `[source:]key`: a value (`=...`) in it is refused, not dropped."""
+    if "=" in text:
+        raise InvalidRequest(f"{where}: key {text[:80]!r} holds '=': a key has no value (give it as the value)")
     try:
         return Label.parse(text)
     except ValueError as exc:

@@ -60,8 +60,9 @@ def parse_dport(text: str) -> tuple[int, int]:
     proto = (proto or "tcp").lower()
     if proto not in PROTO_NUMBERS:
         raise ValueError(f"unknown protocol {proto!r} in {text!r}")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"bad port in {text!r}")
+    limit = 255 if proto in ("icmp", "icmpv6") else 65535  # an ICMP "port" is its type
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= limit:  # "²".isdigit() is true
+        raise ValueError(f"bad port in {text!r}: give 0-{limit}")
     return PROTO_NUMBERS[proto], int(port)
 
 

@@ -44,6 +44,7 @@ def create_app(agent: Agent, hub: EventHub, info: Callable[[], dict[str, Any]],
                flows: FlowLog | None = None, verdicts: context.Tracers | None = None) -> Flask:
     app = Flask("cellgate.api")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    app.url_map.merge_slashes = False  # /v1//endpoints is no path of ours: 404, not a redirect
     app.extensions[context.KEY] = ApiContext.build(agent, hub, info, cni, cluster, flows, verdicts)
     add_server_timing(app)
     for blueprint in (*BLUEPRINTS, policy, monitor, flows_routes, cluster_routes, services):

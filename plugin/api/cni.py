@@ -52,4 +52,5 @@ def cni_gc() -> Response:
 
 @cni.post("/v1/cni/status")
 def cni_status() -> Response:
+    read_body()  # what the binary sends says nothing more, but it must be a JSON object
     return reply({"ok": True, "endpoints": ctx().agent.endpoint_count()})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +18,10 @@ from datapath.flows import FilterError, FlowFilter, FlowQuery, LabelSelector, pa
 from datapath.labels import Label
 from datapath.policy import Rule, parse_rules
 from datapath.policy.l7 import KAFKA_KEY_NAMES, HttpRequest, KafkaRequest, normalize_path
+from datapath.policy.trace import PROTO_NUMBERS, parse_dport
 
 EVENT_TYPES = frozenset({"drop", "verdict", "trace", "l7"})
+HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: what a method is
 PARTY_KINDS_HELP = ('send {"src": {KIND: VALUE}, "dst": {KIND: VALUE}, "dport": "80/tcp"} '
                     "with KIND endpoint, identity, labels or ip")
 
@@ -27,8 +30,11 @@ def labels_arg(text: str) -> list[Label] | None:
     """`k=v,k=v` (a query argument) as labels; None when empty."""
     if not text.strip():
         return None
+    terms = [t.strip() for t in text.split(",")]
+    if not all(terms):  # "," would otherwise read as no labels at all: every rule
+        raise InvalidRequest(f"labels {text[:80]!r}: an empty label")
     try:
-        return [Label.parse(t.strip(), "unspec") for t in text.split(",") if t.strip()]
+        return [Label.parse(t, "unspec") for t in terms]
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
 
@@ -111,11 +117,16 @@ class PolicyDelete:
     def parse(cls, body: Mapping[str, Any]) -> PolicyDelete:
         if set(body) - {"labels", "all"}:
             raise InvalidRequest("send {\"labels\": [\"k=v\", ...]} or {\"all\": true}")
+        if not isinstance(body.get("all", False), bool):
+            raise InvalidRequest("all must be true or false")
         if body.get("all") is True:
+            if body.get("labels") is not None:
+                raise InvalidRequest("give labels or all: true, not both")
             return cls(None)
         raw = body.get("labels")
-        labels = labels_arg(",".join(raw)) if isinstance(raw, list) and all(isinstance(x, str) for x in raw) \
-            else None
+        terms = [t.strip() for x in raw for t in x.split(",")] \
+            if isinstance(raw, list) and all(isinstance(x, str) for x in raw) else []
+        labels = labels_arg(",".join(terms)) if terms and all(terms) else None
         if not labels:  # never None here: that would delete every rule
             raise InvalidRequest("labels must be a non-empty list of key=value strings (or send all: true)")
         return cls(labels)
@@ -169,6 +180,12 @@ class TraceRequest:
         dport = body.get("dport") or ""
         if not isinstance(dport, str):
             raise InvalidRequest("dport must be a string like 80/tcp")
+        try:
+            proto, _ = parse_dport(dport) if dport else (PROTO_NUMBERS["tcp"], 0)
+        except ValueError as exc:
+            raise InvalidRequest(f"dport: {exc}") from None
+        if proto != PROTO_NUMBERS["tcp"] and (body.get("http") is not None or body.get("kafka") is not None):
+            raise InvalidRequest(f"dport {dport}: HTTP and Kafka requests go over TCP")
         if body.get("http") is not None and body.get("kafka") is not None:
             raise InvalidRequest("trace an http or a kafka request, not both")
         request: HttpRequest | KafkaRequest | None = None
@@ -202,6 +219,9 @@ def _http_request(raw: Any) -> HttpRequest:
     path = _text(raw, "path", "http", "/")
     if not path.startswith("/") and path != "*":
         raise InvalidRequest("http.path must start with '/'")
+    method = _text(raw, "method", "http", "GET")
+    if not HTTP_TOKEN.fullmatch(method):
+        raise InvalidRequest(f"http.method {method[:40]!r} is not an HTTP method (a token: letters, no spaces)")
     return HttpRequest(_text(raw, "method", "http", "GET").upper(), normalize_path(path), _text(raw, "host", "http"),
                        tuple(pairs))
 
@@ -236,6 +256,21 @@ def _kafka_request(raw: Any) -> KafkaRequest:
     if client is not None and not isinstance(client, str):
         raise InvalidRequest("kafka.clientID must be a string")
     return KafkaRequest(number, version, client, tuple(topics))
+
+
+SERVICE_FIELDS = ("name", "frontend", "backends", "selector", "target_port")
+
+
+def service_body(body: Mapping[str, Any], name: str = "") -> Mapping[str, Any]:
+    """A service create (or, with the service's `name`, update) body: our own format, so unknown
+    fields are refused by name; the values are the use case's to judge (datapath.services)."""
+    unknown = sorted(set(body) - set(SERVICE_FIELDS))
+    if unknown:
+        raise InvalidRequest(f"unknown field(s) {', '.join(repr(k)[:40] for k in unknown)} "
+                             f"(known: {', '.join(SERVICE_FIELDS)})")
+    if name and body.get("name") not in (None, name):
+        raise InvalidRequest(f"name {body['name']!r:.80}: a service keeps its name (this is {name})")
+    return body
 
 
 @dataclass(frozen=True)
@@ -302,7 +337,10 @@ class FlowsQuery:
         try:
             lists = {}
             for name in ("allowlist", "denylist"):
-                raw = json.loads(args.get(name) or "[]")
+                try:
+                    raw = json.loads(args.get(name) or "[]")
+                except json.JSONDecodeError as exc:
+                    raise FilterError(f"{name}: not JSON ({exc})") from None
                 if not isinstance(raw, list) or len(raw) > 64:
                     raise FilterError(f"{name}: give a JSON list of at most 64 flow filters")
                 lists[name] = tuple(FlowFilter.parse(item) for item in raw)
@@ -333,6 +371,6 @@ def _count_arg(args: Mapping[str, str], name: str) -> int:
     text = args.get(name, "")
     if not text:
         return 0
-    if not text.isdigit() or not 0 < int(text) <= MAX_FLOWS:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= MAX_FLOWS:  # "²".isdigit() is true
         raise InvalidRequest(f"{name}: {text!r} is not a count (1-{MAX_FLOWS})")
     return int(text)

@@ -12,6 +12,7 @@ from flask import Blueprint, Response, request
 from datapath.errors import CellgateError, InvalidRequest, NotFound
 from datapath.flows import FlowQuery
 from datapath.policy import fromflows, parse_rules
+from plugin import failpoints
 from plugin.api import views
 from plugin.api.context import ctx
 from plugin.api.messages import (
@@ -44,6 +45,7 @@ def _policy_change() -> Iterator[None]:
 def policy_import() -> Response:
     with _policy_change():
         req = PolicyImport.parse(read_body())
+        failpoints.hit("policy.import.parsed")
         return reply({"revision": ctx().agent.policy_import(req.rules)})
 
 

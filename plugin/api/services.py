@@ -7,6 +7,7 @@ from __future__ import annotations
 from flask import Blueprint, Response
 
 from plugin.api.context import ctx
+from plugin.api.messages import service_body
 from plugin.api.wire import read_body, reply
 
 services = Blueprint("services", __name__)
@@ -19,7 +20,7 @@ def list_services() -> Response:
 
 @services.post("/v1/services")
 def create_service() -> Response:
-    return reply(ctx().agent.service_create(read_body()).to_json(), 201)
+    return reply(ctx().agent.service_create(service_body(read_body())).to_json(), 201)
 
 
 @services.get("/v1/services/<name>")
@@ -29,7 +30,7 @@ def show_service(name: str) -> Response:
 
 @services.put("/v1/services/<name>")
 def update_service(name: str) -> Response:
-    return reply(ctx().agent.service_update(name, read_body()).to_json())
+    return reply(ctx().agent.service_update(name, service_body(read_body(), name)).to_json())
 
 
 @services.delete("/v1/services/<name>")

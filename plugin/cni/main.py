@@ -99,7 +99,7 @@ def run(env: dict[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | None, 
     if command == "ADD":
         if cni_args.get("IP"):
             try:
-                ipaddress.ip_address(cni_args["IP"].split("/")[0])
+                ipaddress.ip_interface(cni_args["IP"])  # an address, or one with a prefix length (10.1.0.5/24)
             except ValueError:
                 raise CniError(INVALID_ENV, f"CNI_ARGS: IP {cni_args['IP'][:60]!r} is not an IP address") from None
         body.update({

@@ -22,8 +22,10 @@ from plugin.cni.codes import (
 SUPPORTED = ("0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 DEFAULT_VERSION = "0.1.0"  # a configuration without cniVersion is 0.1.0 (libcni, Mesos)
 
-CONTAINER_ID = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
-MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+# Matched whole (fullmatch: `$` would also match before a final newline), in ASCII.
+CONTAINER_ID = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]{0,255}")  # as the agent's (plugin.cni.messages)
+NETWORK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 KNOWN_ARGS = {"IgnoreUnknown", "K8S_POD_NAME", "K8S_POD_NAMESPACE", "K8S_POD_INFRA_CONTAINER_ID", "K8S_POD_UID",
               "IP", "MAC", "CELLGATE_LABELS"}
 # Keys the runtime or libcni may put next to ours; anything else in our plugin's object is refused.
@@ -128,7 +130,7 @@ def check_runtime_config(raw: Any) -> tuple[list[str], str]:
                 raise _bad(f"runtimeConfig.ips[{i}]", item, "is not an IP address") from None
             ips.append(item)
     mac = rc.get("mac")
-    if mac is not None and (not isinstance(mac, str) or not MAC.match(mac) or int(mac[:2], 16) & 1):
+    if mac is not None and (not isinstance(mac, str) or not MAC.fullmatch(mac) or int(mac[:2], 16) & 1):
         raise _bad("runtimeConfig.mac", mac, "must be a unicast MAC address like 02:42:ac:11:00:02")
     if rc.get("portMappings") is not None:
         for i, raw_map in enumerate(_list(rc["portMappings"], "runtimeConfig.portMappings")):
@@ -268,7 +270,7 @@ def check_config(conf: dict[str, Any]) -> str:
         raise CniError(INCOMPATIBLE_VERSION, f"incompatible CNI version {version!r}",
                        f"supported versions: {', '.join(SUPPORTED)}")
     name = conf.get("name")
-    if not isinstance(name, str) or not name or len(name) > 128 or not re.match(r"^[A-Za-z0-9][\w.\-]*$", name):
+    if not isinstance(name, str) or not name or len(name) > 128 or not NETWORK_NAME.fullmatch(name):
         raise CniError(INVALID_CONFIG, "the network configuration needs a name (letters, digits, _ . -)")
     for key in conf:
         if key not in CONFIG_KEYS:
@@ -301,7 +303,7 @@ def check_env(env: dict[str, str], command: str) -> dict[str, str]:
     missing = [k for k in needed if not env.get(k)]
     if missing:
         raise CniError(INVALID_ENV, f"missing environment variable(s): {', '.join(missing)}")
-    if "CNI_CONTAINERID" in needed and not CONTAINER_ID.match(env["CNI_CONTAINERID"]):
+    if "CNI_CONTAINERID" in needed and not CONTAINER_ID.fullmatch(env["CNI_CONTAINERID"]):
         raise CniError(INVALID_ENV, f"CNI_CONTAINERID {env['CNI_CONTAINERID'][:80]!r} is not a valid container ID")
     ifname = env.get("CNI_IFNAME", "")
     if "CNI_IFNAME" in needed and (len(ifname) > 15 or ifname in (".", "..") or re.search(r"[/:\s]", ifname)):

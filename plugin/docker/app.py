@@ -15,7 +15,7 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from datapath.errors import CellgateError, InvalidRequest
+from datapath.errors import CellgateError, Conflict, InvalidRequest, NotFound
 from ipam.allocator import GLOBAL_SPACE, LOCAL_SPACE, PoolRequest
 from plugin import failpoints
 from plugin.docker import messages as m
@@ -33,9 +33,12 @@ def _reply(payload: Any, status: int = 200) -> Response:
 
 
 def docker_status(exc: CellgateError) -> int:
-    """The error's status as libnetwork may see it: 404 means "method not implemented" to it
-    (an optional call then counts as done), so only 400 (the caller's mistake) is kept; 500 else."""
-    return 400 if exc.status == InvalidRequest.status else 500
+    """The error's status as libnetwork may see it. The caller's mistakes keep their 4xx status
+    (400 malformed, 409 conflicting), but an unknown object answers 400: 404 means "method not
+    implemented" to libnetwork (an optional call would then count as done). 500 else."""
+    if exc.status == NotFound.status:
+        return InvalidRequest.status
+    return exc.status if 400 <= exc.status < 500 else 500
 
 
 def create_app(agent: Agent) -> Flask:
@@ -59,6 +62,22 @@ def create_app(agent: Agent) -> Flask:
             return view
 
         return register
+
+    def docker_endpoint(network_id: str, endpoint_id: str, sandbox: str = "") -> None:
+        """Refuse a call that names one of our endpoints with another network, a CNI attachment, or
+        (Join) another sandbox than the one it is in: libnetwork never does, and the use cases act on
+        the endpoint alone. (Their own check would be the better home: plugin/service is not this
+        door's.) An endpoint that is gone is theirs to judge: deleting what is gone succeeds."""
+        ep = agent.get_endpoint(endpoint_id)
+        if ep is None:
+            return
+        if ep.network_id != network_id:
+            raise InvalidRequest(f"endpoint {endpoint_id[:12]} is not on network {network_id[:12]}")
+        if ep.origin != "docker":
+            raise Conflict(f"endpoint {endpoint_id[:12]} is the CNI attachment {ep.container_id[:12]}/{ep.ifname}, "
+                           "not Docker's")
+        if sandbox and ep.sandbox and ep.sandbox != sandbox:
+            raise Conflict(f"endpoint {endpoint_id[:12]} is joined to {ep.sandbox}: Leave comes first")
 
     @app.errorhandler(CellgateError)
     def cellgate_error(exc: CellgateError) -> Response:
@@ -117,19 +136,23 @@ def create_app(agent: Agent) -> Flask:
     def endpoint_info(body: dict[str, Any]) -> Any:
         ref = m.EndpointRef.parse(body)
         ep = agent.get_endpoint(ref.endpoint_id)
-        if ep is None:
+        if ep is None or ep.network_id != ref.network_id:
             return {"Value": {}}
         return {"Value": {"cellgate.interface": ep.host_ifname, "cellgate.mac": ep.mac}}
 
     @route("/NetworkDriver.DeleteEndpoint")
     def delete_endpoint(body: dict[str, Any]) -> Any:
         ref = m.EndpointRef.parse(body)
+        docker_endpoint(ref.network_id, ref.endpoint_id)
         agent.delete_endpoint(ref.network_id, ref.endpoint_id)
+        failpoints.hit("docker.delete_endpoint.before_reply")
 
     @route("/NetworkDriver.Join")
     def join(body: dict[str, Any]) -> Any:
         req = m.Join.parse(body)
+        docker_endpoint(req.network_id, req.endpoint_id, req.sandbox_key)
         info = agent.join(req.network_id, req.endpoint_id, req.sandbox_key)
+        failpoints.hit("docker.join.before_reply")
         reply: dict[str, Any] = {
             "InterfaceName": {"SrcName": info.interface, "DstPrefix": "eth"},
             "DisableGatewayService": True,
@@ -144,7 +167,9 @@ def create_app(agent: Agent) -> Flask:
     @route("/NetworkDriver.Leave")
     def leave(body: dict[str, Any]) -> Any:
         ref = m.EndpointRef.parse(body)
+        docker_endpoint(ref.network_id, ref.endpoint_id)
         agent.leave(ref.network_id, ref.endpoint_id)
+        failpoints.hit("docker.leave.before_reply")
 
     @route("/NetworkDriver.ProgramExternalConnectivity")
     def program_external(body: dict[str, Any]) -> Any:
@@ -188,11 +213,13 @@ def create_app(agent: Agent) -> Flask:
     def request_address(body: dict[str, Any]) -> Any:
         req = m.RequestAddress.parse(body)
         pool, alloc = agent.request_address(req.pool_id, req.address, req.kind, req.mac)
+        failpoints.hit("docker.request_address.before_reply")  # reserved and persisted, Docker not told yet
         return {"Address": str(pool.prefixed(alloc.address)), "Data": {}}
 
     @route("/IpamDriver.ReleaseAddress")
     def release_address(body: dict[str, Any]) -> Any:
         req = m.ReleaseAddress.parse(body)
         agent.release_address(req.pool_id, req.address)
+        failpoints.hit("docker.release_address.before_reply")
 
     return app

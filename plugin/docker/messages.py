@@ -17,6 +17,7 @@ from typing import Any
 from datapath.errors import InvalidRequest
 from datapath.model import IPInterface
 from datapath.naming import ENDPOINT_ID
+from ipam.allocator import GLOBAL_SPACE, LOCAL_SPACE
 from ipam.pool import KIND_AUX, KIND_ENDPOINT, KIND_GATEWAY, check_routable, host_address_problem
 
 Body = Mapping[str, Any]
@@ -63,9 +64,34 @@ def _str(body: Body, key: str, required: bool = True) -> str:
 
 def _id(body: Body, key: str) -> str:
     value = _str(body, key)
-    if not ENDPOINT_ID.match(value):
+    if not ENDPOINT_ID.fullmatch(value):  # not match: `$` also matches before a final newline
         raise InvalidRequest(f"field {key} must be a hexadecimal ID, got {value[:80]!r}")
     return value
+
+
+def _given(body: Body, key: str) -> bool:
+    """Whether an optional field is there: Docker leaves one out, or sends null or ""; any other
+    value (0, [], false included) is a value to judge."""
+    return body.get(key) not in (None, "")
+
+
+def _pool_id(body: Body, key: str = "PoolID") -> tuple[str, Network]:
+    """A pool ID as RequestPool hands them out (ipam.pool.pool_id: SPACE/SUBNET[/RANGE]), and its
+    subnet. Docker sends back only IDs it was given, so anything else is refused, never looked up."""
+    value = _str(body, key)
+    space, _, rest = value.partition("/")
+    parts = rest.split("/")
+    try:
+        if space not in (LOCAL_SPACE, GLOBAL_SPACE) or len(parts) not in (2, 4):
+            raise ValueError
+        subnet = ipaddress.ip_network("/".join(parts[:2]), strict=True)
+        subpool = ipaddress.ip_network("/".join(parts[2:]), strict=True) if len(parts) == 4 else subnet
+        if subpool.version != subnet.version or not subpool.subnet_of(subnet):  # type: ignore[arg-type]
+            raise ValueError
+    except (ValueError, TypeError):
+        raise InvalidRequest(f"field {key} {value[:80]!r} is not a pool ID of this driver "
+                             f"({LOCAL_SPACE}/SUBNET[/RANGE])") from None
+    return value, subnet
 
 
 def _map(body: Body, key: str) -> Mapping[str, Any]:
@@ -126,7 +152,7 @@ def _address(value: Any, key: str) -> Address | None:
 def _mac(value: Any, key: str) -> str:
     if value in (None, ""):
         return ""
-    if not isinstance(value, str) or not MAC.match(value):
+    if not isinstance(value, str) or not MAC.fullmatch(value):
         raise InvalidRequest(f"field {key} must be a MAC address like 02:42:ac:11:00:02")
     if int(value[:2], 16) & 1:
         raise InvalidRequest(f"field {key} must be a unicast MAC address")
@@ -155,7 +181,8 @@ class CreateNetwork:
     def parse(cls, body: Body) -> CreateNetwork:
         network_id = _id(body, "NetworkID")
         options = _map(body, "Options")
-        generic = options.get(GENERIC_OPTIONS) or {}
+        generic = options.get(GENERIC_OPTIONS)
+        generic = {} if generic is None else generic  # Docker sends null for none; [] or "" are no object
         if not isinstance(generic, dict):
             raise InvalidRequest(f"field Options.{GENERIC_OPTIONS} must be an object")
         if generic:
@@ -217,8 +244,8 @@ class CreateEndpoint:
     @classmethod
     def parse(cls, body: Body) -> CreateEndpoint:
         iface = _map(body, "Interface")
-        v4 = _interface(iface["Address"], "Interface.Address") if iface.get("Address") else None
-        v6 = _interface(iface["AddressIPv6"], "Interface.AddressIPv6") if iface.get("AddressIPv6") else None
+        v4 = _interface(iface["Address"], "Interface.Address") if _given(iface, "Address") else None
+        v6 = _interface(iface["AddressIPv6"], "Interface.AddressIPv6") if _given(iface, "AddressIPv6") else None
         if v4 is not None and v4.version != 4:
             raise InvalidRequest("field Interface.Address must be IPv4")
         if v6 is not None and v6.version != 6:
@@ -260,8 +287,8 @@ class RequestPool:
     @classmethod
     def parse(cls, body: Body) -> RequestPool:
         space = _str(body, "AddressSpace")
-        pool = _cidr(body["Pool"], "Pool") if body.get("Pool") else None
-        subpool = _cidr(body["SubPool"], "SubPool") if body.get("SubPool") else None
+        pool = _cidr(body["Pool"], "Pool") if _given(body, "Pool") else None  # not `or`: [] is no CIDR
+        subpool = _cidr(body["SubPool"], "SubPool") if _given(body, "SubPool") else None
         v6 = _bool(body.get("V6", False), "V6")
         return cls(space, pool, subpool, v6, _string_map(_map(body, "Options"), "Options"))
 
@@ -272,7 +299,7 @@ class PoolRef:
 
     @classmethod
     def parse(cls, body: Body) -> PoolRef:
-        return cls(_str(body, "PoolID"))
+        return cls(_pool_id(body)[0])
 
 
 @dataclass(frozen=True)
@@ -295,8 +322,8 @@ class RequestAddress:
             kind = KIND_AUX  # IPAM takes it as an endpoint's once the network exists
         else:
             kind = KIND_ENDPOINT
-        return cls(_str(body, "PoolID"), _address(body.get("Address"), "Address"), kind,
-                   options.get(MAC_KEY, "").lower())
+        return cls(_pool_id(body)[0], _address(body.get("Address"), "Address"), kind,
+                   _mac(options.get(MAC_KEY), f"Options.{MAC_KEY}"))
 
 
 @dataclass(frozen=True)
@@ -306,7 +333,10 @@ class ReleaseAddress:
 
     @classmethod
     def parse(cls, body: Body) -> ReleaseAddress:
+        pool_id, subnet = _pool_id(body)
         address = _address(body.get("Address"), "Address")
         if address is None:
             raise InvalidRequest("missing field Address")
-        return cls(_str(body, "PoolID"), address)
+        if address not in subnet:  # the release would otherwise free it wherever it is
+            raise InvalidRequest(f"field Address: {address} is not in pool {pool_id}")
+        return cls(pool_id, address)

@@ -16,6 +16,7 @@ lets the Agent remove what Docker no longer has. A snapshot that fails removes n
 from __future__ import annotations
 
 import contextlib
+import gc
 import ipaddress
 import logging
 import threading
@@ -46,6 +47,7 @@ class DockerWatcher:
 
         backoff = 1.0
         while not stop.is_set():
+            failed = False
             try:
                 self._client = docker.APIClient(base_url=self.base_url, version="auto", timeout=30)
                 self.resync()
@@ -53,26 +55,40 @@ class DockerWatcher:
                 log.info("following Docker events at %s", self.base_url)
                 self._follow(stop)
             except Exception as exc:
-                self.connected = False
+                self.connected, failed = False, True
                 if not self._warned:
                     log.warning("cannot follow Docker events at %s (%s); retrying", self.base_url, exc)
                     self._warned = True
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
             finally:
                 self._close()
+            if failed:
+                # A failed attempt leaves its socket in a reference cycle (the HTTP client's exception
+                # chain): collected now that the exception is gone, not at the next collection, which
+                # the agent makes rare (bootstrap.settle_heap).
+                gc.collect(1)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
 
     def _follow(self, stop: threading.Event) -> None:
         while not stop.is_set():
             until = time.time() + self.resync_interval
             if self._recheck_at is not None:
                 until = min(until, self._recheck_at)
-            events = self._client.events(decode=True, until=int(until) + 1,
-                                         filters={"type": ["container", "network"]})
-            for event in events:
-                if stop.is_set():
-                    return
-                self._handle(event)
+            # An endless stream, closed when the resync is due: the docker client keeps a connection
+            # pool per URL, so a stream ending at `until=` (a new URL each time) would leave one idle
+            # connection behind per resync, up to its 25 pools.
+            events = self._client.events(decode=True, filters={"type": ["container", "network"]})
+            due = threading.Timer(max(0.0, until - time.time()), events.close)
+            due.daemon = True
+            due.start()
+            try:
+                for event in events:
+                    if stop.is_set():
+                        return
+                    self._handle(event)
+            finally:
+                due.cancel()
+                events.close()
             self.resync()
 
     def stop(self) -> None:
@@ -95,7 +111,16 @@ class DockerWatcher:
     def sync_container(self, container_id: str) -> None:
         if not container_id:
             return
-        self._apply(self._client.containers(filters={"id": [container_id]}))
+        # A client of its own, closed after: the docker client keeps a connection pool per URL, and this
+        # one is new for every container (its ID is in the query), so a long-lived client would keep one
+        # idle connection per container started, up to its 25 pools.
+        import docker
+
+        client = docker.APIClient(base_url=self.base_url, version=self._client.api_version, timeout=30)
+        try:
+            self._apply(client.containers(filters={"id": [container_id]}))
+        finally:
+            client.close()
 
     def resync(self) -> None:
         view, containers = self._view(self._client)

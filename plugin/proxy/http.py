@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from http import HTTPStatus
 
 import h11
@@ -22,6 +23,7 @@ DISCARD_LIMIT = 1 << 20  # body bytes of a refused request read and dropped to k
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _PLAIN = (b"content-type", b"text/plain")
 _HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection"))
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")  # RFC 3986 host[:port]
 
 
 async def handle_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flow: Flow, source: FlowSource,
@@ -192,6 +194,12 @@ class _Http1:
             return False
         if has_cl and has_te:
             self._fail(400, "both Content-Length and Transfer-Encoding")
+            return False
+        if req.http_version not in (b"1.0", b"1.1"):  # h11 reads any HTTP/d.d; upstream would get it as 1.1
+            self._fail(505, f"HTTP/{req.http_version.decode('latin-1')} is not supported")
+            return False
+        if not _HOST.fullmatch(host):  # RFC 9112 3.2: a Host that is no uri-host[:port] gets a 400
+            self._fail(400, "the Host header is not a host")
             return False
         flow = self.source.lookup(self.flow.client, self.flow.original)
         if flow is None:

@@ -335,7 +335,7 @@ def test_a_kernel_failure_during_import_is_a_problem_and_changes_nothing(
         ({"labels": "name=db"}, 400, "non-empty list"),
         ({"labels": [1]}, 400, "non-empty list"),
         ({}, 400, "non-empty list"),
-        ({"all": "yes"}, 400, "non-empty list"),
+        ({"all": "yes"}, 400, "all must be true or false"),
         ({"labels": ["=x"]}, 400, "empty key"),
         ({"lables": ["name=db"]}, 400, 'send {"labels"'),
         ({"labels": ["name=nope"]}, 404, "no rule has labels name=nope"),

@@ -598,5 +598,5 @@ def test_request_address_options_are_decoded_at_the_door(
 ) -> None:
     from plugin.docker.messages import RequestAddress
 
-    req = RequestAddress.parse({"PoolID": "p", "Address": address, "Options": options})
+    req = RequestAddress.parse({"PoolID": "CellgateLocal/10.1.0.0/24", "Address": address, "Options": options})
     assert (req.kind, req.mac) == (kind, mac)
