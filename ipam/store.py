@@ -38,15 +38,30 @@ def file_name(key: str) -> str:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so that a crash leaves either the old or the new file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        _replace(path, data, durable=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
         raise StateError(f"cannot persist {path.name}: {exc.strerror or exc}") from exc
 
 
-def _replace(path: Path, data: bytes | None, durable: bool = False) -> None:
-    """Put `data` at `path` (None: remove it) through a temp file renamed over it: atomically, and
-    durably (file and directory synced) only if asked; through the journal, the log is durable."""
+def _replace(path: Path, data: bytes | None) -> None:
+    """Put `data` at `path` (None: remove it), atomically but not durably: the journal is."""
     if data is None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -58,13 +73,9 @@ def _replace(path: Path, data: bytes | None, durable: bool = False) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            if durable:
-                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        if durable:
-            _fsync(path.parent)
     except OSError:
         with contextlib.suppress(OSError):
             tmp.unlink()
