@@ -245,6 +245,9 @@ class FakeKernel:
         self.config = (trace, dict(timeouts))
         self.verdicts = verdicts
 
+    def repin(self, cgroup: str = "") -> list[str]:
+        return []  # nothing pinned in memory
+
 
 class FakeNetns:
     """Namespaces as dicts of interfaces; a path is a namespace once `create` made it one."""

@@ -491,3 +491,12 @@ def service_objects(services: Iterable[tuple[Frontend, int, tuple[Backend, ...]]
 
 def keys(objs: Iterable[KernelObject]) -> set[Key]:
     return {o.key for o in objs}
+
+
+def removal_keys(objs: Iterable[KernelObject]) -> set[Key]:
+    """The keys to converge when every object of `objs` goes (an endpoint removed): those but the
+    routes, neighbours and tc programs on a veth among them, which the kernel drops with the link,
+    so observing and removing each one would only cost netlink round trips."""
+    objs = list(objs)
+    links = {o.name for o in objs if isinstance(o, Veth)}
+    return {o.key for o in objs if not (isinstance(o, (Route, Neighbour, Programs)) and o.dev in links)}

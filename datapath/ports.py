@@ -72,6 +72,11 @@ class Kernel(Protocol):
         conntrack timeouts (seconds)."""
         ...
 
+    def repin(self, cgroup: str = "") -> list[str]:
+        """Pin again the maps and programs whose pins vanished while they run (with `cgroup`, the
+        socket programs too); what was pinned."""
+        ...
+
 
 class EventSource(Protocol):
     """Datapath events, decoded; `poll` calls `sink` for each and returns after `timeout` ms."""

@@ -26,7 +26,8 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.docs: dict[str, dict[str, Any]] = {}
-        self.fail_next: Exception | None = None
+        self.fail_next: Exception | None = None  # raised by the next put (a full disk)
+        self.fail_next_delete: Exception | None = None  # raised by the next delete (a read-only state dir)
 
     def put(self, key: str, doc: dict[str, Any]) -> None:
         if self.fail_next is not None:
@@ -35,6 +36,9 @@ class MemoryStore:
         self.docs[key] = json.loads(json.dumps(doc))
 
     def delete(self, key: str) -> None:
+        if self.fail_next_delete is not None:
+            exc, self.fail_next_delete = self.fail_next_delete, None
+            raise exc
         self.docs.pop(key, None)
 
     def load(self) -> Iterator[tuple[str, dict[str, Any]]]:

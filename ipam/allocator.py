@@ -12,7 +12,7 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from datapath.errors import Conflict, InvalidRequest, NotFound
@@ -101,6 +101,9 @@ class Ipam:
         self._clock = clock
         self._lock = threading.RLock()
         self._pools: dict[str, Pool] = {}
+        # Whether the endpoint that owns an address still exists: the ledger's user (the agent) says.
+        # An address bound to one is never released, whoever asks (a release names only the address).
+        self.in_use: Callable[[str], bool] = lambda owner: False
         for _, doc in store.load():
             try:
                 pool = Pool.from_doc(doc)
@@ -307,7 +310,11 @@ class Ipam:
             pool = self._pools.get(pid)
             if pool is None or address not in pool.allocations:
                 return
-            kind = pool.allocations[address].kind
+            alloc = pool.allocations[address]
+            kind = alloc.kind
+            if kind == KIND_ENDPOINT and alloc.owner and self.in_use(alloc.owner):
+                raise Conflict(f"address {address} is in use by endpoint {alloc.owner[:12]}: "
+                               "it is released once that endpoint is deleted")
             if kind in (KIND_GATEWAY, KIND_AUX) and pool.refs > 1:
                 # Network-level reservations of a shared pool belong to every holder. Docker
                 # releases them when it rolls back a racing CreateNetwork; the winner keeps them.
@@ -330,11 +337,17 @@ class Ipam:
             if alloc.owner != endpoint_id:
                 self._save(pool.bind(address, endpoint_id))
 
-    def release_owner(self, endpoint_id: str) -> list[Address]:
-        """Free every address an endpoint holds (the endpoint is gone for good)."""
+    def release_owner(self, endpoint_id: str, network_id: str | None = None) -> list[Address]:
+        """Free every address an endpoint holds (the endpoint is gone for good); with `network_id`,
+        only those in the pools of that network."""
         freed = []
         with self._lock:
+            if self.in_use(endpoint_id):
+                raise Conflict(f"endpoint {endpoint_id[:12]} still exists: its addresses are released once "
+                               "it is deleted")
             for pool in list(self._pools.values()):
+                if network_id is not None and pool.network_id != network_id:
+                    continue
                 mine = [a.address for a in pool.endpoint_allocations() if a.owner == endpoint_id]
                 if not mine:
                     continue
@@ -346,6 +359,47 @@ class Ipam:
         for address in freed:
             log.info("address %s released with endpoint %s", address, endpoint_id[:12])
         return freed
+
+    def unbind_owner(self, endpoint_id: str) -> list[Address]:
+        """Keep every address an endpoint holds, bound to no endpoint any more (the endpoint is gone,
+        but its runtime may still hold the address: Docker releases it when the container goes)."""
+        kept = []
+        with self._lock:
+            for pool in list(self._pools.values()):
+                mine = [a.address for a in pool.endpoint_allocations() if a.owner == endpoint_id]
+                if not mine:
+                    continue
+                new = pool
+                for address in mine:
+                    new = new.bind(address, "")
+                self._save(new)
+                kept.extend(mine)
+        for address in kept:
+            log.info("address %s kept for its runtime, no longer bound to endpoint %s", address, endpoint_id[:12])
+        return kept
+
+    def allocation(self, address: Address) -> Allocation | None:
+        """The allocation of `address`, wherever it is (None: not reserved)."""
+        found = self.lookup(address)
+        return found[1] if found is not None else None
+
+    def put_back(self, address: Address, before: Allocation | None) -> None:
+        """Undo what a failed use case did to one address: its allocation as `before` (from
+        `allocation()`), or none. A pool that changed nothing else keeps its value."""
+        with self._lock:
+            if self.allocation(address) == before:
+                return
+            pool = next((p for p in self._pools.values() if address in p.subnet), None)
+            if pool is None:
+                return
+            allocations = dict(pool.allocations)
+            if before is None:
+                allocations.pop(address, None)
+            else:
+                allocations[address] = before
+            self._save(dataclasses.replace(pool, allocations=allocations))
+            log.info("address %s put back as it was (%s)", address,
+                     "not reserved" if before is None else before.owner[:12] or "pending")
 
     def ensure_allocated(self, address: Address, endpoint_id: str) -> bool:
         """Re-reserve an address a live endpoint uses but the ledger lost; True if it did."""
@@ -368,11 +422,13 @@ class Ipam:
         live: Mapping[str, Sequence[Address]],
         grace: float = 60.0,
         release: bool = False,
+        held: Collection[Address] = (),
     ) -> CheckReport:
         """Compare allocations with the endpoints that exist (`live`: endpoint ID -> addresses).
 
         Only pools bound to a cellgate network are judged: for those, every endpoint
-        allocation must belong to a live endpoint. Allocations younger than `grace`
+        allocation must belong to a live endpoint, or hold an address a runtime still has
+        (`held`: Docker's containers'), which is no leak. Allocations younger than `grace`
         seconds are skipped so that a create in flight is never mistaken for a leak.
         """
         with self._lock:
@@ -386,7 +442,7 @@ class Ipam:
                 if not pool.network_id:
                     continue
                 for alloc in pool.endpoint_allocations():
-                    if now - alloc.created < grace:
+                    if now - alloc.created < grace or alloc.address in held:
                         continue
                     if not alloc.owner:
                         if alloc.address not in users:

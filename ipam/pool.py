@@ -134,18 +134,7 @@ class Pool:
     ) -> tuple[Pool, Allocation]:
         """Reserve `requested` or the next free address; returns the new pool and the allocation."""
         if requested is not None:
-            if requested.version != self.version:
-                raise InvalidRequest(f"address {requested} is not IPv{self.version}")
-            if not self._usable(requested):
-                raise InvalidRequest(f"address {requested} is not a usable address of pool {self.subnet}: "
-                                     f"it {host_address_problem(requested, self.subnet)}")
-            if kind == KIND_ENDPOINT and requested == self.gateway:
-                raise Conflict(f"address {requested} is the gateway of {self.subnet}")
-            if kind == KIND_ENDPOINT and self.subpool is not None and requested not in self.subpool:
-                raise InvalidRequest(f"address {requested} is outside the range {self.subpool}")
-            existing = self.allocations.get(requested)
-            if existing is not None:
-                raise Conflict(f"address {requested} is already in use ({existing.kind})")
+            self.check_requested(requested, kind)
             return self._with(Allocation(requested, kind, "", mac, now), cursor=self.cursor)
 
         rng = self._range()
@@ -162,6 +151,21 @@ class Pool:
                 continue
             return self._with(Allocation(candidate, kind, "", mac, now), cursor=offset + 1)
         raise AddressExhausted(f"no free address left in {rng}")
+
+    def check_requested(self, requested: Address, kind: str = KIND_ENDPOINT) -> None:
+        """Why `requested` cannot be reserved as `kind` now (InvalidRequest, Conflict); None if it can."""
+        if requested.version != self.version:
+            raise InvalidRequest(f"address {requested} is not IPv{self.version}")
+        if not self._usable(requested):
+            raise InvalidRequest(f"address {requested} is not a usable address of pool {self.subnet}: "
+                                 f"it {host_address_problem(requested, self.subnet)}")
+        if kind == KIND_ENDPOINT and requested == self.gateway:
+            raise Conflict(f"address {requested} is the gateway of {self.subnet}")
+        if kind == KIND_ENDPOINT and self.subpool is not None and requested not in self.subpool:
+            raise InvalidRequest(f"address {requested} is outside the range {self.subpool}")
+        existing = self.allocations.get(requested)
+        if existing is not None:
+            raise Conflict(f"address {requested} is already in use ({existing.kind})")
 
     def _with(self, alloc: Allocation, cursor: int) -> tuple[Pool, Allocation]:
         allocations = dict(self.allocations)

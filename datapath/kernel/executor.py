@@ -16,6 +16,7 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from datapath import failpoints
 from datapath.errors import KernelError
 from datapath.kernel import cgroup, iptables, layout, lb, links, maps, netdev, proxyroute, tunnel
 from datapath.kernel.context import Handler, KernelContext, attr
@@ -115,6 +116,7 @@ class KernelExecutor:
             raise KernelError(f"{what} {objs[-1]}: {exc}") from exc
         except (OSError, KeyError, ValueError, subprocess.CalledProcessError) as exc:
             raise KernelError(f"{what} {objs[-1]}: {exc}") from exc
+        failpoints.hit(f"kernel.{what}.{objs[-1].kind}")  # e.g. kernel.add.veth: made, the next kind not yet
 
     # -- host facts -------------------------------------------------------------------------
 
@@ -164,3 +166,12 @@ class KernelExecutor:
 
     def set_config(self, trace: bool, timeouts: dict[str, float], verdicts: bool = True) -> None:
         self.config.set(trace, timeouts, verdicts)
+
+    def repin(self, cgroup: str = "") -> list[str]:
+        """Pin again what was unpinned behind our back (datapath.kernel.repin); what was pinned."""
+        if self.dp is None:
+            return []
+        from datapath.kernel import repin
+
+        with self._lock:
+            return repin.repin(self.dp, bool(cgroup))

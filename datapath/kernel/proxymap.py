@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import os
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from datapath.kernel import layout
-from datapath.kernel.bpfsys import MapReader
+from datapath.kernel.bpfsys import MapReader, map_info, open_pinned
 
 MARK_FROM_PROXY = 0xA00  # bpf/lib/common.h CG_MARK_FROM_PROXY
 
@@ -35,10 +36,32 @@ class ProxiedFlow:
 
 
 class ConntrackReader:
+    """Lookups in the pinned cg_ct, following it when an agent made it again (it started without its
+    pins): the datapath then writes the new map, and the old one, still open here, no longer changes."""
+
     def __init__(self, pin_dir: Path) -> None:
-        self._reader = MapReader(str(pin_dir / "cg_ct"), ctypes.sizeof(layout.CgCtValue))
+        self._path = str(pin_dir / "cg_ct")
+        self._reader = MapReader(self._path, ctypes.sizeof(layout.CgCtValue))
+        self._id = map_info(self._reader.fd)[0]
         self._key = layout.CgCtKey()
         self._monotonic = time.clock_gettime_ns
+
+    def _follow(self) -> bool:
+        """Open the map pinned now if it is another one than ours; True if it was."""
+        try:
+            fd = open_pinned(self._path)
+        except OSError:
+            return False
+        try:
+            pinned = map_info(fd)[0]
+        finally:
+            os.close(fd)
+        if pinned == self._id:
+            return False
+        self._reader.close()
+        self._reader = MapReader(self._path, ctypes.sizeof(layout.CgCtValue))
+        self._id = map_info(self._reader.fd)[0]
+        return True
 
     def lookup(self, client: tuple[str, int], original: tuple[str, int]) -> ProxiedFlow | None:
         """The live entry of the TCP flow client -> original that the datapath sent to the proxy."""
@@ -54,6 +77,8 @@ class ConntrackReader:
         key.sport, key.dport = socket.htons(client[1]), socket.htons(original[1])
         key.proto, key.family = socket.IPPROTO_TCP, src.version
         raw = self._reader.lookup(key)
+        if raw is None and self._follow():  # a miss: the map may have been made again
+            raw = self._reader.lookup(key)
         if raw is None:
             return None
         ct = layout.CgCtValue.from_buffer_copy(raw)

@@ -15,7 +15,7 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from datapath.errors import CellgateError, Conflict, InvalidRequest, NotFound
+from datapath.errors import CellgateError, InvalidRequest, NotFound
 from ipam.allocator import GLOBAL_SPACE, LOCAL_SPACE, PoolRequest
 from plugin import failpoints
 from plugin.docker import messages as m
@@ -62,22 +62,6 @@ def create_app(agent: Agent) -> Flask:
             return view
 
         return register
-
-    def docker_endpoint(network_id: str, endpoint_id: str, sandbox: str = "") -> None:
-        """Refuse a call that names one of our endpoints with another network, a CNI attachment, or
-        (Join) another sandbox than the one it is in: libnetwork never does, and the use cases act on
-        the endpoint alone. (Their own check would be the better home: plugin/service is not this
-        door's.) An endpoint that is gone is theirs to judge: deleting what is gone succeeds."""
-        ep = agent.get_endpoint(endpoint_id)
-        if ep is None:
-            return
-        if ep.network_id != network_id:
-            raise InvalidRequest(f"endpoint {endpoint_id[:12]} is not on network {network_id[:12]}")
-        if ep.origin != "docker":
-            raise Conflict(f"endpoint {endpoint_id[:12]} is the CNI attachment {ep.container_id[:12]}/{ep.ifname}, "
-                           "not Docker's")
-        if sandbox and ep.sandbox and ep.sandbox != sandbox:
-            raise Conflict(f"endpoint {endpoint_id[:12]} is joined to {ep.sandbox}: Leave comes first")
 
     @app.errorhandler(CellgateError)
     def cellgate_error(exc: CellgateError) -> Response:
@@ -143,14 +127,12 @@ def create_app(agent: Agent) -> Flask:
     @route("/NetworkDriver.DeleteEndpoint")
     def delete_endpoint(body: dict[str, Any]) -> Any:
         ref = m.EndpointRef.parse(body)
-        docker_endpoint(ref.network_id, ref.endpoint_id)
         agent.delete_endpoint(ref.network_id, ref.endpoint_id)
         failpoints.hit("docker.delete_endpoint.before_reply")
 
     @route("/NetworkDriver.Join")
     def join(body: dict[str, Any]) -> Any:
         req = m.Join.parse(body)
-        docker_endpoint(req.network_id, req.endpoint_id, req.sandbox_key)
         info = agent.join(req.network_id, req.endpoint_id, req.sandbox_key)
         failpoints.hit("docker.join.before_reply")
         reply: dict[str, Any] = {
@@ -167,7 +149,6 @@ def create_app(agent: Agent) -> Flask:
     @route("/NetworkDriver.Leave")
     def leave(body: dict[str, Any]) -> Any:
         ref = m.EndpointRef.parse(body)
-        docker_endpoint(ref.network_id, ref.endpoint_id)
         agent.leave(ref.network_id, ref.endpoint_id)
         failpoints.hit("docker.leave.before_reply")
 

@@ -95,6 +95,10 @@ class EtcdStore:
         self._current = 0
         self._stubs: dict[str, Any] | None = None
         self._channel: Any = None
+        # One channel per endpoint for the store's lifetime, made at its first use: a channel reconnects
+        # by itself, and one closed only lets go of its sockets (connections etcd holds too) when the
+        # garbage collector breaks gRPC's reference cycles, so a new channel per failure piled them up.
+        self._channels: dict[str, tuple[Any, dict[str, Any]]] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kvstore", daemon=True)
         self._thread.start()
@@ -131,17 +135,18 @@ class EtcdStore:
         return self._targets[self._current]
 
     def _rotate(self) -> None:
+        """The next endpoint's channel for the next call (the same one when there is one endpoint)."""
         self._current = (self._current + 1) % len(self._targets)
-        old, self._channel, self._stubs = self._channel, None, None
-        if old is not None:
-            asyncio.run_coroutine_threadsafe(old.close(), self._loop)
+        self._channel, self._stubs = None, None
 
     def _stub(self, name: str) -> Any:
         if self._stubs is None:
             rpc = self._rpc
-            self._channel = rpc.insecure_channel(self.endpoint, options=_CHANNEL_OPTIONS)
-            self._stubs = {"kv": rpc.KVStub(self._channel), "lease": rpc.LeaseStub(self._channel),
-                           "watch": rpc.WatchStub(self._channel)}
+            if self.endpoint not in self._channels:
+                channel = rpc.insecure_channel(self.endpoint, options=_CHANNEL_OPTIONS)
+                self._channels[self.endpoint] = (channel, {"kv": rpc.KVStub(channel), "lease": rpc.LeaseStub(channel),
+                                                           "watch": rpc.WatchStub(channel)})
+            self._channel, self._stubs = self._channels[self.endpoint]
         return self._stubs[name]
 
     async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
@@ -332,8 +337,8 @@ class EtcdStore:
             for task in asyncio.all_tasks(self._loop):
                 if task is not asyncio.current_task():
                     task.cancel()
-            if self._channel is not None:
-                await self._channel.close()
+            for channel, _ in self._channels.values():
+                await channel.close()
 
         with contextlib.suppress(Exception):  # closing is best effort
             asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(2)

@@ -21,7 +21,7 @@ import ipaddress
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from datapath import identity as ids
 from datapath.errors import InvalidRequest
@@ -42,6 +42,9 @@ SERVICES = f"{PREFIX}services/v1/{CLUSTER}/"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 MAX_VALUE = 64 * 1024  # no honest value comes near this
 MAX_SERVICE_VALUE = 256 * 1024  # a service of 4,096 IPv6 backends is about 130 KiB
+
+
+N = TypeVar("N", ipaddress.IPv4Network, ipaddress.IPv6Network)
 
 
 class BadData(ValueError):
@@ -79,18 +82,38 @@ def parse_node(key: str, value: bytes) -> NodeRecord:
     addresses = doc.get("IPAddresses")
     if not isinstance(addresses, list) or not addresses or not isinstance(addresses[0], dict):
         raise BadData(f"node {name}: no IPAddresses")
+    ip = addresses[0].get("IP")
+    if not isinstance(ip, str):
+        raise BadData(f"node {name}: IPAddresses[0].IP {ip!r:.60} is not an address string")
     try:
-        address = ipaddress.IPv4Address(str(addresses[0].get("IP")))
-        v4 = ipaddress.IPv4Network(doc["IPv4AllocCIDR"]) if doc.get("IPv4AllocCIDR") else None
-        v6 = ipaddress.IPv6Network(doc["IPv6AllocCIDR"]) if doc.get("IPv6AllocCIDR") else None
-    except (ValueError, TypeError) as exc:
-        raise BadData(f"node {name}: {exc}") from None
+        address = ipaddress.IPv4Address(ip)
+    except ValueError as exc:
+        raise BadData(f"node {name}: IPAddresses[0].IP: {exc}") from None
     if address.is_unspecified or address.is_loopback or address.is_multicast:
         raise BadData(f"node {name}: address {address} is not a node address")
+    v4 = _range(doc, "IPv4AllocCIDR", ipaddress.IPv4Network, name)
+    v6 = _range(doc, "IPv6AllocCIDR", ipaddress.IPv6Network, name)
     tunnel = doc.get("tunnel", "vxlan")
     if tunnel not in ("vxlan", "disabled"):
         raise BadData(f"node {name}: unknown tunnel {tunnel!r}")
-    return NodeRecord(Node(name, address, v4, v6), str(doc.get("uid", "")), tunnel)
+    uid = doc.get("uid", "")
+    if not isinstance(uid, str):
+        raise BadData(f"node {name}: uid {uid!r:.60} is not a string")
+    return NodeRecord(Node(name, address, v4, v6), uid, tunnel)
+
+
+def _range(doc: dict[str, Any], field: str, kind: type[N], name: str) -> N | None:
+    """A node's allocation range: absent, "" or null for none, else a network in CIDR form (a JSON
+    number or a bare address is no range: ipaddress would take 5 as 0.0.0.5/32)."""
+    value = doc.get(field)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or "/" not in value:
+        raise BadData(f"node {name}: {field} {value!r:.60} is not a network in CIDR form")
+    try:
+        return kind(value)
+    except ValueError as exc:
+        raise BadData(f"node {name}: {field}: {exc}") from None
 
 
 def clash(me: NodeRecord, other: NodeRecord) -> str:

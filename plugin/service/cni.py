@@ -61,7 +61,9 @@ class CniService:
             net = self._network(att.network, req)
             allocated: list[tuple[str, Any]] = []
             try:
+                failpoints.hit("cni.add.network_ready")
                 addresses = self._addresses(net, req, allocated)
+                failpoints.hit("cni.add.address_reserved")
                 v4 = next((a for a in addresses if a.version == 4), None)
                 v6 = next((a for a in addresses if a.version == 6), None)
                 ep = agent.create_endpoint(net.id, eid, v4, v6, mac=req.mac, origin="cni", labels=req.labels,
@@ -108,21 +110,36 @@ class CniService:
             raise exc from None
 
     def _addresses(self, net: Network, req: AddRequest, allocated: list[tuple[str, Any]]) -> list[IPInterface]:
-        out: list[IPInterface] = []
+        """An address of every subnet of `net`: the one asked for (CNI_ARGS IP=, runtimeConfig ips)
+        or the next free one. Every asked-for address is judged before anything is reserved, and
+        reserved before any free one is drawn, so a refusal leaves the pools as they were."""
+        where = req.attachment.network
+        pools, wanted = [], []
         for gw in net.gateways:
             pool = self.agent.ipam.find_by_subnet(gw.network)
             if pool is None:
                 raise NotFound(f"no address pool for {gw.network}")
-            wanted = next((ip for ip in req.ips if ip in gw.network), None)
-            _, alloc = self.agent.ipam.request_address(pool.id, wanted, owner=req.attachment.endpoint_id)
-            allocated.append((pool.id, alloc.address))
-            out.append(pool.prefixed(alloc.address))
+            mine = [ip for ip in req.ips if ip in gw.network]
+            if len(mine) > 1:
+                raise InvalidRequest(f"two addresses for subnet {gw.network} of network {where}: "
+                                     f"{mine[0]} and {mine[1]} (one address per subnet)",
+                                     cni_code=codes.INVALID_CONFIG)
+            if mine:
+                pool.check_requested(mine[0])
+            pools.append(pool)
+            wanted.append(mine[0] if mine else None)
         unplaced = [ip for ip in req.ips if not any(ip in g.network for g in net.gateways)]
         if unplaced:
-            where = req.attachment.network
             raise InvalidRequest(f"address {unplaced[0]} is not in a subnet of network {where}",
                                  cni_code=codes.INVALID_CONFIG)
-        return out
+        got: dict[str, Any] = {}
+        for asked in (True, False):  # the asked-for addresses first: only they can still be refused
+            for pool, address in zip(pools, wanted, strict=True):
+                if (address is not None) == asked:
+                    _, alloc = self.agent.ipam.request_address(pool.id, address, owner=req.attachment.endpoint_id)
+                    allocated.append((pool.id, alloc.address))
+                    got[pool.id] = pool.prefixed(alloc.address)
+        return [got[pool.id] for pool in pools]
 
     def _undo(self, eid: str, net: Network, allocated: Sequence[tuple[str, Any]], att: Attachment) -> None:
         try:
@@ -130,9 +147,12 @@ class CniService:
         except CellgateError as exc:
             log.error("rolling back %s in %s: %s", att.ifname, att.netns, exc)
         try:
-            self.agent.delete_endpoint(net.id, eid)
+            self.agent.delete_endpoint(net.id, eid, origin="cni")
         except CellgateError as exc:
             log.error("rolling back %s: %s", eid[:12], exc)
+        if eid in self.agent.endpoints:  # its removal failed: it keeps its addresses until a DEL removes it
+            log.error("endpoint %s stays after a failed ADD, with its addresses", eid[:12])
+            return
         for pool_id, address in allocated:
             self.agent.ipam.release_address(pool_id, address)
         self.agent.ipam.release_owner(eid)
@@ -169,19 +189,32 @@ class CniService:
     # -- DEL, CHECK, GC, STATUS -------------------------------------------------------------
 
     def delete(self, att: Attachment) -> bool:
-        """Remove the attachment; True if there was one. Never fails for a missing one."""
+        """Remove the attachment; True if there was one. Never fails for a missing one, and one on
+        another network than the DEL names is missing as far as this network goes (the endpoint ID
+        derives from the container and interface alone, so the network must be compared)."""
         agent = self.agent
+        nid = network_id(att.network)
         with agent._lock:
             ep = agent.endpoints.get(att.endpoint_id)
             if ep is None:
-                agent.ipam.release_owner(att.endpoint_id)
+                agent.ipam.release_owner(att.endpoint_id, network_id=nid)  # what a lost ADD left here
+                return False
+            if ep.network_id != nid:
+                log.info("CNI DEL of %s/%s on %s: it is attached to %s; nothing to do", att.container_id[:12],
+                         att.ifname, att.network, self._network_name(ep.network_id))
                 return False
             self._remove(ep)
             return True
 
+    def _network_name(self, nid: str) -> str:
+        net = self.agent.networks.get(nid)
+        return net.name if net is not None and net.name else nid[:12]
+
     def _remove(self, ep: Endpoint) -> None:
-        self.agent.delete_endpoint(ep.network_id, ep.id)  # the veth pair goes, and with it the inner end
+        self.agent.delete_endpoint(ep.network_id, ep.id, origin="cni")  # the veth pair goes, and the inner end
+        failpoints.hit("cni.del.endpoint_removed")
         freed = self.agent.ipam.release_owner(ep.id)
+        failpoints.hit("cni.del.released")
         log.info("CNI %s/%s removed; released %s", ep.container_id[:12], ep.ifname,
                  ", ".join(str(a) for a in freed) or "nothing")
 
@@ -191,6 +224,9 @@ class CniService:
         if ep is None:
             raise NotFound(f"no cellgate endpoint for {att.container_id}/{att.ifname}",
                            cni_code=codes.UNKNOWN_CONTAINER)
+        if ep.network_id != network_id(att.network):
+            raise NotFound(f"{att.container_id}/{att.ifname} is attached to network "
+                           f"{self._network_name(ep.network_id)}, not {att.network}", cni_code=codes.UNKNOWN_CONTAINER)
         problems = agent.check_endpoint(ep)
         try:
             state = self.netns.interface(att.netns, att.ifname)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from datapath import identity as ids
 from datapath import naming, plan
-from datapath.errors import CellgateError, Conflict, InvalidRequest, KernelError, NotFound
+from datapath.errors import CellgateError, Conflict, InvalidRequest, KernelError, NotFound, StateError
 from datapath.identity import Identities
 from datapath.labels import LabelSet, from_runtime
 from datapath.model import Endpoint, IPAddress, IPInterface, Network
@@ -26,7 +26,8 @@ from datapath.policy import Repository
 from datapath.ports import Kernel
 from datapath.store import DocumentStore, MemoryStore
 from ipam.allocator import Ipam
-from ipam.pool import check_routable, host_address_problem
+from ipam.pool import Allocation, check_routable, host_address_problem
+from plugin import failpoints
 from plugin.service.policy import PolicyState
 from plugin.service.service_table import ServiceTable
 from plugin.telemetry import Telemetry
@@ -64,6 +65,7 @@ class AgentBase:
         self._net_store = networks
         self._ep_store = endpoints
         self.ipam = ipam
+        ipam.in_use = lambda owner: owner in self.endpoints  # the ledger keeps what a live endpoint uses
         self.kernel = kernel
         self.settings = settings
         self._clock = clock
@@ -89,6 +91,9 @@ class AgentBase:
         self.service_listeners: list[Callable[[], None]] = []  # the cluster service publishes our services
         self.networks.update(_load(networks, Network.from_doc, "network"))
         self.endpoints.update(_load(endpoints, Endpoint.from_doc, "endpoint"))
+        # Endpoints gone from memory and the kernel whose document, identity hold or addresses (True:
+        # those too) a state dir that refused writes still holds: the sweep drops them once it takes writes.
+        self.leftovers: dict[str, tuple[Endpoint, bool]] = {}
 
     # -- kernel helpers ---------------------------------------------------------------------
 
@@ -282,35 +287,78 @@ class AgentBase:
                 clash = {a.ip for a in other.addresses} & {a.ip for a in ep.addresses}
                 if clash:
                     raise Conflict(f"address {clash.pop()} is in use by endpoint {other.id[:12]}")
-            for addr in ep.addresses:
-                # An address the ledger does not hold (Docker released it meanwhile, or a direct
-                # caller) is reserved now: an address a live endpoint uses is never handed out.
-                self.ipam.ensure_allocated(addr.ip, endpoint_id)
-                self.ipam.bind_endpoint(addr.ip, endpoint_id)
-            if labels is not None:
-                ep = self._with_identity(ep, labels, label_source)
+            ledger = [(addr.ip, self.ipam.allocation(addr.ip)) for addr in ep.addresses]
             try:
-                self._ep_store.put(ep.id, ep.to_doc())
+                ep = self._create(ep, labels, label_source)
             except CellgateError:
-                if self.policy.identities.release(ep.id):
-                    self.policy.sync(self.endpoints.values())
-                raise
-            self.endpoints[ep.id] = ep
-            try:
-                self._regenerate(ep, plan.keys(plan.endpoint_objects(ep, self.settings)))
-            except CellgateError:
-                self._remove_endpoint(ep)
+                if endpoint_id not in self.endpoints:  # else its removal failed: it keeps what it holds
+                    self._put_back(ledger)
                 raise
             log.info("endpoint %s created on %s (%s)", endpoint_id[:12], ep.host_ifname,
                      ", ".join(str(a) for a in ep.addresses))
             self._changed()
             return ep
 
-    def join(self, network_id: str, endpoint_id: str, sandbox: str) -> JoinInfo:
+    def _put_back(self, ledger: Sequence[tuple[IPAddress, Allocation | None]]) -> None:
+        """The ledger's allocations of a failed create's addresses as they were before it."""
+        for address, before in ledger:
+            try:
+                self.ipam.put_back(address, before)
+            except CellgateError as exc:  # the create's own error is the one to report
+                log.error("address %s is left as the failed create made it: %s", address, exc)
+
+    def _create(self, ep: Endpoint, labels: dict[str, str] | None, label_source: str) -> Endpoint:
+        """create_endpoint's steps that change state, in order: addresses, identity, document, kernel."""
+        for addr in ep.addresses:
+            # An address the ledger does not hold (Docker released it meanwhile, or a direct
+            # caller) is reserved now: an address a live endpoint uses is never handed out.
+            self.ipam.ensure_allocated(addr.ip, ep.id)
+            self.ipam.bind_endpoint(addr.ip, ep.id)
+        failpoints.hit("endpoint.create.address_bound")
+        self.leftovers.pop(ep.id, None)  # made again: what an earlier one left is this one's now
+        if labels is not None:
+            ep = self._with_identity(ep, labels, label_source)
+        try:
+            self._ep_store.put(ep.id, ep.to_doc())
+        except CellgateError:
+            if self.policy.identities.release(ep.id):
+                self.policy.sync(self.endpoints.values())
+            raise
+        self.endpoints[ep.id] = ep
+        try:
+            failpoints.hit("endpoint.create.persisted")
+            self._regenerate(ep, plan.keys(plan.endpoint_objects(ep, self.settings)))
+            failpoints.hit("endpoint.create.maps_written")
+        except CellgateError:
+            self._remove_endpoint(ep)
+            raise
+        return ep
+
+    def _named(self, network_id: str, endpoint_id: str, origin: str, sandbox: str = "") -> Endpoint | None:
+        """The endpoint a door's call names, or None when it is gone (deleting what is gone succeeds).
+        Refused when the call names it with another network, when it is another door's (`origin`:
+        Docker never acts on a CNI attachment, nor CNI on Docker's endpoints), or (Join) when it is
+        in another sandbox than `sandbox`: the runtime never does that, and the steps act on the
+        endpoint alone."""
+        ep = self.endpoints.get(endpoint_id)
+        if ep is None:
+            return None
+        if ep.network_id != network_id:
+            raise InvalidRequest(f"endpoint {endpoint_id[:12]} is not on network {network_id[:12]}")
+        if ep.origin != origin and ep.origin == "cni":
+            raise Conflict(f"endpoint {endpoint_id[:12]} is the CNI attachment {ep.container_id[:12]}/{ep.ifname}, "
+                           "not Docker's")
+        if ep.origin != origin:
+            raise Conflict(f"endpoint {endpoint_id[:12]} is Docker's, not a CNI attachment")
+        if sandbox and ep.sandbox and ep.sandbox != sandbox:
+            raise Conflict(f"endpoint {endpoint_id[:12]} is joined to {ep.sandbox}: Leave comes first")
+        return ep
+
+    def join(self, network_id: str, endpoint_id: str, sandbox: str, origin: str = "docker") -> JoinInfo:
         with self._lock:
-            ep = self.endpoint(endpoint_id)
-            if ep.network_id != network_id:
-                raise InvalidRequest(f"endpoint {endpoint_id[:12]} is not on network {network_id[:12]}")
+            ep = self._named(network_id, endpoint_id, origin, sandbox)
+            if ep is None:
+                raise NotFound(f"unknown endpoint {endpoint_id[:12]}")
             if ep.sandbox != sandbox:
                 ep = self._update(replace(ep, sandbox=sandbox))
                 log.info("endpoint %s joined %s", endpoint_id[:12], sandbox)
@@ -339,17 +387,17 @@ class AgentBase:
             except CellgateError as exc:
                 log.warning("cannot serve the sockets of %s: %s", sandbox, exc)
 
-    def leave(self, network_id: str, endpoint_id: str) -> None:
+    def leave(self, network_id: str, endpoint_id: str, origin: str = "docker") -> None:
         with self._lock:
-            ep = self.endpoints.get(endpoint_id)
+            ep = self._named(network_id, endpoint_id, origin)
             if ep is None or not ep.sandbox:
                 return
             self._update(replace(ep, sandbox=""))
             log.info("endpoint %s left its sandbox", endpoint_id[:12])
 
-    def delete_endpoint(self, network_id: str, endpoint_id: str) -> None:
+    def delete_endpoint(self, network_id: str, endpoint_id: str, origin: str = "docker") -> None:
         with self._lock:
-            ep = self.endpoints.get(endpoint_id)
+            ep = self._named(network_id, endpoint_id, origin)
             if ep is None:
                 return
             self._remove_endpoint(ep)
@@ -376,6 +424,7 @@ class AgentBase:
             except CellgateError:
                 self._drop_new_identity(ep.id, from_runtime(labels, source), old)
                 raise
+            failpoints.hit("endpoint.labels.updated")  # persisted and in force; the old identity still held
             if old not in (ep.identity, ids.INIT):
                 self.policy.identities.release_one(ep.id, old)
             self.policy.sync(self.endpoints.values())
@@ -430,6 +479,7 @@ class AgentBase:
         self._ep_store.put(ep.id, ep.to_doc())
         self.endpoints[ep.id] = ep
         try:
+            failpoints.hit("endpoint.update.persisted")
             self._regenerate(ep, plan.keys(before ^ after))
         except CellgateError:
             self._ep_store.put(old.id, old.to_doc())
@@ -439,16 +489,30 @@ class AgentBase:
         return ep
 
     def _remove_endpoint(self, ep: Endpoint) -> None:
-        """Tear down the kernel side first, then forget the endpoint."""
-        scope = plan.keys(plan.endpoint_objects(ep, self.settings))
+        """Forget the endpoint on disk first (a state dir that refuses the write fails the call
+        before anything changed), then tear down its kernel side (an error there puts it back),
+        then release its identity (left to the sweep if the state dir refuses that write)."""
+        scope = plan.removal_keys(plan.endpoint_objects(ep, self.settings))
+        self._ep_store.delete(ep.id)
+        failpoints.hit("endpoint.delete.persisted")
         self.endpoints.pop(ep.id, None)
         try:
             self._converge(scope)
         except KernelError:
             self.endpoints[ep.id] = ep
+            try:
+                self._ep_store.put(ep.id, ep.to_doc())
+            except StateError as exc:
+                log.error("endpoint %s is kept without its document: %s", ep.id[:12], exc)
             raise
-        self._ep_store.delete(ep.id)
-        if self.policy.identities.release(ep.id):
+        failpoints.hit("endpoint.delete.kernel_removed")
+        try:
+            freed = self.policy.identities.release(ep.id)
+        except StateError as exc:
+            log.error("the identity of removed endpoint %s is released later: %s", ep.id[:12], exc)
+            self.leftovers[ep.id] = (ep, False)
+            freed = []
+        if freed:
             self.policy.sync(self.endpoints.values())
         self._changed()
 

@@ -46,6 +46,7 @@ from datapath.policy.trace import L7Request, Party, TraceResult, trace
 from datapath.ports import Kernel
 from datapath.services import ServiceTarget
 from datapath.store import MemoryStore
+from plugin import failpoints
 from plugin.service.l7filters import FilterTable
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,7 @@ class PolicyState:
         if conflict:
             raise InvalidRequest(conflict)
         revision = self._enforce(change, endpoints, converge)
+        failpoints.hit("policy.import.revision_bumped")  # enforced, persisted, realized; not replied
         log.info("policy revision %d: %d rules imported", revision, len(rules))
         return revision
 
@@ -240,10 +242,12 @@ class PolicyState:
                 self._unpublished.difference_update(added)
                 self._publish(added, converge)
             self.sync(endpoints, rules, services=services)
+            failpoints.hit("policy.change.maps_written")  # the maps enforce the new rules; not persisted
             result = adopt()
         except Exception:
             self._rollback(added, endpoints, converge)
             raise
+        failpoints.hit("policy.change.persisted")  # committed; the realized revision not bumped yet
         gone = [p for p in self.cidrs.prefixes() if p not in wanted]
         if gone:
             self._withdraw(gone, endpoints, converge)

@@ -16,7 +16,7 @@ from typing import Any
 
 from datapath import identity as ids
 from datapath import plan
-from datapath.errors import CellgateError, Conflict
+from datapath.errors import CellgateError, Conflict, StateError
 from datapath.model import Endpoint, IPAddress
 from ipam.allocator import CheckReport, PoolRequest
 from ipam.pool import KIND_ENDPOINT, Address, Allocation, Pool
@@ -64,6 +64,7 @@ class RestoreReport:
     networks: int = 0
     removed_endpoints: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # addresses of removed Docker endpoints their containers hold
     changes: int = 0
     seconds: float = 0.0
 
@@ -117,7 +118,8 @@ class AgentRestore(AgentBase):
             if release:
                 self._remove_stale(stale)
             live = {e.id: [a.ip for a in e.addresses] for e in self.endpoints.values()}
-            return self.ipam.check(live, grace=grace, release=release), stale
+            held = view.addresses if view is not None else frozenset()  # Docker's containers still have these
+            return self.ipam.check(live, grace=grace, release=release, held=held), stale
 
     # -- restore and reconciliation ---------------------------------------------------------
 
@@ -177,19 +179,57 @@ class AgentRestore(AgentBase):
                 self.endpoints[fixed.id] = fixed
 
     def _forget_dead(self, ep: Endpoint, report: RestoreReport) -> None:
+        """An endpoint whose veth vanished goes at once (nothing may make its veth again); its
+        document, identity and addresses follow, or the sweep does it once the state dir takes writes."""
         del self.endpoints[ep.id]
+        report.removed_endpoints.append(ep.id)
+        try:
+            freed, kept = self._drop_traces(ep, addresses=True)
+        except StateError as exc:
+            self.leftovers[ep.id] = (ep, True)
+            log.error("endpoint %s is gone (its interface %s disappeared); its state goes later: %s", ep.id[:12],
+                      ep.host_ifname, exc)
+            return
+        report.released.extend(str(a) for a in freed)
+        report.kept.extend(str(a) for a in kept)
+        log.warning("endpoint %s is gone (its interface %s disappeared); released %s%s", ep.id[:12],
+                    ep.host_ifname, ", ".join(str(a) for a in freed) or "nothing",
+                    f"; kept {', '.join(str(a) for a in kept)} while Docker holds it" if kept else "")
+
+    def _drop_traces(self, ep: Endpoint, addresses: bool) -> tuple[list[Address], list[Address]]:
+        """The document and identity hold of a gone endpoint, and with `addresses` its addresses:
+        released (CNI), or kept unbound for Docker, which still holds them for the container (its
+        ReleaseAddress frees them, or reconciliation once no container has them). (freed, kept)."""
         self._ep_store.delete(ep.id)
         self.policy.identities.release(ep.id)
-        freed = self.ipam.release_owner(ep.id)
-        report.removed_endpoints.append(ep.id)
-        report.released.extend(str(a) for a in freed)
-        log.warning("endpoint %s is gone (its interface %s disappeared); released %s", ep.id[:12],
-                    ep.host_ifname, ", ".join(str(a) for a in freed) or "nothing")
+        if not addresses:
+            return [], []
+        if ep.origin == "docker":
+            return [], self.ipam.unbind_owner(ep.id)
+        return self.ipam.release_owner(ep.id), []
+
+    def _finish_leftovers(self) -> bool:
+        """Drop what a state dir that refused writes left of removed endpoints; True if any was done."""
+        done = False
+        for eid, (ep, addresses) in list(self.leftovers.items()):
+            if eid in self.endpoints:  # made again meanwhile: nothing of it is left over
+                del self.leftovers[eid]
+                continue
+            try:
+                self._drop_traces(ep, addresses)
+            except StateError:
+                continue
+            del self.leftovers[eid]
+            done = True
+            log.info("endpoint %s: its state is removed now", eid[:12])
+        return done
 
     def sweep(self) -> RestoreReport:
         """Periodic check: endpoints whose container vanished without telling us."""
         report = RestoreReport()
         with self._lock:
+            if self.leftovers and self._finish_leftovers():
+                self.policy.sync(self.endpoints.values())
             keys = {("veth", e.host_ifname) for e in self.endpoints.values()}
             present = {o.key for o in self.kernel.observe(keys)}
             for ep in list(self.endpoints.values()):
@@ -204,6 +244,9 @@ class AgentRestore(AgentBase):
                 self.host_addresses = addresses
                 self._converge(before | plan.keys(plan.host_objects(addresses)))
             self.kernel.ct_gc(time.monotonic_ns())
+            pinned = self.kernel.repin(self.settings.cgroup)
+            if pinned:
+                log.warning("pins removed behind our back are pinned again: %s", ", ".join(pinned))
         return report
 
     # -- reconciliation with the runtimes ---------------------------------------------------
@@ -259,7 +302,8 @@ class AgentRestore(AgentBase):
                         report.pools.append((pool.id, "no Docker network uses this pool"))
                     elif pool.network_id in docker_nets:
                         for alloc in pool.endpoint_allocations():
-                            if not alloc.owner and alloc.address not in used and not young(alloc.created):
+                            orphan = not alloc.owner or alloc.owner not in self.endpoints  # no endpoint has it
+                            if orphan and alloc.address not in used and not young(alloc.created):
                                 report.addresses.append((pool.id, alloc.address,
                                                          "no endpoint and no Docker container holds it"))
             for ep in self.endpoints.values() if cni else ():
@@ -313,7 +357,8 @@ class AgentRestore(AgentBase):
             with self._lock:
                 found = self.ipam.lookup(address)
                 held = any(a.ip == address for e in self.endpoints.values() for a in e.addresses)
-                if found is None or found[0].id != pid or found[1].owner or held:
+                owned = found is not None and found[1].owner in self.endpoints
+                if found is None or found[0].id != pid or owned or held:
                     continue  # claimed meanwhile
                 self.ipam.release_address(pid, address)
                 log.warning("address %s of %s released: %s", address, pid, reason)

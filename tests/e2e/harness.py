@@ -8,6 +8,7 @@ containers on its networks. Teardown removes exactly what was made.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -106,6 +107,7 @@ class Agent:
             self.args += ["--docker-host", docker_host]
         self.v4, self.v6 = v4, v6
         self.proc: subprocess.Popen[bytes] | None = None
+        self.state_mount: StateMount | None = None  # the state dir on a tmpfs of its own (docker_agent)
 
     def start(self, failpoints: str = "") -> None:
         env = {k: v for k, v in os.environ.items() if k != "CELLGATE_FAILPOINTS"}
@@ -119,13 +121,22 @@ class Agent:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-        return self.cli("status", check=False).returncode == 0
+        from plugin.client import Client  # the CLI's own client, without starting a CLI process per try
+
+        return bool(Client(str(self.api), timeout=5).get("/v1/status"))
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
         self.proc.wait(timeout=30)
         self.proc = None
+
+    def exited(self, timeout: float = 60) -> int:
+        """Wait for the agent to end by itself (an armed failpoint); its exit status."""
+        assert self.proc is not None
+        code = self.proc.wait(timeout=timeout)
+        self.proc = None
+        return code
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -221,16 +232,71 @@ class Scene:
             self.d.attempt("network", "rm", net)
 
 
+class StateMount:
+    """A state directory on a small tmpfs of its own, which a test fills (disk full), frees, and makes
+    read-only (a bind mount of it, remounted ro) and writable again. Unmounted by close()."""
+
+    def __init__(self, path: Path, size: str = "1m") -> None:
+        self.path, self.size = path, size
+        self.filler = path / "cgfill"
+        self.read_only_now = False
+
+    def mount(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        run("mount", "-t", "tmpfs", "-o", f"size={self.size},mode=0700", "cgstate", str(self.path))
+
+    def fill(self) -> None:
+        """Write until the file system has no page left."""
+        chunk = b"\0" * 65536
+        with open(self.filler, "ab") as f:
+            try:
+                while True:
+                    f.write(chunk)
+                    f.flush()
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+        probe = self.path / "cgprobe"
+        try:
+            probe.write_bytes(b"x")
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+        else:
+            raise AssertionError(f"{self.path} still takes writes after filling it")
+
+    def free(self) -> None:
+        self.filler.unlink(missing_ok=True)
+        (self.path / "cgprobe").unlink(missing_ok=True)
+
+    def read_only(self) -> None:
+        run("mount", "--bind", str(self.path), str(self.path))
+        self.read_only_now = True
+        run("mount", "-o", "remount,bind,ro", str(self.path))
+
+    def writable(self) -> None:
+        if self.read_only_now:
+            run("umount", str(self.path))  # the read-only bind mount on top; the tmpfs below stays
+            self.read_only_now = False
+
+    def close(self) -> None:
+        self.writable()
+        run("umount", str(self.path), check=False)
+
+
 @contextlib.contextmanager
 def docker_agent(dockerd: Dockerd, factory: Any, prefix: str = "cgt",
-                 extra: tuple[str, ...] = ()) -> Iterator[Agent]:
-    """An agent following `dockerd`; at the end its containers, networks and everything it made go."""
+                 extra: tuple[str, ...] = (), state_size: str = "") -> Iterator[Agent]:
+    """An agent following `dockerd`; at the end its containers, networks and everything it made go.
+    With `state_size`, its state dir is a tmpfs of that size (`agent.state_mount`)."""
     name = prefix + secrets.token_hex(3)
     v4, v6, _ = unique_ranges()
     a = Agent(factory.mktemp(name), name, v4, v6, docker_host=f"unix://{dockerd.sock}")
     a.args += list(extra)
-    a.start()
+    if state_size:
+        a.state_mount = StateMount(a.state, state_size)
+        a.state_mount.mount()
     try:
+        a.start()
         yield a
     finally:
         with contextlib.suppress(Exception):
@@ -240,5 +306,8 @@ def docker_agent(dockerd: Dockerd, factory: Any, prefix: str = "cgt",
         with contextlib.suppress(Exception):
             for net in dockerd("network", "ls", "-q", "--filter", f"driver={name}").split():
                 dockerd("network", "rm", net)
-        a.stop()
+        if a.proc is not None:
+            a.stop()
+        if a.state_mount is not None:
+            a.state_mount.close()
         a.cleanup()

@@ -1720,8 +1720,7 @@ def cni_inputs(w: World) -> list[CniInput]:
         ("CELLGATE_LABELS=nocolon", "CELLGATE_LABELS"),
         ("CELLGATE_LABELS=:x", "CELLGATE_LABELS"),
         ("IP=" + w.cni_address, "in use"),
-        # (an IP= outside the network is left out: the agent reserves the network's dynamic address
-        # before it refuses, which moves the pool's next-fit cursor: plugin/service/cni.py, see the report)
+        ("IP=" + str(w.spare_subnet[9]), "not in a subnet"),  # refused before the pool's cursor moves
         ("K8S_POD_NAME", "K8S_POD_NAME"),
     ]:
         add(f"ADD CNI_ARGS={value!r}", 0, fragment, {"CNI_ARGS": value})
@@ -1804,8 +1803,15 @@ def cni_inputs(w: World) -> list[CniInput]:
             fragment,
             conf_change={"name": f"cgbad{w.tag}new", "subnet": subnet},
         )
-    # (a CHECK or DEL naming the world's attachment under another network's name is left out: the agent
-    # judges the attachment by container and interface alone, plugin/service/cni.py, see the report)
+    # the world's attachment under another network's name: CHECK fails (a DEL there succeeds and does
+    # nothing, which this table of refusals cannot express: tests/unit/test_cni_service.py has it)
+    add(
+        "CHECK of the world's attachment under another network's name",
+        CNI_UNKNOWN,
+        "attached to network",
+        {"CNI_COMMAND": "CHECK", "CNI_CONTAINERID": w.cni_container, "CNI_IFNAME": "eth0"},
+        {"name": f"cgbad{w.tag}other"},
+    )
     world_del = {"CNI_COMMAND": "DEL", "CNI_CONTAINERID": w.cni_container, "CNI_IFNAME": "eth0"}
     for change, fragment in [
         ({"CNI_CONTAINERID": None}, "CNI_CONTAINERID"),
@@ -1958,8 +1964,8 @@ def kvstore_values(tag: str, a_address: str) -> list[tuple[str, str, bytes, bool
         ("range prefix 33", {"IPv4AllocCIDR": "10.0.0.0/33"}),
         ("range junk", {"IPv6AllocCIDR": "x"}),
         ("tunnel unknown", {"tunnel": "gre"}),
-        # (a range that is a number is left out: the agent reads 5 as 0.0.0.5/32 and takes the node,
-        # plugin/service/cluster_keys.py parse_node, see the report)
+        ("range a number", {"IPv4AllocCIDR": 5}),  # not 0.0.0.5/32
+        ("range an address", {"IPv4AllocCIDR": "10.0.0.5"}),
     ]:
         json_case(
             f"node {label}", f"{node}{name}n{len(cases)}", {**good_node, "Name": f"{name}n{len(cases)}", **change}

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from datapath.errors import CellgateError, Conflict, InvalidRequest, NotFound
+from datapath.errors import CellgateError, Conflict, InvalidRequest, NotFound, StateError
 from datapath.fake import FakeNetns
 from ipam.allocator import LOCAL_SPACE, PoolRequest
 from plugin.api.app import create_app as create_api
@@ -187,3 +187,84 @@ def test_rest_cni_errors_carry_the_cni_code_of_the_one_table(agent: Agent, cni: 
     assert resp.status_code == 400 and json.loads(resp.data)["cni_code"] == 7  # by class: INVALID_CONFIG
     resp = client.delete("/v1/networks/cgnosuch")  # not a CNI route: a plain problem
     assert resp.status_code == 404 and "cni_code" not in json.loads(resp.data)
+
+
+# -- requests that name what they do not have ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "text"),
+    [
+        ({"ips": ["10.6.0.9"]}, r"10\.6\.0\.9 is not in a subnet of network cgnet"),  # outside the subnet
+        ({"ips": ["fd00:99::9"]}, r"fd00:99::9 is not in a subnet of network cgnet"),  # a family it lacks
+        ({"ips": ["10.5.0.0"]}, "network address"),
+        ({"ips": ["10.5.0.255"]}, "broadcast"),
+        ({"ips": ["10.5.0.1"]}, "gateway"),
+        ({"ips": ["10.5.0.7", "10.5.0.8"]}, "two addresses"),
+    ],
+)
+def test_an_add_with_an_address_it_cannot_have_is_refused_before_anything_moves(
+    agent: Agent, cni: CniService, extra: dict[str, Any], text: str
+) -> None:
+    add(cni, subnet="10.5.0.0/24", ipv6=True)
+    before = snapshot(agent)  # the pools' next-fit cursors included
+    with pytest.raises((InvalidRequest, Conflict), match=text):  # the gateway's is a conflict
+        add(cni, container="c2", **extra)
+    assert snapshot(agent) == before
+
+
+def test_an_add_with_an_address_in_use_is_refused_before_anything_moves(agent: Agent, cni: CniService) -> None:
+    first = add(cni, subnet="10.5.0.0/24", ipv6=True)
+    before = snapshot(agent)
+    with pytest.raises(Conflict, match="in use"):
+        add(cni, container="c2", ips=[first["ips"][1]["address"].split("/")[0]])  # IPv6: IPv4's goes first
+    assert snapshot(agent) == before
+
+
+def test_del_and_check_under_another_networks_name_leave_the_attachment_alone(
+    agent: Agent, cni: CniService, netns: FakeNetns
+) -> None:
+    add(cni, network="cgnet", subnet="10.5.0.0/24")
+    add(cni, network="cgother", container="c2", subnet="10.7.0.0/24")
+    before = snapshot(agent)
+    other = Attachment.parse({"network": "cgother", "container_id": "c1", "ifname": "eth0",
+                              "netns": f"{NETNS}-c1"}, False)
+    assert cni.delete(other) is False  # CNI: a DEL of what is not there succeeds and does nothing
+    assert snapshot(agent) == before
+    with pytest.raises(NotFound, match="c1/eth0 is attached to network cgnet, not cgother") as caught:
+        cni.check(other)
+    assert caught.value.cni_code == 3  # UNKNOWN_CONTAINER
+    assert cni.delete(dataclasses.replace(other, network="cgnet")) is True
+
+
+def test_del_of_a_gone_attachment_under_another_name_keeps_what_its_own_network_reserved(
+    agent: Agent, cni: CniService
+) -> None:
+    add(cni, network="cgnet", subnet="10.5.0.0/24")
+    eid = Attachment.parse({"network": "cgnet", "container_id": "c1", "ifname": "eth0"}, False).endpoint_id
+    agent.delete_endpoint(network_id("cgnet"), eid, origin="cni")  # the endpoint went, its reservation did not
+    before = snapshot(agent)
+    delete(cni, network="cgother")
+    assert snapshot(agent) == before
+    delete(cni, network="cgnet")
+    assert not list(agent.ipam.pool(f"{LOCAL_SPACE}/10.5.0.0/24").endpoint_allocations())
+
+
+def test_a_rollback_that_cannot_remove_its_endpoint_keeps_the_endpoints_addresses(
+    agent: Agent, cni: CniService, netns: FakeNetns, stores: Any
+) -> None:
+    """ADD fails after its endpoint exists, and the state dir refuses the endpoint's removal: the
+    endpoint stays, and so do its addresses (freed, the next ADD would be handed the same one)."""
+    add(cni, subnet="10.5.0.0/24")
+    netns.fail_attach = True
+    stores.endpoints.fail_next_delete = StateError("read-only file system")
+    with pytest.raises(CellgateError, match="injected attach failure"):
+        add(cni, container="c2")
+    netns.fail_attach = False
+    eid = Attachment.parse({"network": "cgnet", "container_id": "c2", "ifname": "eth0"}, False).endpoint_id
+    stuck = agent.endpoints[eid]
+    assert stuck.ipv4 is not None
+    found = agent.ipam.lookup(stuck.ipv4.ip)
+    assert found is not None and found[1].owner == eid
+    third = add(cni, container="c3")
+    assert third["ips"][0]["address"] != str(stuck.ipv4)

@@ -281,6 +281,27 @@ def test_create_endpoint_failure_is_rolled_back(docker: DockerPlugin, agent: Age
     assert agent.ipam.pool(pool["PoolID"]).allocations == before[2][0].allocations  # only the cursor moved
 
 
+def test_a_failed_create_endpoint_leaves_the_address_as_docker_requested_it(docker: DockerPlugin, agent: Agent) -> None:
+    """The agent bound the address to the endpoint before the kernel failed: the binding goes with
+    the endpoint, so the ledger is as RequestAddress left it (a retry with the MAC gets the same
+    address) and Docker's rollback ReleaseAddress frees it."""
+    pool = network_create(docker, "10.1.0.0/24")
+    assert isinstance(agent.kernel, FakeKernel)
+    agent.kernel.fail = lambda obj: isinstance(obj, Programs)
+    request = {"PoolID": pool["PoolID"], "Address": "", "Options": {MAC_KEY: "02:42:0a:01:00:02"}}
+    addr = docker.ok("IpamDriver.RequestAddress", request)
+    requested = agent.ipam.pools()
+    status, reply = docker.call(
+        "NetworkDriver.CreateEndpoint",
+        {"NetworkID": NET, "EndpointID": EP, "Interface": {"Address": addr["Address"]}, "Options": {}},
+    )
+    assert status == 500 and "injected failure" in reply["Err"]
+    assert agent.ipam.pools() == requested
+    assert docker.ok("IpamDriver.RequestAddress", request) == addr
+    docker.ok("IpamDriver.ReleaseAddress", {"PoolID": pool["PoolID"], "Address": bare(addr["Address"])})
+    assert list(agent.ipam.pool(pool["PoolID"]).endpoint_allocations()) == []
+
+
 def test_racing_network_creates_for_one_subnet(docker: DockerPlugin, agent: Agent) -> None:
     """Both RequestPool calls arrive before either CreateNetwork; Docker rolls the loser back."""
     handshake(docker)

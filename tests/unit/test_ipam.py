@@ -344,6 +344,26 @@ def test_release_address_is_idempotent(ipam: Ipam, store: MemoryStore, bound: Po
     assert state(ipam, store) == before
 
 
+def test_an_address_an_endpoint_still_uses_is_never_released(ipam: Ipam, store: MemoryStore, bound: Pool) -> None:
+    """The ledger's user says which endpoints exist: an address bound to one of them stays reserved
+    whoever asks to release it (a release names only the address), until that endpoint is gone."""
+    live = {EP1}
+    ipam.in_use = live.__contains__
+    a = ipam.request_address(bound.id, None, mac=mac(1))[1].address
+    ipam.bind_endpoint(a, EP1)
+    before = state(ipam, store)
+    with pytest.raises(Conflict, match=f"address {a} is in use by endpoint {EP1[:12]}"):
+        ipam.release_address(bound.id, a)
+    with pytest.raises(Conflict, match=f"endpoint {EP1[:12]}"):
+        ipam.release_owner(EP1)
+    assert state(ipam, store) == before
+    with pytest.raises(Conflict, match="in use"):
+        ipam.request_address(bound.id, a, mac=mac(2))
+    live.clear()  # the endpoint is deleted: Docker's ReleaseAddress after DeleteEndpoint frees it
+    ipam.release_address(bound.id, a)
+    assert a not in ipam.pool(bound.id).allocations
+
+
 def test_bind_endpoint_rules(ipam: Ipam, bound: Pool) -> None:
     a = ipam.request_address(bound.id, None, mac=mac(1))[1].address
     ipam.bind_endpoint(a, EP1)

@@ -244,3 +244,21 @@ def test_the_proxy_brings_its_routing_for_both_families() -> None:
     table = naming.proxy_table(SETTINGS.instance)
     assert with_proxy - without == {plan.ProxyRoute(4, table), plan.ProxyRoute(6, table)}
     assert not diff(with_proxy, with_proxy)
+
+
+def test_removal_keys_leave_out_what_goes_with_the_veth() -> None:
+    """Routes, neighbours and programs on the endpoint's own veth go with it; map entries (keyed by
+    ifindex or address) and the veth itself are removed one by one."""
+    ep = endpoint(network(1, v6=True), 7, v6=True)
+    objs = plan.endpoint_objects(ep, SETTINGS)
+    kept = plan.removal_keys(objs)
+    assert {k[0] for k in kept} == {"veth", "endpoint-entry", "address-entry"}
+    assert kept == {o.key for o in objs if o.kind not in ("route", "neighbour", "programs")}
+    # what lives on another link stays in: only the endpoint's own veth takes its objects along
+    other = Route(ipaddress.ip_network("10.9.0.7/32"), "cgother")
+    assert other.key in plan.removal_keys([*objs, other])
+    # the plan that the trimmed scope yields leaves nothing behind once the link is gone
+    fake = FakeKernel()
+    fake.apply(plan.diff(objs, set()))
+    fake.apply(plan.diff(set(), fake.observe(kept), kept))
+    assert fake.observe(plan.keys(objs)) == set()

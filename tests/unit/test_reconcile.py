@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from datapath.errors import Conflict
+from datapath.errors import Conflict, StateError
 from datapath.fake import FakeKernel
 from datapath.model import Endpoint
 from ipam.allocator import LOCAL_SPACE, PoolRequest
@@ -167,3 +167,26 @@ def test_an_endpoint_whose_address_the_ledger_lost_reserves_it(agent: Agent, clo
     assert found is not None and found[1].owner == EP1
     with pytest.raises(Conflict):
         agent.request_address(pool.id, alloc.address, mac="02:42:0a:00:00:02")
+
+
+def test_an_address_whose_endpoint_is_gone_goes_unless_a_container_holds_it(
+    agent: Agent, kernel: FakeKernel, stores: Any, scene: Any, clock: FakeClock
+) -> None:
+    """Docker deleted both endpoints but its ReleaseAddress never landed (the state dir refused it):
+    the addresses are bound to endpoints that are gone. One that a container still holds stays (and
+    `ipam check` calls it no leak); the other goes. With a second network, pools of both are judged."""
+    pool, e1, e2 = scene
+    make_network(agent, NET_B, "10.2.0.0/24")
+    for ep in (e1, e2):
+        agent.delete_endpoint(NET_A, ep.id)
+    stores.ipam.fail_next = StateError("read-only file system")
+    with pytest.raises(StateError):
+        agent.release_address(pool.id, e1.ipv4.ip)  # type: ignore[union-attr]
+    docker = view(agent, networks=(NET_A, NET_B), addresses=(str(e2.ipv4.ip),))  # type: ignore[union-attr]
+    check, _ = agent.ipam_check(grace=0)
+    assert [leak.address for leak in check.leaked] == [e1.ipv4.ip, e2.ipv4.ip]  # type: ignore[union-attr]
+    agent.runtime_view = lambda: docker
+    assert [leak.address for leak in agent.ipam_check(grace=0)[0].leaked] == [e1.ipv4.ip]  # type: ignore[union-attr]
+    report = agent.reconcile(docker)
+    assert [a for _, a, _ in report.addresses] == [e1.ipv4.ip]  # type: ignore[union-attr]
+    assert {a.address for a in agent.ipam.pool(pool.id).endpoint_allocations()} == {e2.ipv4.ip}  # type: ignore[union-attr]

@@ -260,6 +260,37 @@ def test_join_checks_the_network_and_the_endpoint(agent: Agent, pool_a: Pool) ->
         agent.join(NET_A, EP2, "/var/run/docker/netns/abc")
 
 
+def test_leave_delete_and_join_check_what_the_call_names(agent: Agent, pool_a: Pool, stores: Any) -> None:
+    """Every door gets the checks: the endpoint is on the network the call names, is the calling
+    door's (a Docker call never acts on a CNI attachment, nor CNI on Docker's), and a Join does not
+    move it from the sandbox it is in. Each refusal changes nothing."""
+    docker_ep = make_endpoint(agent, NET_A, pool_a, EP1)
+    _, alloc = agent.ipam.request_address(pool_a.id, None, owner=EP2)
+    agent.create_endpoint(NET_A, EP2, pool_a.prefixed(alloc.address), None, origin="cni",  # type: ignore[arg-type]
+                          attachment=("cgcontainer", "eth0"), sandbox="/var/run/netns/cgcni")
+    agent.join(NET_A, EP1, "/var/run/docker/netns/abc")
+    before = snapshot(agent), dict(stores.endpoints.docs)
+    for call in (lambda: agent.leave(NET_B, EP1), lambda: agent.delete_endpoint(NET_B, EP1),
+                 lambda: agent.join(NET_B, EP1, "/var/run/docker/netns/abc")):
+        with pytest.raises(InvalidRequest, match=f"endpoint {EP1[:12]} is not on network {NET_B[:12]}"):
+            call()
+    for call in (lambda: agent.leave(NET_A, EP2), lambda: agent.delete_endpoint(NET_A, EP2),
+                 lambda: agent.join(NET_A, EP2, "/var/run/netns/cgcni")):
+        with pytest.raises(Conflict, match=f"endpoint {EP2[:12]} is the CNI attachment cgcontainer/eth0, not Docker's"):
+            call()
+    with pytest.raises(Conflict, match=f"endpoint {EP1[:12]} is Docker's, not a CNI attachment"):
+        agent.delete_endpoint(NET_A, EP1, origin="cni")
+    with pytest.raises(Conflict, match="is joined to /var/run/docker/netns/abc: Leave comes first"):
+        agent.join(NET_A, EP1, "/var/run/docker/netns/other")
+    assert (snapshot(agent), dict(stores.endpoints.docs)) == before
+    agent.delete_endpoint(NET_A, EP2, origin="cni")
+    agent.delete_endpoint(NET_B, EP2)  # gone: deleting what is gone succeeds, whatever the call names
+    agent.leave(NET_B, EP2)
+    agent.leave(NET_A, docker_ep.id)
+    agent.delete_endpoint(NET_A, docker_ep.id)
+    assert agent.endpoints == {}
+
+
 def test_delete_endpoint_removes_all_its_kernel_objects(
     agent: Agent, pool_a: Pool, kernel: FakeKernel, stores: Any
 ) -> None:
@@ -323,6 +354,35 @@ def test_endpoint_rollback_when_the_kernel_fails(agent: Agent, pool_a: Pool, ker
     assert objects(kernel) == network_only
 
 
+@pytest.mark.parametrize("where", ["kernel", "state dir", "second address"])
+@pytest.mark.parametrize("ledger", ["requested", "lost"])
+def test_a_failed_create_endpoint_leaves_the_ledger_as_it_was(
+    agent: Agent, kernel: FakeKernel, stores: Any, where: str, ledger: str
+) -> None:
+    """The agent reserves and binds the endpoint's addresses itself before steps that can fail; a
+    failure puts each back: still Docker's pending request (its rollback ReleaseAddress frees it),
+    or not reserved at all when the agent reserved it only for this call (the ledger had lost it)."""
+    p4, p6 = (agent.request_pool(PoolRequest(LOCAL_SPACE, ipaddress.ip_network(s), None, v6))
+              for s, v6 in (("10.2.0.0/24", False), ("fd00:b::/64", True)))
+    agent.create_network(NET_B, [p.prefixed(p.gateway) for p in (p4, p6)])  # type: ignore[arg-type]
+    _, a4 = agent.request_address(p4.id, None, mac="02:42:0a:00:00:01")
+    _, a6 = agent.request_address(p6.id, None, mac="02:42:0a:00:00:01")
+    if ledger == "lost":
+        agent.ipam.release_address(p4.id, a4.address)
+    if where == "second address":
+        agent.ipam.bind_endpoint(a6.address, EP2)  # the ledger gives it to another endpoint
+    before = agent.ipam.pools(), dict(stores.ipam.docs)
+    if where == "kernel":
+        kernel.fail = lambda obj: isinstance(obj, Programs)
+    elif where == "state dir":
+        stores.endpoints.fail_next = StateError("disk full")
+    with pytest.raises((KernelError, StateError, Conflict)):
+        agent.create_endpoint(NET_B, EP1, p4.prefixed(a4.address), p6.prefixed(a6.address),  # type: ignore[arg-type]
+                              "02:42:0a:00:00:01")
+    assert EP1 not in agent.endpoints
+    assert (agent.ipam.pools(), dict(stores.ipam.docs)) == before
+
+
 def test_join_rollback_when_the_kernel_fails(agent: Agent, pool_a: Pool, kernel: FakeKernel, stores: Any) -> None:
     make_endpoint(agent, NET_A, pool_a, EP1)
     before = snapshot(agent), dict(stores.endpoints.docs)
@@ -369,9 +429,10 @@ def test_restore_drops_endpoints_whose_veth_vanished(
     assert ("endpoint-entry", "@" + gone.host_ifname) in kernel.objects  # map entries stay behind, by dead link
     report = agent.restore()
     assert report.removed_endpoints == [EP1]
-    assert report.released == [str(gone.ipv4.ip)]  # type: ignore[union-attr]
+    # Docker still holds the address for the container (ReleaseAddress comes when it goes): kept, unbound
+    assert report.released == [] and report.kept == [str(gone.ipv4.ip)]  # type: ignore[union-attr]
     assert list(agent.endpoints) == [EP2] and list(stores.endpoints.docs) == [EP2]
-    assert agent.ipam.lookup(gone.ipv4.ip) is None  # type: ignore[union-attr]
+    assert agent.ipam.lookup(gone.ipv4.ip)[1].owner == ""  # type: ignore[index,union-attr]
     assert agent.ipam.lookup(alive.ipv4.ip) is not None  # type: ignore[union-attr]
     assert objects(kernel) == expected(agent)
     assert not any(gone.host_ifname in key for key in kernel.objects)
@@ -437,7 +498,7 @@ def test_restore_re_reserves_addresses_the_ledger_lost(
     agent: Agent, pool_a: Pool, two_endpoints: tuple[Endpoint, Endpoint]
 ) -> None:
     ep = two_endpoints[0]
-    agent.ipam.release_address(pool_a.id, ep.ipv4.ip)  # type: ignore[union-attr]
+    agent.ipam.put_back(ep.ipv4.ip, None)  # type: ignore[union-attr]  # the ledger lost it (no release frees it)
     agent.restore()
     alloc = agent.ipam.pool(pool_a.id).allocations[ep.ipv4.ip]  # type: ignore[union-attr]
     assert alloc.owner == EP1
@@ -450,10 +511,53 @@ def test_sweep_drops_endpoints_whose_veth_vanished(
     gone, _ = two_endpoints
     kernel.vanish(gone.host_ifname)
     report = agent.sweep()
-    assert report.removed_endpoints == [EP1] and report.released == [str(gone.ipv4.ip)]  # type: ignore[union-attr]
+    assert report.removed_endpoints == [EP1] and report.kept == [str(gone.ipv4.ip)]  # type: ignore[union-attr]
     assert list(agent.endpoints) == [EP2] and list(stores.endpoints.docs) == [EP2]
-    assert agent.ipam.lookup(gone.ipv4.ip) is None  # type: ignore[union-attr]
+    assert agent.ipam.lookup(gone.ipv4.ip)[1].owner == ""  # type: ignore[index,union-attr]
     assert objects(kernel) == expected(agent)  # the map entries left behind are gone too
+    # its address is not handed out again while Docker may hold it; Docker's ReleaseAddress frees it
+    with pytest.raises(Conflict, match="in use"):
+        agent.request_address(agent.ipam.lookup(gone.ipv4.ip)[0].id, gone.ipv4.ip)  # type: ignore[index,union-attr]
+    agent.release_address(agent.ipam.lookup(gone.ipv4.ip)[0].id, gone.ipv4.ip)  # type: ignore[index,union-attr]
+    assert agent.ipam.lookup(gone.ipv4.ip) is None  # type: ignore[union-attr]
+
+
+def test_sweep_releases_the_addresses_of_a_vanished_cni_endpoint(
+    agent: Agent, kernel: FakeKernel, pool_a: Pool
+) -> None:
+    _, alloc = agent.ipam.request_address(pool_a.id, None, owner=EP1)
+    ep = agent.create_endpoint(NET_A, EP1, pool_a.prefixed(alloc.address), None, origin="cni",  # type: ignore[arg-type]
+                               attachment=("cgcid", "eth0"))
+    kernel.vanish(ep.host_ifname)
+    report = agent.sweep()
+    assert report.removed_endpoints == [EP1] and report.released == [str(alloc.address)] and report.kept == []
+    assert agent.ipam.lookup(alloc.address) is None
+
+
+def test_a_removal_the_state_dir_refuses_changes_nothing(
+    agent: Agent, kernel: FakeKernel, stores: Any, two_endpoints: tuple[Endpoint, Endpoint]
+) -> None:
+    gone, _ = two_endpoints
+    before = objects(kernel)
+    stores.endpoints.fail_next_delete = StateError("read-only file system")
+    with pytest.raises(StateError):
+        agent.delete_endpoint(NET_A, gone.id)
+    assert gone.id in agent.endpoints and gone.id in stores.endpoints.docs and objects(kernel) == before
+    agent.delete_endpoint(NET_A, gone.id)  # once the state dir takes writes again
+    assert gone.id not in agent.endpoints and objects(kernel) == expected(agent)
+
+
+def test_what_a_vanished_endpoint_leaves_is_removed_once_the_state_dir_takes_writes(
+    agent: Agent, kernel: FakeKernel, stores: Any, two_endpoints: tuple[Endpoint, Endpoint]
+) -> None:
+    gone, _ = two_endpoints
+    kernel.vanish(gone.host_ifname)
+    stores.endpoints.fail_next_delete = StateError("read-only file system")
+    assert agent.sweep().removed_endpoints == [EP1]
+    assert gone.id not in agent.endpoints and gone.id in stores.endpoints.docs  # gone, its document left over
+    assert objects(kernel) == expected(agent)
+    agent.sweep()
+    assert gone.id not in stores.endpoints.docs and agent.ipam.lookup(gone.ipv4.ip)[1].owner == ""  # type: ignore[index,union-attr]
 
 
 # -- queries ------------------------------------------------------------------------------------
