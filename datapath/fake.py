@@ -153,6 +153,7 @@ class FakeKernel:
         self.resets: list[tuple[tuple[Backend, ...], tuple[str, ...]]] = []
         self.pending_netns: set[str] = set()  # sandbox paths that are no network namespace yet
         self.fail: Callable[[KernelObject], bool] | None = None  # make matching adds fail
+        self.fail_remove: Callable[[KernelObject], bool] | None = None  # make matching removals fail
         self.policy: dict[PolicyKey, PolicyValue] = {}
         self.fail_policy = False  # make the next policy_update fail
         self.addresses: list[IPAddress] = []
@@ -171,6 +172,8 @@ class FakeKernel:
     def apply(self, plan: Plan) -> None:
         self.applied.append(plan)
         for obj in plan.remove:
+            if self.fail_remove is not None and self.fail_remove(obj):
+                raise KernelError(f"injected failure removing {obj.key}")
             self.handlers[obj.kind].remove(obj)
         for old, new in plan.change:
             self.handlers[new.kind].change(old, new)

@@ -371,12 +371,17 @@ class Ipam:
                     continue
                 new = pool
                 for address in mine:
-                    new = new.bind(address, "")
+                    new = new.bind(address, "", kept=True)
                 self._save(new)
                 kept.extend(mine)
         for address in kept:
             log.info("address %s kept for its runtime, no longer bound to endpoint %s", address, endpoint_id[:12])
         return kept
+
+    def kept(self) -> list[Address]:
+        """Addresses kept for a runtime after their endpoint went (Allocation.kept)."""
+        with self._lock:
+            return [a.address for p in self._pools.values() for a in p.endpoint_allocations() if a.kept]
 
     def allocation(self, address: Address) -> Allocation | None:
         """The allocation of `address`, wherever it is (None: not reserved)."""

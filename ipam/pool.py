@@ -78,15 +78,21 @@ class Allocation:
     owner: str = ""  # endpoint ID once the endpoint exists; "" while pending
     mac: str = ""  # MAC the runtime asked with, which makes retried requests idempotent
     created: float = 0.0
+    # Its endpoint is gone but its runtime may still hold it (Docker, for a container whose veth
+    # vanished): no request is in flight for it, so reconciliation judges it at once.
+    kept: bool = False
 
     def to_doc(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "address": str(self.address),
             "kind": self.kind,
             "owner": self.owner,
             "mac": self.mac,
             "created": self.created,
         }
+        if self.kept:
+            doc["kept"] = True
+        return doc
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any]) -> Allocation:
@@ -96,6 +102,7 @@ class Allocation:
             str(doc.get("owner", "")),
             str(doc.get("mac", "")),
             float(doc.get("created", 0.0)),
+            doc.get("kept") is True,
         )
 
 
@@ -204,12 +211,13 @@ class Pool:
             pool, _ = pool._with(Allocation(address, KIND_GATEWAY, "", "", now), cursor=pool.cursor)
         return dataclasses.replace(pool, gateway=address)
 
-    def bind(self, address: Address, owner: str) -> Pool:
+    def bind(self, address: Address, owner: str, kept: bool = False) -> Pool:
+        """The pool with `address` bound to endpoint `owner` ("" : none; `kept`: see Allocation)."""
         alloc = self.allocations.get(address)
-        if alloc is None or alloc.owner == owner:
+        if alloc is None or (alloc.owner == owner and alloc.kept == kept):
             return self
         allocations = dict(self.allocations)
-        allocations[address] = dataclasses.replace(alloc, owner=owner)
+        allocations[address] = dataclasses.replace(alloc, owner=owner, kept=kept)
         return dataclasses.replace(self, allocations=allocations)
 
     def endpoint_allocations(self) -> Iterable[Allocation]:

@@ -41,6 +41,7 @@ from plugin.server import TcpServer, UnixServer
 from plugin.service import Agent
 from plugin.service.cni import CniService
 from plugin.service.l7filters import FilterTable
+from plugin.service.later import Later
 from plugin.service.policy import PolicyState
 
 if TYPE_CHECKING:
@@ -122,6 +123,8 @@ class Runtime:
             self._docs("networks"), self._docs("endpoints"),
             self.ipam, self.kernel, settings, policy=policy, services=self._docs("services"),
         )
+        self.later = Later()  # a Docker endpoint's veth is deleted after the reply
+        self.agent.run_later = self.later
         self.kernel.set_config(False, self.agent.timeouts, verdicts=False)  # until a monitor asks
         self.kernel.config.set_proxy_port(proxy_port)  # 0 without a proxy: L7 flows drop
         self.cluster: ClusterService | None = None
@@ -279,6 +282,7 @@ class Runtime:
         for server in self.servers:
             server.stop()
         self.watcher.stop()
+        self.later.stop(timeout=5.0)  # the veths of endpoints removed just before
         deadline = time.monotonic() + 1.0
         for t in threads[:2]:  # the Docker watcher may sit in a blocking read; it is a daemon thread
             t.join(timeout=max(0.0, deadline - time.monotonic()))

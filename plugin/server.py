@@ -132,10 +132,9 @@ class _Waiting:
 class PooledWSGIServer(BaseWSGIServer):
     """Requests run on long-lived daemon threads, started as needed up to `workers`.
 
-    Not a new thread per request (werkzeug's threaded mode): pyroute2 keeps state per thread
-    that ever used an IPRoute (a netlink socket, a message queue) and never frees it, so a
-    thread per request leaked two descriptors and ~60 KiB per endpoint created. A pool bounds
-    that by its size. Requests beyond `workers` busy ones wait.
+    Not a new thread per request (werkzeug's threaded mode): threads are reused, and anything a
+    library keeps per thread is bounded by the pool's size (the kernel's netlink calls run on a
+    thread of their own, datapath.kernel.netlink). Requests beyond `workers` busy ones wait.
 
     A connection gets a worker only once its request is complete (head and body): until then
     it waits in the serving thread's selector, holding a descriptor and its bytes, not a

@@ -13,12 +13,12 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from datapath import naming
 from datapath.errors import KernelError
 from datapath.kernel.loader import Datapath
+from datapath.kernel.netlink import ConfinedIPRoute
 from datapath.plan import KernelObject, Key
 
 _MISSING = object()
@@ -90,7 +90,7 @@ class KernelContext:
         self.tag = naming.link_tag(instance)
         self.group = naming.link_group(instance)
         self.dp = datapath
-        self.ipr = IPRoute()
+        self.ipr = ConfinedIPRoute(name="netlink")  # handlers run on the agent's request threads
         self.cache: dict[tuple[Any, ...], Any] = {}  # lookups shared within one observe()/apply()
         self.caching = False
 

@@ -112,24 +112,44 @@ def netlink_socket_in(ns_fd: int) -> socket.socket:
 
 
 class NetnsOps:
-    """The Netns port: what the CNI path needs to do inside a namespace."""
+    """The Netns port: what the CNI path needs to do inside a namespace.
 
-    def __init__(self, host: IPRoute | None = None) -> None:
+    Every netlink handle is opened, used and closed by the thread that asks (a request thread of
+    the agent): pyroute2 keeps per-thread state in an IPRoute that another thread uses and frees
+    it only on close (datapath.kernel.netlink says what), so none lives from one call to the next.
+    `host`, if given, must be safe to call from any thread (a ConfinedIPRoute)."""
+
+    def __init__(self, host: Any | None = None) -> None:
         self._host = host
 
-    def _host_ipr(self) -> IPRoute:
-        if self._host is None:
-            self._host = IPRoute()
-        return self._host
+    @contextmanager
+    def _host_ipr(self) -> Iterator[Any]:
+        if self._host is not None:
+            yield self._host
+            return
+        with IPRoute() as ipr:
+            yield ipr
+
+    @staticmethod
+    @contextmanager
+    def _ipr_in(fd: int) -> Iterator[IPRoute]:
+        """An IPRoute on a fresh socket in the namespace `fd`, closed with its socket afterwards."""
+        sock = netlink_socket_in(fd)
+        try:
+            ipr = IPRoute(use_socket=sock)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            yield ipr
+        finally:
+            ipr.close()
+            sock.close()  # the transport closes it already; a second close is a no-op
 
     @contextmanager
     def _inside(self, path: str) -> Iterator[IPRoute]:
-        with open_netns(path) as fd:
-            ipr = IPRoute(use_socket=netlink_socket_in(fd))
-            try:
-                yield ipr
-            finally:
-                ipr.close()
+        with open_netns(path) as fd, self._ipr_in(fd) as ipr:
+            yield ipr
 
     def check(self, path: str) -> None:
         with open_netns(path) as fd:
@@ -147,18 +167,15 @@ class NetnsOps:
         the namespace the endpoint names); one left in the host namespace is moved in.
         Returns the gateways a default route was installed for (a namespace that already has a
         default route, from another network, keeps it)."""
-        host = self._host_ipr()
         try:
             with open_netns(path) as fd:
                 refuse_own(fd, path)
-                outside = host.link_lookup(ifname=peer)
+                outside = _host_index(peer)
                 if outside:
-                    host.link("set", index=outside[0], net_ns_fd=fd)
-                ipr = IPRoute(use_socket=netlink_socket_in(fd))
-                try:
+                    with self._host_ipr() as host:
+                        host.link("set", index=outside, net_ns_fd=fd)
+                with self._ipr_in(fd) as ipr:
                     return self._configure(ipr, peer if outside else ifname, ifname, addresses, gateways)
-                finally:
-                    ipr.close()
         except NetlinkError as exc:
             raise KernelError(f"configuring {ifname} in {path}: {exc}") from exc
 
@@ -196,6 +213,14 @@ class NetnsOps:
         except NetlinkError as exc:
             if exc.code not in (errno.ENODEV, errno.ENOENT):
                 raise KernelError(f"removing {ifname} from {path}: {exc}") from exc
+
+
+def _host_index(name: str) -> int:
+    """The index of the link `name` in our own namespace, 0 if there is none."""
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return 0
 
 
 def _state(ipr: IPRoute, ifname: str) -> InterfaceState | None:

@@ -64,8 +64,9 @@ class DockerWatcher:
             if failed:
                 # A failed attempt leaves its socket in a reference cycle (the HTTP client's exception
                 # chain): collected now that the exception is gone, not at the next collection, which
-                # the agent makes rare (bootstrap.settle_heap).
-                gc.collect(1)
+                # the agent makes rare (bootstrap.settle_heap). A full one: the cycle may have been
+                # promoted to the oldest generation during the attempt (at most once a second).
+                gc.collect()
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
 
@@ -105,6 +106,11 @@ class DockerWatcher:
         actor = event.get("Actor") or {}
         if event.get("Type") == "container" and action == "start":
             self.sync_container(actor.get("ID") or event.get("id", ""))
+        if event.get("Type") == "container" and action in ("start", "destroy") and self.agent.ipam.kept():
+            # Addresses kept for containers whose veth vanished are held while Docker's record of a
+            # container names them (a stopped container keeps its last one): a container that starts
+            # with another or goes away may have let one go, so judge them again now.
+            self.resync()
         elif event.get("Type") == "network" and action == "connect":
             self.sync_container((actor.get("Attributes") or {}).get("container", ""))
 

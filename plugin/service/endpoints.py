@@ -94,6 +94,10 @@ class AgentBase:
         # Endpoints gone from memory and the kernel whose document, identity hold or addresses (True:
         # those too) a state dir that refused writes still holds: the sweep drops them once it takes writes.
         self.leftovers: dict[str, tuple[Endpoint, bool]] = {}
+        # Where work that may follow a reply runs (plugin.service.later.Later in the agent; None: at
+        # once), and the keys such work could not converge, which the sweep tries again.
+        self.run_later: Callable[[Callable[[], None]], None] | None = None
+        self.unconverged: set[plan.Key] = set()
 
     # -- kernel helpers ---------------------------------------------------------------------
 
@@ -491,13 +495,22 @@ class AgentBase:
     def _remove_endpoint(self, ep: Endpoint) -> None:
         """Forget the endpoint on disk first (a state dir that refuses the write fails the call
         before anything changed), then tear down its kernel side (an error there puts it back),
-        then release its identity (left to the sweep if the state dir refuses that write)."""
-        scope = plan.removal_keys(plan.endpoint_objects(ep, self.settings))
+        then release its identity (left to the sweep if the state dir refuses that write).
+
+        A Docker endpoint's veth goes after the reply (`run_later`): deleting a veth waits for the
+        kernel's RCU grace periods, the longest step of a `docker rm`, and nothing can reach it
+        once its map entries are gone. Its routes, neighbours and programs go with it. A create
+        that wants the name meanwhile finds the link in the desired state again, and the removal
+        then leaves it alone (it removes only what no endpoint wants); a crash before it runs
+        leaves an owned veth that no endpoint wants, which the next start removes."""
+        objs = plan.endpoint_objects(ep, self.settings)
+        scope = plan.removal_keys(objs)
+        later = {(plan.Veth.kind, ep.host_ifname)} if ep.origin == "docker" and self.run_later is not None else set()
         self._ep_store.delete(ep.id)
         failpoints.hit("endpoint.delete.persisted")
         self.endpoints.pop(ep.id, None)
         try:
-            self._converge(scope)
+            self._converge(scope - later)
         except KernelError:
             self.endpoints[ep.id] = ep
             try:
@@ -515,6 +528,25 @@ class AgentBase:
         if freed:
             self.policy.sync(self.endpoints.values())
         self._changed()
+        if later and self.run_later is not None:
+            self.run_later(lambda: self._remove_link_later(ep.host_ifname, plan.keys(objs)))
+
+    def _remove_link_later(self, dev: str, keys: set[plan.Key]) -> None:
+        """The veth `dev` of a removed endpoint, whose other objects were `keys`: it goes with what
+        lives on it; or, made again meanwhile, it stays and loses only what no endpoint wants."""
+        with self._lock:
+            again = any(e.host_ifname == dev for e in self.endpoints.values())
+            self._converge_later(keys if again else {(plan.Veth.kind, dev)})
+
+    def _converge_later(self, keys: set[plan.Key]) -> None:
+        """Converge `keys` after a reply; what fails is tried again by the sweep."""
+        with self._lock:
+            try:
+                self._converge(keys)
+            except CellgateError as exc:
+                log.warning("%s not converged after the reply (the sweep tries again): %s",
+                            ", ".join("/".join(k) for k in sorted(keys)), exc)
+                self.unconverged |= keys
 
     # -- the cluster -------------------------------------------------------------------------
 

@@ -230,6 +230,9 @@ class AgentRestore(AgentBase):
         with self._lock:
             if self.leftovers and self._finish_leftovers():
                 self.policy.sync(self.endpoints.values())
+            if self.unconverged:
+                keys, self.unconverged = self.unconverged, set()
+                self._converge_later(keys)
             keys = {("veth", e.host_ifname) for e in self.endpoints.values()}
             present = {o.key for o in self.kernel.observe(keys)}
             for ep in list(self.endpoints.values()):
@@ -303,7 +306,8 @@ class AgentRestore(AgentBase):
                     elif pool.network_id in docker_nets:
                         for alloc in pool.endpoint_allocations():
                             orphan = not alloc.owner or alloc.owner not in self.endpoints  # no endpoint has it
-                            if orphan and alloc.address not in used and not young(alloc.created):
+                            # a kept address had an endpoint: no request for it can be in flight
+                            if orphan and alloc.address not in used and (alloc.kept or not young(alloc.created)):
                                 report.addresses.append((pool.id, alloc.address,
                                                          "no endpoint and no Docker container holds it"))
             for ep in self.endpoints.values() if cni else ():

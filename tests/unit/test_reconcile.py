@@ -13,7 +13,7 @@ from datapath.errors import Conflict, StateError
 from datapath.fake import FakeKernel
 from datapath.model import Endpoint
 from ipam.allocator import LOCAL_SPACE, PoolRequest
-from ipam.pool import Pool
+from ipam.pool import Allocation, Pool
 from plugin.service import Agent, RuntimeView
 from tests.unit.helpers import FakeClock, hexid
 from tests.unit.test_service import make_endpoint, make_network
@@ -190,3 +190,32 @@ def test_an_address_whose_endpoint_is_gone_goes_unless_a_container_holds_it(
     report = agent.reconcile(docker)
     assert [a for _, a, _ in report.addresses] == [e1.ipv4.ip]  # type: ignore[union-attr]
     assert {a.address for a in agent.ipam.pool(pool.id).endpoint_allocations()} == {e2.ipv4.ip}  # type: ignore[union-attr]
+
+
+def test_the_address_of_a_vanished_docker_endpoint_goes_once_no_container_holds_it(
+    agent: Agent, kernel: FakeKernel, clock: FakeClock
+) -> None:
+    """A Docker endpoint whose veth vanished keeps its address, unbound, while a container holds it;
+    once none does (dockerd restarted: the container died unseen) it is released at once, not after
+    the grace that protects requests in flight: no request for it can be in flight."""
+    agent.reconcile_grace = GRACE
+    pool = make_network(agent, NET_A, "10.1.0.0/24")
+    e1, e2 = make_endpoint(agent, NET_A, pool, EP1, 1), make_endpoint(agent, NET_A, pool, EP2, 2)
+    clock.advance(5)  # both far younger than the grace
+    for ep in (e1, e2):
+        kernel.vanish(ep.host_ifname)
+    report = agent.sweep()
+    assert sorted(report.kept) == sorted(str(e.ipv4.ip) for e in (e1, e2))  # type: ignore[union-attr]
+    allocations = {a.address: a for a in agent.ipam.pool(pool.id).endpoint_allocations()}
+    assert all(a.kept and not a.owner for a in allocations.values()) and len(allocations) == 2
+    docker = view(agent, networks=(NET_A,), addresses=(str(e2.ipv4.ip),))  # e2's container still runs
+    report = agent.reconcile(docker)
+    assert [a for _, a, _ in report.addresses] == [e1.ipv4.ip]  # type: ignore[union-attr]
+    left = agent.ipam.pool(pool.id).allocations
+    assert e2.ipv4.ip in left and e1.ipv4.ip not in left  # type: ignore[union-attr]
+    assert Allocation.from_doc(left[e2.ipv4.ip].to_doc()) == left[e2.ipv4.ip]  # type: ignore[union-attr]  # kept, persisted
+    # a new endpoint bound to a kept address (Docker's container came back with it) is no longer kept
+    agent.create_endpoint(NET_A, EP3, e2.ipv4, None)
+    (again,) = [a for a in agent.ipam.pool(pool.id).endpoint_allocations() if a.address == e2.ipv4.ip]  # type: ignore[union-attr]
+    assert again.owner == EP3 and not again.kept
+    assert agent.ipam_check(grace=0)[0].ok

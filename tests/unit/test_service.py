@@ -306,6 +306,46 @@ def test_delete_endpoint_removes_all_its_kernel_objects(
     agent.delete_endpoint(NET_A, hexid("never"))
 
 
+def test_a_docker_endpoints_veth_goes_after_the_reply(
+    agent: Agent, pool_a: Pool, kernel: FakeKernel, stores: Any
+) -> None:
+    """DeleteEndpoint removes the map entries at once and leaves the veth (with its routes,
+    neighbours and programs) to `run_later`; a removal that fails then is the sweep's to finish."""
+    jobs: list[Any] = []
+    agent.run_later = jobs.append
+    network_only = objects(kernel)
+    ep = make_endpoint(agent, NET_A, pool_a, EP1)
+    agent.delete_endpoint(NET_A, EP1)
+    assert EP1 not in agent.endpoints and list(stores.endpoints.docs) == []
+    dev = ep.host_ifname
+    left = {k[0] for k, o in kernel.objects.items() if dev in k or dev == getattr(o, "dev", "")}
+    assert left == {"veth", "route", "neighbour", "programs"}, left  # no map entry: nothing reaches it
+    assert not any(k[0] in ("endpoint-entry", "address-entry") and str(ep.ipv4.ip) in k for k in kernel.objects)  # type: ignore[union-attr]
+    assert len(jobs) == 1
+    jobs.pop()()
+    assert objects(kernel) == network_only
+    # made again before its veth went (the same ID: a retried create): the late removal leaves it alone
+    ep = make_endpoint(agent, NET_A, pool_a, EP1)
+    agent.delete_endpoint(NET_A, EP1)
+    ep = make_endpoint(agent, NET_A, pool_a, EP1)
+    jobs.pop()()
+    assert objects(kernel) == expected(agent) and ("veth", ep.host_ifname) in kernel.objects
+    # a removal the kernel refuses after the reply: the sweep removes it
+    agent.delete_endpoint(NET_A, EP1)
+    kernel.fail_remove = lambda obj: obj.kind == "veth"
+    jobs.pop()()
+    assert ("veth", ep.host_ifname) in kernel.objects and agent.unconverged == {("veth", ep.host_ifname)}
+    kernel.fail_remove = None
+    agent.sweep()
+    assert objects(kernel) == network_only and agent.unconverged == set()
+    # CNI attachments lose their veth within the call (CNI DEL must leave nothing behind)
+    _, alloc = agent.ipam.request_address(pool_a.id, None, owner=EP2)
+    agent.create_endpoint(NET_A, EP2, pool_a.prefixed(alloc.address), None, origin="cni",  # type: ignore[arg-type]
+                          attachment=("cgcid", "eth0"))
+    agent.delete_endpoint(NET_A, EP2, origin="cni")
+    assert objects(kernel) == network_only and jobs == []
+
+
 def test_dual_stack_endpoint(agent: Agent, kernel: FakeKernel) -> None:
     p4 = agent.request_pool(PoolRequest(LOCAL_SPACE, None, None, False))
     p6 = agent.request_pool(PoolRequest(LOCAL_SPACE, None, None, True))
