@@ -106,7 +106,7 @@ class DockerWatcher:
         actor = event.get("Actor") or {}
         if event.get("Type") == "container" and action == "start":
             self.sync_container(actor.get("ID") or event.get("id", ""))
-        if event.get("Type") == "container" and action in ("start", "destroy") and self.agent.ipam.kept():
+        if event.get("Type") == "container" and action in ("start", "destroy") and self.agent.kept_addresses():
             # Addresses kept for containers whose veth vanished are held while Docker's record of a
             # container names them (a stopped container keeps its last one): a container that starts
             # with another or goes away may have let one go, so judge them again now.

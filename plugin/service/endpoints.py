@@ -531,6 +531,10 @@ class AgentBase:
         if later and self.run_later is not None:
             self.run_later(lambda: self._remove_link_later(ep.host_ifname, plan.keys(objs)))
 
+    def kept_addresses(self) -> list[IPAddress]:
+        """Addresses kept for a runtime after their endpoint went (ipam.pool.Allocation.kept)."""
+        return self.ipam.kept()
+
     def _remove_link_later(self, dev: str, keys: set[plan.Key]) -> None:
         """The veth `dev` of a removed endpoint, whose other objects were `keys`: it goes with what
         lives on it; or, made again meanwhile, it stays and loses only what no endpoint wants."""
